@@ -1,0 +1,227 @@
+//! Segment files: naming, the fixed header, and the record scan used by recovery (sans-IO).
+//!
+//! A segment is `<first_lsn:020>.wal`: a 64-byte header followed by frames packed back to
+//! back. The writer pads the last disk block with zeros, so a clean segment ends with a zero
+//! length field followed only by zeros (or simply at the end of the file).
+
+use std::path::Path;
+
+use super::record::{self, FrameFault, RecordView};
+
+/// First bytes of every segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"SHALEWAL";
+/// Version of the segment header layout.
+pub const SEGMENT_FORMAT_VERSION: u32 = 1;
+/// Bytes reserved for the header; records start right after it.
+pub const SEGMENT_HEADER_BYTES: usize = 64;
+/// Bytes of the header covered by its own checksum (stored right after them).
+const HEADER_CHECKED_BYTES: usize = 32;
+
+const SEGMENT_SUFFIX: &str = ".wal";
+
+/// The identity recorded at the start of each segment and checked on open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SegmentHeader {
+    pub origin_node: u64,
+    pub shard: u32,
+    pub first_lsn: u64,
+}
+
+impl SegmentHeader {
+    /// Layout (little endian): magic [8] | version u32 | shard u32 | origin node u64 |
+    /// first lsn u64 | crc32 of bytes 0..32 u32 | zeros up to 64.
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_BYTES] {
+        let mut bytes = [0u8; SEGMENT_HEADER_BYTES];
+        bytes[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        bytes[8..12].copy_from_slice(&SEGMENT_FORMAT_VERSION.to_le_bytes());
+        bytes[12..16].copy_from_slice(&self.shard.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.origin_node.to_le_bytes());
+        bytes[24..32].copy_from_slice(&self.first_lsn.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[..HEADER_CHECKED_BYTES]);
+        bytes[32..36].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    pub fn decode(data: &[u8]) -> Result<SegmentHeader, HeaderFault> {
+        if data.len() < SEGMENT_HEADER_BYTES {
+            return Err(HeaderFault::Missing(format!("file has {} bytes, shorter than the segment header", data.len())));
+        }
+        let bytes = &data[..SEGMENT_HEADER_BYTES];
+        if bytes.iter().all(|&byte| byte == 0) {
+            return Err(HeaderFault::Missing("segment header is all zeros".to_owned()));
+        }
+        if bytes[0..8] != SEGMENT_MAGIC {
+            return Err(HeaderFault::Bad("bad magic: not a shale wal segment".to_owned()));
+        }
+        let stored_crc = u32::from_le_bytes(array(bytes, 32));
+        let actual_crc = crc32fast::hash(&bytes[..HEADER_CHECKED_BYTES]);
+        if stored_crc != actual_crc {
+            return Err(HeaderFault::Bad(format!(
+                "segment header checksum mismatch (stored {stored_crc:#010x}, computed {actual_crc:#010x})"
+            )));
+        }
+        let version = u32::from_le_bytes(array(bytes, 8));
+        if version != SEGMENT_FORMAT_VERSION {
+            return Err(HeaderFault::Bad(format!(
+                "unsupported segment format version {version} (this build reads version {SEGMENT_FORMAT_VERSION}); \
+                 was it written by a newer shale?"
+            )));
+        }
+        Ok(SegmentHeader {
+            shard: u32::from_le_bytes(array(bytes, 12)),
+            origin_node: u64::from_le_bytes(array(bytes, 16)),
+            first_lsn: u64::from_le_bytes(array(bytes, 24)),
+        })
+    }
+}
+
+/// Why a segment header could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HeaderFault {
+    /// Too short or all zeros: the file was created but its header never reached the disk.
+    Missing(String),
+    /// Present but wrong.
+    Bad(String),
+}
+
+pub(crate) fn segment_file_name(first_lsn: u64) -> String {
+    format!("{first_lsn:020}{SEGMENT_SUFFIX}")
+}
+
+/// Parses `<20 digits>.wal`; anything else is not a segment.
+pub(crate) fn parse_segment_file_name(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// What the scan of one segment's records found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ScanSummary {
+    /// Offset just past the last valid record.
+    pub data_end: usize,
+    /// LSN the next record after this segment must carry.
+    pub next_lsn: u64,
+    pub records: u64,
+    /// Set when the segment ends in a torn write that should be cut off at `data_end`.
+    pub torn_tail: Option<String>,
+}
+
+/// Why the scan stopped with an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ScanError {
+    /// Damage that is not a torn tail; the WAL must not start.
+    Corrupt { offset: usize, reason: String },
+    /// The caller's record callback refused a record.
+    Callback { lsn: u64, reason: String },
+}
+
+/// What the scan expects every record to carry.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ScanExpectation {
+    pub origin_node: u64,
+    pub shard: u32,
+    pub first_lsn: u64,
+    /// Only the last segment may end in a torn write: earlier ones were synced in full
+    /// before the next segment was created.
+    pub is_last_segment: bool,
+}
+
+/// Validates every record after the header and calls `on_record` for each, in order.
+///
+/// Rules (design §Durability 5): a zero length followed only by zeros is the clean end. A bad
+/// record in the last segment with no valid record anywhere after it is a torn tail. Any other
+/// bad record, an LSN out of sequence, or a record from another node or shard is corruption.
+pub(crate) fn scan_segment(
+    data: &[u8],
+    expect: ScanExpectation,
+    mut on_record: impl FnMut(RecordView<'_>) -> Result<(), String>,
+) -> Result<ScanSummary, ScanError> {
+    let mut scratch = record::new_scratch();
+    let mut position = SEGMENT_HEADER_BYTES.min(data.len());
+    let mut next_lsn = expect.first_lsn;
+    let mut records = 0u64;
+    loop {
+        if is_zero_tail(data, position) {
+            return Ok(ScanSummary { data_end: position, next_lsn, records, torn_tail: None });
+        }
+        let fault = match record::check_frame(data, position) {
+            Ok((body, frame_len)) => match record::access_body(body, &mut scratch) {
+                Ok(archived) => {
+                    let view = RecordView::from_archived(archived);
+                    if view.origin_node != expect.origin_node || view.shard != expect.shard {
+                        return Err(ScanError::Corrupt {
+                            offset: position,
+                            reason: format!(
+                                "record lsn {} belongs to node {} shard {}, not to this wal (node {} shard {})",
+                                view.lsn, view.origin_node, view.shard, expect.origin_node, expect.shard
+                            ),
+                        });
+                    }
+                    if view.lsn != next_lsn {
+                        return Err(ScanError::Corrupt {
+                            offset: position,
+                            reason: format!("lsn out of sequence: expected {next_lsn}, found {}", view.lsn),
+                        });
+                    }
+                    on_record(view).map_err(|reason| ScanError::Callback { lsn: view.lsn, reason })?;
+                    next_lsn += 1;
+                    records += 1;
+                    position += frame_len;
+                    continue;
+                }
+                Err(fault) => fault,
+            },
+            Err(fault) => fault,
+        };
+        let reason = match fault {
+            FrameFault::Bad(reason) => reason,
+            FrameFault::UnsupportedVersion(version) => {
+                // A checksummed record in a format this build cannot read is never a torn write.
+                return Err(ScanError::Corrupt {
+                    offset: position,
+                    reason: format!(
+                        "unsupported record format version {version} (this build reads version {}); \
+                         was it written by a newer shale?",
+                        record::RECORD_FORMAT_VERSION
+                    ),
+                });
+            }
+        };
+        if expect.is_last_segment && !has_valid_record_after(data, position + 1, expect, next_lsn) {
+            return Ok(ScanSummary { data_end: position, next_lsn, records, torn_tail: Some(reason) });
+        }
+        return Err(ScanError::Corrupt { offset: position, reason });
+    }
+}
+
+/// True when a record cannot start here because only zeros remain: the clean end. Cheap in
+/// the common case because a real frame starts with a non-zero length.
+fn is_zero_tail(data: &[u8], position: usize) -> bool {
+    data[position..].iter().all(|&byte| byte == 0)
+}
+
+/// Scans forward byte by byte for a later record that is valid in every respect (checksum,
+/// encoding, this node and shard, an LSN not yet seen). Finding one means the bad record is
+/// not the end of what was written, so it cannot be a torn tail.
+fn has_valid_record_after(data: &[u8], start: usize, expect: ScanExpectation, next_lsn: u64) -> bool {
+    let mut scratch = record::new_scratch();
+    (start..data.len()).any(|position| {
+        if !record::is_plausible_frame(data, position) {
+            return false;
+        }
+        let Ok((body, _)) = record::check_frame(data, position) else { return false };
+        let Ok(archived) = record::access_body(body, &mut scratch) else { return false };
+        let view = RecordView::from_archived(archived);
+        view.origin_node == expect.origin_node && view.shard == expect.shard && view.lsn >= next_lsn
+    })
+}
+
+fn array<const N: usize>(data: &[u8], position: usize) -> [u8; N] {
+    let mut bytes = [0u8; N];
+    bytes.copy_from_slice(&data[position..position + N]);
+    bytes
+}

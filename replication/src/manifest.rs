@@ -1,0 +1,758 @@
+//! The manifest state machine core: which Parquet files exist, and what each node's state is.
+//!
+//! Sans-IO: [`Manifest::apply`] takes a committed command and returns a response; it never touches
+//! the disk, the clock or the network, so every rule is tested here without Raft. Every command is
+//! validated completely before anything changes: a command with one bad item changes nothing.
+//!
+//! A [`Manifest`] is cheap to clone (its maps sit behind `Arc`s), which is how immutable versions
+//! are published to readers; the first change after a publish copies the touched map once.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+/// Items (files or paths) one command may carry. Bounds the size of a Raft log entry.
+pub const COMMAND_ITEMS_MAX: usize = 10_000;
+
+/// Bytes in a file path. Paths are relative to the data directory.
+pub const PATH_BYTES_MAX: usize = 1024;
+
+/// One immutable data file, as registered by the node that flushed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Relative to the data directory, e.g. `metrics/cpu/2026/11/22/01/n1-s0-...-0.parquet`.
+    pub path: String,
+    pub size_bytes: u64,
+    /// blake3 of the file's bytes, 64 lowercase hex digits.
+    pub blake3_hex: String,
+    pub rows: u64,
+    pub time_min_us: i64,
+    pub time_max_us: i64,
+    pub database: String,
+    pub measurement: String,
+    pub origin_node: u64,
+    pub shard: u32,
+    /// WAL LSN range (inclusive) of the rows in this file, on `origin_node`'s `shard`.
+    pub lsn_first: u64,
+    pub lsn_last: u64,
+    pub created_at_ms: i64,
+}
+
+/// Lifecycle state of a cluster node, as recorded through Raft.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    Joining,
+    Active,
+    Draining,
+    Leaving,
+    Unhealthy,
+    Dead,
+}
+
+/// A change to the manifest. Each command is atomic: all of it applies, or none of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ManifestCommand {
+    /// Files produced by one flush.
+    Register { files: Vec<FileEntry> },
+    /// Files removed (retention, operator). Missing paths are ignored.
+    Delete { paths: Vec<String> },
+    /// Compaction: add the outputs and remove the inputs in one step. Missing removals are ignored.
+    Batch { add: Vec<FileEntry>, remove: Vec<String> },
+    SetNodeState { node_id: u64, state: NodeState },
+}
+
+/// The outcome of applying one committed command (or a Raft-internal entry, which changes nothing).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ManifestResponse {
+    /// The command was applied; identical re-registrations and missing deletions count as zero.
+    Applied { files_added: u64, files_removed: u64 },
+    /// The command was refused as a whole and the manifest is unchanged.
+    Rejected(Rejection),
+}
+
+/// Why a command was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("path {path} is already registered with different content")]
+    Conflict { path: String },
+    #[error("file entry {path:?} is invalid: {reason}")]
+    InvalidEntry { path: String, reason: String },
+    #[error("path {path} appears more than once in the command")]
+    DuplicatePath { path: String },
+    #[error("path {path} is both added and removed by the batch")]
+    AddedAndRemoved { path: String },
+    #[error("command carries {count} items, more than the limit of {limit}")]
+    TooManyItems { count: usize, limit: usize },
+}
+
+impl FileEntry {
+    /// Checks the entry on its own, without looking at the manifest.
+    pub fn check(&self) -> Result<(), Rejection> {
+        let invalid = |reason: &str| {
+            Err(Rejection::InvalidEntry {
+                path: self.path.clone(),
+                reason: reason.to_owned(),
+            })
+        };
+        if let Err(reason) = check_path(&self.path) {
+            return invalid(reason);
+        }
+        if self.blake3_hex.len() != 64
+            || !self
+                .blake3_hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return invalid("blake3_hex is not 64 lowercase hex digits");
+        }
+        if self.database.is_empty() || self.measurement.is_empty() {
+            return invalid("database and measurement must not be empty");
+        }
+        if self.time_min_us > self.time_max_us {
+            return invalid("time_min_us is after time_max_us");
+        }
+        if self.lsn_first > self.lsn_last {
+            return invalid("lsn_first is after lsn_last");
+        }
+        Ok(())
+    }
+
+    fn stream_key(&self) -> StreamKey {
+        (
+            self.origin_node,
+            self.shard,
+            self.database.clone(),
+            self.measurement.clone(),
+        )
+    }
+}
+
+/// A relative path made of plain components: no leading `/`, no `.`/`..`, no empty component.
+fn check_path(path: &str) -> Result<(), &'static str> {
+    if path.is_empty() || path.len() > PATH_BYTES_MAX {
+        return Err("path is empty or too long");
+    }
+    if path.contains('\\') || path.contains('\0') {
+        return Err("path contains a backslash or NUL");
+    }
+    if path
+        .split('/')
+        .any(|component| component.is_empty() || component == "." || component == "..")
+    {
+        return Err("path is not a plain relative path");
+    }
+    Ok(())
+}
+
+impl ManifestCommand {
+    /// Checks everything that does not depend on the manifest's state. The control thread calls
+    /// this before proposing, so an obviously bad command never reaches the Raft log.
+    pub fn check(&self) -> Result<(), Rejection> {
+        let (add, remove): (&[FileEntry], &[String]) = match self {
+            ManifestCommand::Register { files } => (files, &[]),
+            ManifestCommand::Delete { paths } => (&[], paths),
+            ManifestCommand::Batch { add, remove } => (add, remove),
+            ManifestCommand::SetNodeState { .. } => return Ok(()),
+        };
+        let count = add.len() + remove.len();
+        if count > COMMAND_ITEMS_MAX {
+            return Err(Rejection::TooManyItems {
+                count,
+                limit: COMMAND_ITEMS_MAX,
+            });
+        }
+        let mut added = BTreeSet::new();
+        for file in add {
+            file.check()?;
+            if !added.insert(file.path.as_str()) {
+                return Err(Rejection::DuplicatePath {
+                    path: file.path.clone(),
+                });
+            }
+        }
+        let mut removed = BTreeSet::new();
+        for path in remove {
+            if !removed.insert(path.as_str()) {
+                return Err(Rejection::DuplicatePath { path: path.clone() });
+            }
+            if added.contains(path.as_str()) {
+                return Err(Rejection::AddedAndRemoved { path: path.clone() });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// (origin node, shard, database, measurement): the WAL stream a file's rows came from.
+type StreamKey = (u64, u32, String, String);
+
+/// The manifest state. Owned by the Raft state machine on the control thread; published to
+/// readers as immutable clones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Manifest {
+    applied_index: u64,
+    files: Arc<BTreeMap<String, FileEntry>>,
+    /// Derived index: for each WAL stream, how many files end at each `lsn_last`. Kept as counts
+    /// so that removing a file is exact; the last key is the stream's flushed-through LSN.
+    streams: Arc<BTreeMap<StreamKey, BTreeMap<u64, u32>>>,
+    node_states: Arc<BTreeMap<u64, NodeState>>,
+}
+
+/// The serialized form of a [`Manifest`] (snapshots). The stream index is derived, not stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestImage {
+    pub applied_index: u64,
+    pub files: Vec<FileEntry>,
+    pub node_states: BTreeMap<u64, NodeState>,
+}
+
+impl Manifest {
+    /// The Raft log index of the last entry applied (0 before anything but the initial entry).
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// All files, by path.
+    pub fn files(&self) -> &BTreeMap<String, FileEntry> {
+        &self.files
+    }
+
+    pub fn file(&self, path: &str) -> Option<&FileEntry> {
+        self.files.get(path)
+    }
+
+    /// Files of one table. A scan over all files: queries plan once per request, and the
+    /// manifest holds files, not rows.
+    pub fn files_for<'a>(
+        &'a self,
+        database: &'a str,
+        measurement: &'a str,
+    ) -> impl Iterator<Item = &'a FileEntry> + 'a {
+        self.files
+            .values()
+            .filter(move |file| file.database == database && file.measurement == measurement)
+    }
+
+    /// The highest WAL LSN of `origin_node`'s `shard` that is in a registered file for this table,
+    /// or `None` if no file of that stream is registered. WAL replay skips records at or below it.
+    pub fn flushed_through(
+        &self,
+        origin_node: u64,
+        shard: u32,
+        database: &str,
+        measurement: &str,
+    ) -> Option<u64> {
+        let key = (
+            origin_node,
+            shard,
+            database.to_owned(),
+            measurement.to_owned(),
+        );
+        self.streams
+            .get(&key)
+            .and_then(|ends| ends.keys().next_back().copied())
+    }
+
+    /// Every table with registered files from `origin_node`'s `shard`, with its flushed-through
+    /// LSN. A shard combines this with its unflushed buffers to decide which WAL segments to drop.
+    pub fn flushed_streams(
+        &self,
+        origin_node: u64,
+        shard: u32,
+    ) -> impl Iterator<Item = (&str, &str, u64)> + '_ {
+        let start = (origin_node, shard, String::new(), String::new());
+        self.streams
+            .range(start..)
+            .take_while(move |((node, s, _, _), _)| *node == origin_node && *s == shard)
+            .filter_map(|((_, _, database, measurement), ends)| {
+                let lsn = *ends.keys().next_back()?;
+                Some((database.as_str(), measurement.as_str(), lsn))
+            })
+    }
+
+    /// The lowest flushed-through LSN over the tables of `origin_node`'s `shard`.
+    pub fn lowest_flushed_through(&self, origin_node: u64, shard: u32) -> Option<u64> {
+        self.flushed_streams(origin_node, shard)
+            .map(|(_, _, lsn)| lsn)
+            .min()
+    }
+
+    pub fn node_state(&self, node_id: u64) -> Option<NodeState> {
+        self.node_states.get(&node_id).copied()
+    }
+
+    pub fn node_states(&self) -> &BTreeMap<u64, NodeState> {
+        &self.node_states
+    }
+
+    /// Records that the Raft entry at `index` was applied without a command (blank or membership
+    /// entries), so the applied index matches Raft's.
+    pub fn note_applied(&mut self, index: u64) {
+        debug_assert!(
+            index >= self.applied_index,
+            "applied index went back from {} to {index}",
+            self.applied_index
+        );
+        self.applied_index = index;
+    }
+
+    /// Applies the committed command at Raft log `index`. Deterministic: every replica returns the
+    /// same response and reaches the same state.
+    pub fn apply(&mut self, index: u64, command: &ManifestCommand) -> ManifestResponse {
+        self.note_applied(index);
+        if let Err(rejection) = command.check() {
+            return ManifestResponse::Rejected(rejection);
+        }
+        let (add, remove): (&[FileEntry], &[String]) = match command {
+            ManifestCommand::Register { files } => (files, &[]),
+            ManifestCommand::Delete { paths } => (&[], paths),
+            ManifestCommand::Batch { add, remove } => (add, remove),
+            ManifestCommand::SetNodeState { node_id, state } => {
+                Arc::make_mut(&mut self.node_states).insert(*node_id, *state);
+                return ManifestResponse::Applied {
+                    files_added: 0,
+                    files_removed: 0,
+                };
+            }
+        };
+
+        // Plan against the current state first; nothing changes unless the whole plan is valid.
+        let mut to_add = Vec::with_capacity(add.len());
+        for file in add {
+            match self.files.get(&file.path) {
+                None => to_add.push(file),
+                Some(existing) if existing == file => {}
+                Some(_) => {
+                    return ManifestResponse::Rejected(Rejection::Conflict {
+                        path: file.path.clone(),
+                    })
+                }
+            }
+        }
+        let to_remove: Vec<&String> = remove
+            .iter()
+            .filter(|path| self.files.contains_key(path.as_str()))
+            .collect();
+
+        if !to_add.is_empty() || !to_remove.is_empty() {
+            let files = Arc::make_mut(&mut self.files);
+            let streams = Arc::make_mut(&mut self.streams);
+            for path in &to_remove {
+                if let Some(file) = files.remove(path.as_str()) {
+                    stream_remove(streams, &file);
+                }
+            }
+            for file in &to_add {
+                stream_add(streams, file);
+                files.insert(file.path.clone(), (*file).clone());
+            }
+        }
+        ManifestResponse::Applied {
+            files_added: to_add.len() as u64,
+            files_removed: to_remove.len() as u64,
+        }
+    }
+
+    pub fn to_image(&self) -> ManifestImage {
+        ManifestImage {
+            applied_index: self.applied_index,
+            files: self.files.values().cloned().collect(),
+            node_states: (*self.node_states).clone(),
+        }
+    }
+
+    /// Rebuilds a manifest from its image, checking every entry as a registration would.
+    pub fn from_image(image: ManifestImage) -> Result<Manifest, Rejection> {
+        let mut files = BTreeMap::new();
+        let mut streams = BTreeMap::new();
+        for file in image.files {
+            file.check()?;
+            stream_add(&mut streams, &file);
+            if let Some(previous) = files.insert(file.path.clone(), file) {
+                return Err(Rejection::DuplicatePath {
+                    path: previous.path,
+                });
+            }
+        }
+        Ok(Manifest {
+            applied_index: image.applied_index,
+            files: Arc::new(files),
+            streams: Arc::new(streams),
+            node_states: Arc::new(image.node_states),
+        })
+    }
+}
+
+fn stream_add(streams: &mut BTreeMap<StreamKey, BTreeMap<u64, u32>>, file: &FileEntry) {
+    *streams
+        .entry(file.stream_key())
+        .or_default()
+        .entry(file.lsn_last)
+        .or_default() += 1;
+}
+
+fn stream_remove(streams: &mut BTreeMap<StreamKey, BTreeMap<u64, u32>>, file: &FileEntry) {
+    let key = file.stream_key();
+    let Some(ends) = streams.get_mut(&key) else {
+        unreachable!("stream index lost the stream of {}", file.path);
+    };
+    let Some(count) = ends.get_mut(&file.lsn_last) else {
+        unreachable!("stream index lost the end lsn of {}", file.path);
+    };
+    *count -= 1;
+    if *count == 0 {
+        ends.remove(&file.lsn_last);
+        if ends.is_empty() {
+            streams.remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A valid entry for `path` in table `db.cpu`, from node 1 shard 0, covering `lsn_first..=lsn_last`.
+    pub(crate) fn file(path: &str, lsn_first: u64, lsn_last: u64) -> FileEntry {
+        FileEntry {
+            path: path.to_owned(),
+            size_bytes: 4096,
+            blake3_hex: "ab".repeat(32),
+            rows: 100,
+            time_min_us: 1_000,
+            time_max_us: 2_000,
+            database: "db".to_owned(),
+            measurement: "cpu".to_owned(),
+            origin_node: 1,
+            shard: 0,
+            lsn_first,
+            lsn_last,
+            created_at_ms: 1_700_000_000_000,
+        }
+    }
+
+    fn register(files: Vec<FileEntry>) -> ManifestCommand {
+        ManifestCommand::Register { files }
+    }
+
+    fn applied(files_added: u64, files_removed: u64) -> ManifestResponse {
+        ManifestResponse::Applied {
+            files_added,
+            files_removed,
+        }
+    }
+
+    #[test]
+    fn register_adds_files_and_advances_applied_index() {
+        // A flush registers several files atomically; all become visible at the command's index.
+        let mut manifest = Manifest::default();
+        let response = manifest.apply(3, &register(vec![file("a", 1, 5), file("b", 6, 9)]));
+        assert_eq!(response, applied(2, 0));
+        assert_eq!(manifest.applied_index(), 3);
+        assert_eq!(manifest.files().len(), 2);
+        assert_eq!(manifest.file("b"), Some(&file("b", 6, 9)));
+    }
+
+    #[test]
+    fn identical_registration_is_idempotent() {
+        // A flush retried after a lost reply re-registers the same entry: accepted, no change.
+        let mut manifest = Manifest::default();
+        manifest.apply(1, &register(vec![file("a", 1, 5)]));
+        let before = manifest.clone();
+        let response = manifest.apply(2, &register(vec![file("a", 1, 5)]));
+        assert_eq!(response, applied(0, 0));
+        assert_eq!(manifest.files(), before.files());
+        assert_eq!(manifest.applied_index(), 2);
+    }
+
+    #[test]
+    fn different_entry_at_same_path_conflicts_and_changes_nothing() {
+        // A different file under an existing name must never replace it (files are immutable),
+        // and the other files of the same command must not be registered either.
+        let mut manifest = Manifest::default();
+        manifest.apply(1, &register(vec![file("a", 1, 5)]));
+        let before = manifest.clone();
+        let mut changed = file("a", 1, 5);
+        changed.size_bytes += 1;
+        let response = manifest.apply(2, &register(vec![file("b", 6, 9), changed]));
+        assert_eq!(
+            response,
+            ManifestResponse::Rejected(Rejection::Conflict {
+                path: "a".to_owned()
+            })
+        );
+        assert_eq!(manifest.files(), before.files());
+        assert_eq!(manifest.flushed_through(1, 0, "db", "cpu"), Some(5));
+    }
+
+    #[test]
+    fn delete_removes_present_and_ignores_missing_paths() {
+        // Deleting a path that is already gone is a no-op, so retention can retry freely.
+        let mut manifest = Manifest::default();
+        manifest.apply(1, &register(vec![file("a", 1, 5), file("b", 6, 9)]));
+        let response = manifest.apply(
+            2,
+            &ManifestCommand::Delete {
+                paths: vec!["a".to_owned(), "missing".to_owned()],
+            },
+        );
+        assert_eq!(response, applied(0, 1));
+        assert!(manifest.file("a").is_none());
+        assert!(manifest.file("b").is_some());
+        let response = manifest.apply(
+            3,
+            &ManifestCommand::Delete {
+                paths: vec!["a".to_owned()],
+            },
+        );
+        assert_eq!(response, applied(0, 0));
+    }
+
+    #[test]
+    fn batch_adds_and_removes_atomically() {
+        // Compaction swaps inputs for an output in one step: readers never see both or neither.
+        let mut manifest = Manifest::default();
+        manifest.apply(1, &register(vec![file("a", 1, 5), file("b", 6, 9)]));
+        let response = manifest.apply(
+            2,
+            &ManifestCommand::Batch {
+                add: vec![file("ab", 1, 9)],
+                remove: vec!["a".to_owned(), "b".to_owned()],
+            },
+        );
+        assert_eq!(response, applied(1, 2));
+        assert_eq!(
+            manifest.files().keys().collect::<Vec<_>>(),
+            vec![&"ab".to_owned()]
+        );
+    }
+
+    #[test]
+    fn batch_with_one_bad_item_changes_nothing() {
+        // Validation is complete before any change: an invalid output or a conflicting output
+        // leaves the inputs registered.
+        let mut manifest = Manifest::default();
+        manifest.apply(1, &register(vec![file("a", 1, 5), file("b", 6, 9)]));
+        let before = manifest.clone();
+
+        let mut invalid = file("c", 1, 9);
+        invalid.lsn_first = 10;
+        let response = manifest.apply(
+            2,
+            &ManifestCommand::Batch {
+                add: vec![file("ab", 1, 9), invalid],
+                remove: vec!["a".to_owned()],
+            },
+        );
+        assert!(matches!(
+            response,
+            ManifestResponse::Rejected(Rejection::InvalidEntry { .. })
+        ));
+
+        let mut conflicting = file("b", 6, 9);
+        conflicting.rows = 1;
+        let response = manifest.apply(
+            3,
+            &ManifestCommand::Batch {
+                add: vec![file("ab", 1, 9), conflicting],
+                remove: vec!["a".to_owned()],
+            },
+        );
+        assert!(matches!(
+            response,
+            ManifestResponse::Rejected(Rejection::Conflict { .. })
+        ));
+        assert_eq!(manifest.files(), before.files());
+        assert_eq!(manifest.applied_index(), 3);
+    }
+
+    #[test]
+    fn batch_may_not_add_and_remove_the_same_path() {
+        // Adding and removing one path in a batch has no sensible order, so it is refused.
+        let command = ManifestCommand::Batch {
+            add: vec![file("a", 1, 5)],
+            remove: vec!["a".to_owned()],
+        };
+        assert_eq!(
+            command.check(),
+            Err(Rejection::AddedAndRemoved {
+                path: "a".to_owned()
+            })
+        );
+    }
+
+    #[test]
+    fn duplicate_paths_within_a_command_are_refused() {
+        // A command names each path once; duplicates point at a bug in the proposer.
+        let command = register(vec![file("a", 1, 5), file("a", 1, 5)]);
+        assert_eq!(
+            command.check(),
+            Err(Rejection::DuplicatePath {
+                path: "a".to_owned()
+            })
+        );
+        let command = ManifestCommand::Delete {
+            paths: vec!["a".to_owned(), "a".to_owned()],
+        };
+        assert!(matches!(
+            command.check(),
+            Err(Rejection::DuplicatePath { .. })
+        ));
+    }
+
+    #[test]
+    fn entry_checks_reject_bad_fields() {
+        // Entries are checked right before they are committed, so a bad path or range never
+        // becomes part of the truth every replica agrees on.
+        let cases: Vec<(&str, Box<dyn Fn(&mut FileEntry)>)> = vec![
+            ("absolute path", Box::new(|f| f.path = "/etc/passwd".into())),
+            ("parent component", Box::new(|f| f.path = "db/../x".into())),
+            ("empty component", Box::new(|f| f.path = "db//x".into())),
+            ("empty path", Box::new(|f| f.path = String::new())),
+            ("short hash", Box::new(|f| f.blake3_hex = "abc".into())),
+            ("upper hash", Box::new(|f| f.blake3_hex = "AB".repeat(32))),
+            ("time range", Box::new(|f| f.time_min_us = f.time_max_us + 1)),
+            ("lsn range", Box::new(|f| f.lsn_first = f.lsn_last + 1)),
+            ("no database", Box::new(|f| f.database.clear())),
+        ];
+        for (name, mutate) in cases {
+            let mut entry = file("db/cpu/x.parquet", 1, 5);
+            mutate(&mut entry);
+            assert!(
+                matches!(entry.check(), Err(Rejection::InvalidEntry { .. })),
+                "{name} must be rejected"
+            );
+        }
+        assert_eq!(file("db/cpu/x.parquet", 1, 5).check(), Ok(()));
+    }
+
+    #[test]
+    fn command_item_count_is_limited() {
+        // A bounded command keeps every Raft log entry and its apply time bounded.
+        let paths = (0..=COMMAND_ITEMS_MAX).map(|i| format!("p{i}")).collect();
+        assert!(matches!(
+            ManifestCommand::Delete { paths }.check(),
+            Err(Rejection::TooManyItems { .. })
+        ));
+    }
+
+    #[test]
+    fn flushed_through_tracks_max_lsn_per_stream_across_removals() {
+        // WAL replay skips rows at or below flushed_through, so it must follow registrations and
+        // removals exactly, per (origin node, shard, database, measurement).
+        let mut manifest = Manifest::default();
+        let mut other_shard = file("s1", 1, 50);
+        other_shard.shard = 1;
+        let mut other_table = file("mem", 1, 70);
+        other_table.measurement = "mem".to_owned();
+        manifest.apply(
+            1,
+            &register(vec![
+                file("a", 1, 5),
+                file("b", 6, 9),
+                other_shard,
+                other_table,
+            ]),
+        );
+        assert_eq!(manifest.flushed_through(1, 0, "db", "cpu"), Some(9));
+        assert_eq!(manifest.flushed_through(1, 1, "db", "cpu"), Some(50));
+        assert_eq!(manifest.flushed_through(1, 0, "db", "mem"), Some(70));
+        assert_eq!(manifest.flushed_through(2, 0, "db", "cpu"), None);
+        assert_eq!(manifest.lowest_flushed_through(1, 0), Some(9));
+        assert_eq!(
+            manifest.flushed_streams(1, 0).collect::<Vec<_>>(),
+            vec![("db", "cpu", 9), ("db", "mem", 70)]
+        );
+
+        // Compaction keeps the max; deleting the newest file lowers it; deleting all clears it.
+        manifest.apply(
+            2,
+            &ManifestCommand::Batch {
+                add: vec![file("ab", 1, 9)],
+                remove: vec!["a".into(), "b".into()],
+            },
+        );
+        assert_eq!(manifest.flushed_through(1, 0, "db", "cpu"), Some(9));
+        manifest.apply(3, &register(vec![file("c", 10, 12)]));
+        manifest.apply(
+            4,
+            &ManifestCommand::Delete {
+                paths: vec!["c".into()],
+            },
+        );
+        assert_eq!(manifest.flushed_through(1, 0, "db", "cpu"), Some(9));
+        manifest.apply(
+            5,
+            &ManifestCommand::Delete {
+                paths: vec!["ab".into()],
+            },
+        );
+        assert_eq!(manifest.flushed_through(1, 0, "db", "cpu"), None);
+    }
+
+    #[test]
+    fn files_for_selects_one_table() {
+        // Queries plan from files_for; files of other tables must not leak in.
+        let mut manifest = Manifest::default();
+        let mut mem = file("m", 1, 2);
+        mem.measurement = "mem".to_owned();
+        manifest.apply(1, &register(vec![file("a", 1, 5), mem]));
+        let paths: Vec<_> = manifest
+            .files_for("db", "cpu")
+            .map(|f| f.path.as_str())
+            .collect();
+        assert_eq!(paths, vec!["a"]);
+    }
+
+    #[test]
+    fn node_state_is_recorded() {
+        // Node states go through Raft so every node agrees on who is draining or dead.
+        let mut manifest = Manifest::default();
+        let response = manifest.apply(
+            1,
+            &ManifestCommand::SetNodeState {
+                node_id: 7,
+                state: NodeState::Draining,
+            },
+        );
+        assert_eq!(response, applied(0, 0));
+        assert_eq!(manifest.node_state(7), Some(NodeState::Draining));
+        assert_eq!(manifest.node_state(8), None);
+    }
+
+    #[test]
+    fn published_clone_is_unaffected_by_later_changes() {
+        // Readers pin a version by holding a clone; later applies must not change what they see.
+        let mut manifest = Manifest::default();
+        manifest.apply(1, &register(vec![file("a", 1, 5)]));
+        let pinned = manifest.clone();
+        manifest.apply(
+            2,
+            &ManifestCommand::Delete {
+                paths: vec!["a".into()],
+            },
+        );
+        assert!(pinned.file("a").is_some());
+        assert_eq!(pinned.applied_index(), 1);
+        assert!(manifest.file("a").is_none());
+    }
+
+    #[test]
+    fn image_round_trips_and_rebuilds_the_stream_index() {
+        // Snapshots store the image; the derived index must come back identical after a restart.
+        let mut manifest = Manifest::default();
+        manifest.apply(1, &register(vec![file("a", 1, 5), file("b", 6, 9)]));
+        manifest.apply(
+            2,
+            &ManifestCommand::SetNodeState {
+                node_id: 1,
+                state: NodeState::Active,
+            },
+        );
+        let restored = Manifest::from_image(manifest.to_image()).expect("valid image");
+        assert_eq!(restored, manifest);
+    }
+}

@@ -1,0 +1,412 @@
+//! In-memory Arrow buffers: the rows of one (database, measurement) on one shard that are in
+//! the WAL but not yet in Parquet.
+//!
+//! Owned by one shard thread. The schema grows with the data: a new tag or field adds a column
+//! (earlier rows read null); a value whose type differs from its column is refused before the
+//! request reaches the WAL (see [`MeasurementBuffer::check_field`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
+    StringDictionaryBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, Int32Type, Schema, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Serialize};
+
+/// The kind of a column as users see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColumnKind {
+    Tag,
+    Float,
+    Integer,
+    Unsigned,
+    Boolean,
+    String,
+}
+
+impl ColumnKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnKind::Tag => "tag",
+            ColumnKind::Float => "float",
+            ColumnKind::Integer => "integer",
+            ColumnKind::Unsigned => "unsigned",
+            ColumnKind::Boolean => "boolean",
+            ColumnKind::String => "string",
+        }
+    }
+
+    pub fn data_type(self) -> DataType {
+        match self {
+            ColumnKind::Tag => {
+                DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+            }
+            ColumnKind::Float => DataType::Float64,
+            ColumnKind::Integer => DataType::Int64,
+            ColumnKind::Unsigned => DataType::UInt64,
+            ColumnKind::Boolean => DataType::Boolean,
+            ColumnKind::String => DataType::Utf8,
+        }
+    }
+}
+
+/// A field value borrowed from a parsed request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Value<'a> {
+    Float(f64),
+    Integer(i64),
+    Unsigned(u64),
+    Boolean(bool),
+    String(&'a str),
+}
+
+impl Value<'_> {
+    pub fn kind(&self) -> ColumnKind {
+        match self {
+            Value::Float(_) => ColumnKind::Float,
+            Value::Integer(_) => ColumnKind::Integer,
+            Value::Unsigned(_) => ColumnKind::Unsigned,
+            Value::Boolean(_) => ColumnKind::Boolean,
+            Value::String(_) => ColumnKind::String,
+        }
+    }
+}
+
+/// Name of the timestamp column in every table.
+pub const TIME_COLUMN: &str = "time";
+
+enum Builder {
+    Tag(StringDictionaryBuilder<Int32Type>),
+    Float(Float64Builder),
+    Integer(Int64Builder),
+    Unsigned(UInt64Builder),
+    Boolean(BooleanBuilder),
+    String(StringBuilder),
+}
+
+impl Builder {
+    fn new(kind: ColumnKind, nulls: usize) -> Builder {
+        let mut builder = match kind {
+            ColumnKind::Tag => Builder::Tag(StringDictionaryBuilder::new()),
+            ColumnKind::Float => Builder::Float(Float64Builder::new()),
+            ColumnKind::Integer => Builder::Integer(Int64Builder::new()),
+            ColumnKind::Unsigned => Builder::Unsigned(UInt64Builder::new()),
+            ColumnKind::Boolean => Builder::Boolean(BooleanBuilder::new()),
+            ColumnKind::String => Builder::String(StringBuilder::new()),
+        };
+        builder.append_nulls(nulls);
+        builder
+    }
+
+    fn append_nulls(&mut self, count: usize) {
+        if count == 0 {
+            return;
+        }
+        match self {
+            Builder::Tag(b) => b.append_nulls(count),
+            Builder::Float(b) => b.append_nulls(count),
+            Builder::Integer(b) => b.append_nulls(count),
+            Builder::Unsigned(b) => b.append_nulls(count),
+            Builder::Boolean(b) => b.append_nulls(count),
+            Builder::String(b) => b.append_nulls(count),
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            Builder::Tag(b) => Arc::new(b.finish()),
+            Builder::Float(b) => Arc::new(b.finish()),
+            Builder::Integer(b) => Arc::new(b.finish()),
+            Builder::Unsigned(b) => Arc::new(b.finish()),
+            Builder::Boolean(b) => Arc::new(b.finish()),
+            Builder::String(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+struct Column {
+    name: String,
+    kind: ColumnKind,
+    builder: Builder,
+    /// Rows this column holds a value or null for; behind `rows` while a row is being added.
+    filled: usize,
+}
+
+/// Rows of one (database, measurement), columnar.
+pub struct MeasurementBuffer {
+    columns: Vec<Column>,
+    by_name: HashMap<String, usize>,
+    time: TimestampMicrosecondBuilder,
+    rows: usize,
+    bytes_estimate: usize,
+    /// First and last WAL LSN with a row in this buffer.
+    lsn_first: u64,
+    lsn_last: u64,
+    time_min_us: i64,
+    time_max_us: i64,
+    oldest_row_at: Option<Instant>,
+}
+
+/// Why a value cannot go into a buffer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SchemaConflict {
+    #[error("column \"{column}\" is {existing} in stored data, not {incoming}")]
+    Type {
+        column: String,
+        existing: &'static str,
+        incoming: &'static str,
+    },
+}
+
+/// A buffer's rows handed to a flush: the arrays plus what the manifest needs to know.
+pub struct FrozenBuffer {
+    pub batch: RecordBatch,
+    pub tag_columns: Vec<String>,
+    pub lsn_first: u64,
+    pub lsn_last: u64,
+    pub time_min_us: i64,
+    pub time_max_us: i64,
+    pub bytes_estimate: usize,
+}
+
+impl Default for MeasurementBuffer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MeasurementBuffer {
+    pub fn new() -> Self {
+        MeasurementBuffer {
+            columns: Vec::new(),
+            by_name: HashMap::new(),
+            time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            rows: 0,
+            bytes_estimate: 0,
+            lsn_first: 0,
+            lsn_last: 0,
+            time_min_us: i64::MAX,
+            time_max_us: i64::MIN,
+            oldest_row_at: None,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn bytes_estimate(&self) -> usize {
+        self.bytes_estimate
+    }
+
+    pub fn lsn_first(&self) -> Option<u64> {
+        (self.rows > 0).then_some(self.lsn_first)
+    }
+
+    pub fn oldest_row_at(&self) -> Option<Instant> {
+        self.oldest_row_at
+    }
+
+    /// The kind of a column if this buffer has it.
+    pub fn column_kind(&self, name: &str) -> Option<ColumnKind> {
+        self.by_name.get(name).map(|&i| self.columns[i].kind)
+    }
+
+    /// Adds one row. The caller has checked kinds with [`check_kind`] (a mismatch here is a
+    /// programmer error). Rows must arrive in LSN order.
+    pub fn append_row<'a>(
+        &mut self,
+        lsn: u64,
+        time_us: i64,
+        tags: impl IntoIterator<Item = (&'a str, &'a str)>,
+        fields: impl IntoIterator<Item = (&'a str, Value<'a>)>,
+    ) {
+        debug_assert!(lsn >= self.lsn_last, "rows arrive in lsn order");
+        let row = self.rows;
+        let mut bytes = 8usize;
+        for (key, value) in tags {
+            let column = self.column_mut(key, ColumnKind::Tag, row);
+            if column.filled > row {
+                // A repeated key within one line; the parser rejects these, keep the first.
+                continue;
+            }
+            if let Builder::Tag(b) = &mut column.builder {
+                b.append_value(value);
+            } else {
+                unreachable!("tag column {key} has builder of another kind");
+            }
+            column.filled = row + 1;
+            bytes += 4 + value.len() / 8;
+        }
+        for (key, value) in fields {
+            let column = self.column_mut(key, value.kind(), row);
+            if column.filled > row {
+                continue;
+            }
+            match (&mut column.builder, value) {
+                (Builder::Float(b), Value::Float(v)) => b.append_value(v),
+                (Builder::Integer(b), Value::Integer(v)) => b.append_value(v),
+                (Builder::Unsigned(b), Value::Unsigned(v)) => b.append_value(v),
+                (Builder::Boolean(b), Value::Boolean(v)) => b.append_value(v),
+                (Builder::String(b), Value::String(v)) => {
+                    bytes += v.len();
+                    b.append_value(v)
+                }
+                _ => panic!("field {key} appended with a kind its column does not have"),
+            }
+            column.filled = row + 1;
+            bytes += 8;
+        }
+        for column in &mut self.columns {
+            if column.filled <= row {
+                column.builder.append_nulls(row + 1 - column.filled);
+                column.filled = row + 1;
+            }
+        }
+        self.time.append_value(time_us);
+        self.time_min_us = self.time_min_us.min(time_us);
+        self.time_max_us = self.time_max_us.max(time_us);
+        if self.rows == 0 {
+            self.lsn_first = lsn;
+            self.oldest_row_at = Some(Instant::now());
+        }
+        self.lsn_last = lsn;
+        self.rows += 1;
+        self.bytes_estimate += bytes;
+    }
+
+    fn column_mut(&mut self, name: &str, kind: ColumnKind, row: usize) -> &mut Column {
+        let index = match self.by_name.get(name) {
+            Some(&index) => index,
+            None => {
+                self.columns.push(Column {
+                    name: name.to_string(),
+                    kind,
+                    builder: Builder::new(kind, row),
+                    filled: row,
+                });
+                self.by_name.insert(name.to_string(), self.columns.len() - 1);
+                self.columns.len() - 1
+            }
+        };
+        let column = &mut self.columns[index];
+        assert_eq!(column.kind, kind, "column {name} kind checked before append");
+        column
+    }
+
+    /// Takes every row out, leaving the buffer empty with the same columns. Columns are ordered
+    /// `time`, then tags by name, then fields by name.
+    pub fn freeze(&mut self) -> Option<FrozenBuffer> {
+        if self.rows == 0 {
+            return None;
+        }
+        let mut order: Vec<usize> = (0..self.columns.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&self.columns[a], &self.columns[b]);
+            (a.kind != ColumnKind::Tag, &a.name).cmp(&(b.kind != ColumnKind::Tag, &b.name))
+        });
+        let mut fields = vec![Field::new(
+            TIME_COLUMN,
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        )];
+        let mut arrays: Vec<ArrayRef> = vec![Arc::new(self.time.finish())];
+        let mut tag_columns = Vec::new();
+        for index in order {
+            let column = &mut self.columns[index];
+            fields.push(Field::new(&column.name, column.kind.data_type(), true));
+            arrays.push(column.builder.finish());
+            column.filled = 0;
+            if column.kind == ColumnKind::Tag {
+                tag_columns.push(column.name.clone());
+            }
+        }
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+            .expect("buffer columns have equal lengths and declared types");
+        let frozen = FrozenBuffer {
+            batch,
+            tag_columns,
+            lsn_first: self.lsn_first,
+            lsn_last: self.lsn_last,
+            time_min_us: self.time_min_us,
+            time_max_us: self.time_max_us,
+            bytes_estimate: self.bytes_estimate,
+        };
+        // Columns that saw no value are dropped so the next file's schema is what it holds.
+        self.columns.clear();
+        self.by_name.clear();
+        self.rows = 0;
+        self.bytes_estimate = 0;
+        self.time_min_us = i64::MAX;
+        self.time_max_us = i64::MIN;
+        self.oldest_row_at = None;
+        Some(frozen)
+    }
+}
+
+/// Checks that `incoming` may be stored in a column that is `existing` (if known).
+pub fn check_kind(
+    column: &str,
+    existing: Option<ColumnKind>,
+    incoming: ColumnKind,
+) -> Result<(), SchemaConflict> {
+    match existing {
+        Some(existing) if existing != incoming => Err(SchemaConflict::Type {
+            column: column.to_string(),
+            existing: existing.name(),
+            incoming: incoming.name(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Float64Type, TimestampMicrosecondType};
+
+    // Checks that a column first seen mid-buffer reads null for earlier rows, a column missing
+    // from a later row reads null there, and the frozen schema is time, tags, fields.
+    #[test]
+    fn schema_widens_with_nulls() {
+        let mut buffer = MeasurementBuffer::new();
+        buffer.append_row(1, 10, [("host", "a")], [("usage", Value::Float(1.0))]);
+        buffer.append_row(
+            2,
+            20,
+            [("host", "b"), ("dc", "x")],
+            [("free", Value::Integer(5))],
+        );
+        let frozen = buffer.freeze().unwrap();
+        let schema = frozen.batch.schema();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["time", "dc", "host", "free", "usage"]);
+        assert_eq!((frozen.lsn_first, frozen.lsn_last), (1, 2));
+        assert_eq!((frozen.time_min_us, frozen.time_max_us), (10, 20));
+        let usage = frozen.batch.column(4).as_primitive::<Float64Type>();
+        assert_eq!(usage.value(0), 1.0);
+        assert!(usage.is_null(1));
+        assert!(frozen.batch.column(1).is_null(0));
+        let time = frozen.batch.column(0).as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(time.values(), &[10, 20]);
+        assert_eq!(buffer.rows(), 0);
+        assert!(buffer.freeze().is_none());
+    }
+
+    // Checks that kind conflicts are named precisely.
+    #[test]
+    fn kind_conflicts_are_reported() {
+        let error = check_kind("usage", Some(ColumnKind::Float), ColumnKind::Integer).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "column \"usage\" is float in stored data, not integer"
+        );
+        assert!(check_kind("usage", None, ColumnKind::Integer).is_ok());
+    }
+}

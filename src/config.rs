@@ -1,0 +1,298 @@
+//! Node configuration: the embedded defaults, a TOML file on top, then `SHALE_*` environment
+//! overrides. Every limit of the node lives here, with its unit in its name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// The configuration `shale serve` uses when given no file.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// Prefix of environment overrides: `SHALE_<SECTION>_<KEY>`.
+const ENV_PREFIX: &str = "SHALE_";
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub http: HttpConfig,
+    pub runtime: RuntimeConfig,
+    pub ingest: IngestConfig,
+    pub wal: WalConfig,
+    pub buffer: BufferConfig,
+    pub parquet: ParquetConfig,
+    pub manifest: ManifestConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub addr: SocketAddr,
+    pub connections_max_per_shard: usize,
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    Pinned,
+    Unbound,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub shards: usize,
+    pub placement: Placement,
+    pub io_memory_bytes: usize,
+    pub ring_depth: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    pub body_bytes_max: usize,
+    pub decompressed_bytes_max: usize,
+    pub line_bytes_max: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalConfig {
+    pub fsync: bool,
+    pub segment_bytes_max: u64,
+    pub record_bytes_max: u32,
+    pub write_bytes_max: usize,
+    pub queue_bytes_max: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    pub flush_rows_max: usize,
+    pub flush_bytes_max: usize,
+    pub flush_age_ms_max: u64,
+    pub shard_bytes_max: usize,
+    pub flush_check_interval_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Zstd,
+    Snappy,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParquetConfig {
+    pub compression: Compression,
+    pub zstd_level: i32,
+    pub row_group_rows_max: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestConfig {
+    pub snapshot_logs_since_last_max: u64,
+    pub request_queue_depth_max: usize,
+    pub registration_retry_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub filter: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str(DEFAULT_TOML).expect("the embedded default configuration is valid")
+    }
+}
+
+impl Config {
+    /// Loads the defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let overrides: Vec<(String, String)> = std::env::vars()
+            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+            .collect();
+        let file_text = match file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("read config file {}", path.display()))?,
+            ),
+            None => None,
+        };
+        Self::from_sources(file_text.as_deref(), &overrides)
+    }
+
+    /// Layers the sources in order; separated from `load` so tests need no real environment.
+    pub fn from_sources(
+        file_text: Option<&str>,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Config> {
+        let mut merged: toml::Table = DEFAULT_TOML.parse().context("parse embedded defaults")?;
+        if let Some(text) = file_text {
+            let file: toml::Table = text.parse().context("parse config file")?;
+            merge_tables(&mut merged, file, "")?;
+        }
+        for (name, value) in env {
+            apply_env_override(&mut merged, name, value)?;
+        }
+        let config: Config = toml::Value::Table(merged)
+            .try_into()
+            .context("check configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.node.id == 0 {
+            bail!("node.id must be greater than 0");
+        }
+        if self.ingest.line_bytes_max == 0 || self.ingest.body_bytes_max == 0 {
+            bail!("ingest limits must be greater than 0");
+        }
+        if (self.wal.record_bytes_max as usize) < self.ingest.decompressed_bytes_max {
+            bail!(
+                "wal.record_bytes_max ({}) must be at least ingest.decompressed_bytes_max ({}): \
+                 every accepted request must fit in one WAL record",
+                self.wal.record_bytes_max,
+                self.ingest.decompressed_bytes_max
+            );
+        }
+        if self.buffer.flush_rows_max == 0 || self.parquet.row_group_rows_max == 0 {
+            bail!("buffer.flush_rows_max and parquet.row_group_rows_max must be greater than 0");
+        }
+        Ok(())
+    }
+
+    /// Shard count with 0 resolved to the CPUs this process may use.
+    pub fn shard_count(&self) -> usize {
+        if self.runtime.shards > 0 {
+            self.runtime.shards
+        } else {
+            shale_io::runtime::allowed_cpus().len().max(1)
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configuration serialises")
+    }
+}
+
+/// Copies `source` into `target`, refusing keys the defaults do not have (typos would otherwise
+/// be ignored silently).
+fn merge_tables(target: &mut toml::Table, source: toml::Table, path: &str) -> anyhow::Result<()> {
+    for (key, value) in source {
+        let full = if path.is_empty() {
+            key.clone()
+        } else {
+            format!("{path}.{key}")
+        };
+        match (target.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(incoming)) => {
+                merge_tables(existing, incoming, &full)?
+            }
+            (Some(existing), incoming) => *existing = incoming,
+            (None, _) => bail!("unknown configuration key {full}"),
+        }
+    }
+    Ok(())
+}
+
+/// Applies `SHALE_<SECTION>_<KEY>=value`. The key is matched against the known keys, so keys
+/// with underscores are unambiguous; the value is parsed as the type the default has.
+fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> anyhow::Result<()> {
+    let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+        return Ok(());
+    };
+    let rest = rest.to_ascii_lowercase();
+    for (section_name, section) in table.iter_mut() {
+        let Some(key) = rest.strip_prefix(&format!("{section_name}_")) else {
+            continue;
+        };
+        let toml::Value::Table(section) = section else {
+            continue;
+        };
+        let Some(existing) = section.get_mut(key) else {
+            continue;
+        };
+        *existing = parse_like(existing, value)
+            .with_context(|| format!("environment variable {name}={value:?}"))?;
+        return Ok(());
+    }
+    // SHALE_CONFIG and variables of other tools are not configuration keys.
+    Ok(())
+}
+
+fn parse_like(existing: &toml::Value, text: &str) -> anyhow::Result<toml::Value> {
+    Ok(match existing {
+        toml::Value::String(_) => toml::Value::String(text.to_string()),
+        toml::Value::Integer(_) => toml::Value::Integer(
+            text.parse()
+                .with_context(|| "expected an integer".to_string())?,
+        ),
+        toml::Value::Float(_) => {
+            toml::Value::Float(text.parse().with_context(|| "expected a number".to_string())?)
+        }
+        toml::Value::Boolean(_) => toml::Value::Boolean(match text {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            _ => bail!("expected true or false"),
+        }),
+        other => bail!("cannot override a {} from the environment", other.type_str()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Checks that the embedded defaults parse and are what the README promises.
+    #[test]
+    fn defaults_parse() {
+        let config = Config::default();
+        assert_eq!(config.http.addr.to_string(), "127.0.0.1:8000");
+        assert!(config.wal.fsync);
+        assert_eq!(config.node.data_dir, PathBuf::from("./data"));
+    }
+
+    // Checks the layering order (defaults < file < environment) and that values are typed.
+    #[test]
+    fn file_then_environment_override_defaults() {
+        let file = "[http]\naddr = \"127.0.0.2:9000\"\n[wal]\nfsync = false\n";
+        let env = vec![
+            ("SHALE_WAL_FSYNC".to_string(), "true".to_string()),
+            ("SHALE_BUFFER_FLUSH_ROWS_MAX".to_string(), "5".to_string()),
+            ("SHALE_CONFIG".to_string(), "/ignored".to_string()),
+        ];
+        let config = Config::from_sources(Some(file), &env).unwrap();
+        assert_eq!(config.http.addr.to_string(), "127.0.0.2:9000");
+        assert!(config.wal.fsync);
+        assert_eq!(config.buffer.flush_rows_max, 5);
+    }
+
+    // Checks that mistakes are reported, not ignored: unknown keys, badly typed values.
+    #[test]
+    fn mistakes_are_errors() {
+        let error = Config::from_sources(Some("[wal]\nfsynk = true\n"), &[]).unwrap_err();
+        assert!(format!("{error:#}").contains("wal.fsynk"), "{error:#}");
+        let env = vec![("SHALE_WAL_FSYNC".to_string(), "maybe".to_string())];
+        let error = Config::from_sources(None, &env).unwrap_err();
+        assert!(format!("{error:#}").contains("SHALE_WAL_FSYNC"), "{error:#}");
+        let error = Config::from_sources(Some("[node]\nid = 0\n"), &[]).unwrap_err();
+        assert!(format!("{error:#}").contains("node.id"), "{error:#}");
+    }
+}

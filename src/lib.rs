@@ -1,0 +1,11 @@
+//! shale: a shared-nothing time-series database node.
+//!
+//! The library holds everything the `shale` binary runs, so integration tests and benches can
+//! reach the same code: configuration, the line-protocol parser, Arrow buffers, Parquet
+//! encoding, shards and the HTTP API.
+
+pub mod buffer;
+pub mod config;
+pub mod metrics;
+pub mod names;
+pub mod storage;

@@ -1,0 +1,260 @@
+//! Parquet encoding of frozen buffers and the on-disk layout of data files.
+//!
+//! Pure CPU work: runs on a blocking thread, never on a shard's executor. A frozen buffer is
+//! split by UTC hour, each part sorted by (tags, time) and encoded into one Parquet file.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, AsArray, UInt32Array};
+use arrow::compute::{lexsort_to_indices, take_record_batch, SortColumn, SortOptions};
+use arrow::datatypes::TimestampMicrosecondType;
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression as ParquetCompression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+
+use crate::buffer::FrozenBuffer;
+use crate::config::{Compression, ParquetConfig};
+
+const MICROS_PER_HOUR: i64 = 3_600_000_000;
+
+/// Parquet key-value metadata key holding the tag column names, comma-separated.
+pub const TAGS_METADATA_KEY: &str = "shale.tags";
+
+/// One encoded file, ready to publish.
+pub struct EncodedFile {
+    /// Path relative to the data directory.
+    pub relative_path: PathBuf,
+    pub bytes: Vec<u8>,
+    pub rows: u64,
+    pub time_min_us: i64,
+    pub time_max_us: i64,
+}
+
+/// Identifies where a frozen buffer came from, for file names.
+pub struct FileOrigin<'a> {
+    pub database: &'a str,
+    pub measurement: &'a str,
+    pub node: u64,
+    pub shard: u32,
+}
+
+/// `<database>/<measurement>/YYYY/MM/DD/HH/<node>-<shard>-<lsn_first>-<lsn_last>.parquet`.
+/// The LSN range makes a name unique per flush and lets replay recognise its own output.
+pub fn file_path(origin: &FileOrigin<'_>, hour: i64, lsn_first: u64, lsn_last: u64) -> PathBuf {
+    let (year, month, day, hour_of_day) = civil_hour(hour);
+    PathBuf::from(origin.database)
+        .join(origin.measurement)
+        .join(format!("{year:04}"))
+        .join(format!("{month:02}"))
+        .join(format!("{day:02}"))
+        .join(format!("{hour_of_day:02}"))
+        .join(format!(
+            "n{}-s{}-{lsn_first:020}-{lsn_last:020}.parquet",
+            origin.node, origin.shard
+        ))
+}
+
+/// Splits by hour, sorts and encodes. Returns one file per UTC hour present in the rows.
+pub fn encode(
+    frozen: &FrozenBuffer,
+    origin: &FileOrigin<'_>,
+    config: &ParquetConfig,
+) -> Result<Vec<EncodedFile>, parquet::errors::ParquetError> {
+    let batch = &frozen.batch;
+    let time = batch.column(0).as_primitive::<TimestampMicrosecondType>();
+    let mut hours: Vec<i64> = time
+        .values()
+        .iter()
+        .map(|t| t.div_euclid(MICROS_PER_HOUR))
+        .collect();
+    let first_hour = hours[0];
+    let single_hour = hours.iter().all(|&h| h == first_hour);
+    let mut parts = Vec::new();
+    if single_hour {
+        parts.push((first_hour, batch.clone()));
+    } else {
+        let mut distinct = hours.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        for hour in distinct {
+            let indices: UInt32Array = hours
+                .iter()
+                .enumerate()
+                .filter(|(_, &h)| h == hour)
+                .map(|(i, _)| i as u32)
+                .collect();
+            parts.push((hour, take_record_batch(batch, &indices)?));
+        }
+    }
+    hours.clear();
+
+    let mut files = Vec::with_capacity(parts.len());
+    for (hour, part) in parts {
+        let sorted = sort_by_tags_then_time(&part, &frozen.tag_columns)?;
+        let time = sorted.column(0).as_primitive::<TimestampMicrosecondType>();
+        let (time_min_us, time_max_us) = time
+            .values()
+            .iter()
+            .fold((i64::MAX, i64::MIN), |(lo, hi), &t| (lo.min(t), hi.max(t)));
+        let bytes = write_parquet(&sorted, &frozen.tag_columns, config)?;
+        files.push(EncodedFile {
+            relative_path: file_path(origin, hour, frozen.lsn_first, frozen.lsn_last),
+            bytes,
+            rows: sorted.num_rows() as u64,
+            time_min_us,
+            time_max_us,
+        });
+    }
+    Ok(files)
+}
+
+fn sort_by_tags_then_time(
+    batch: &RecordBatch,
+    tag_columns: &[String],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let schema = batch.schema();
+    let mut keys: Vec<SortColumn> = Vec::with_capacity(tag_columns.len() + 1);
+    for tag in tag_columns {
+        let index = schema.index_of(tag)?;
+        keys.push(SortColumn {
+            values: batch.column(index).clone(),
+            options: Some(SortOptions {
+                descending: false,
+                nulls_first: true,
+            }),
+        });
+    }
+    keys.push(SortColumn {
+        values: batch.column(0).clone() as ArrayRef,
+        options: None,
+    });
+    let indices = lexsort_to_indices(&keys, None)?;
+    take_record_batch(batch, &indices)
+}
+
+fn write_parquet(
+    batch: &RecordBatch,
+    tag_columns: &[String],
+    config: &ParquetConfig,
+) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+    let compression = match config.compression {
+        Compression::Snappy => ParquetCompression::SNAPPY,
+        Compression::Zstd => ParquetCompression::ZSTD(ZstdLevel::try_new(config.zstd_level)?),
+    };
+    let properties = WriterProperties::builder()
+        .set_compression(compression)
+        .set_dictionary_enabled(true)
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_max_row_group_row_count(Some(config.row_group_rows_max))
+        .set_key_value_metadata(Some(vec![KeyValue::new(
+            TAGS_METADATA_KEY.to_string(),
+            tag_columns.join(","),
+        )]))
+        .build();
+    let mut bytes = Vec::with_capacity(batch.get_array_memory_size() / 4 + 4096);
+    let mut writer = ArrowWriter::try_new(&mut bytes, batch.schema(), Some(properties))?;
+    writer.write(batch)?;
+    writer.close()?;
+    Ok(bytes)
+}
+
+/// (year, month, day, hour) of an hour counted from the Unix epoch, in UTC.
+fn civil_hour(hours_since_epoch: i64) -> (i64, u32, u32, u32) {
+    let days = hours_since_epoch.div_euclid(24);
+    let hour = hours_since_epoch.rem_euclid(24) as u32;
+    // Civil-from-days (Howard Hinnant's algorithm), valid for the proleptic Gregorian calendar.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day, hour)
+}
+
+/// Reads back the tag columns recorded in a Parquet file's metadata.
+pub fn tags_from_metadata(metadata: Option<&Vec<KeyValue>>) -> Vec<String> {
+    metadata
+        .into_iter()
+        .flatten()
+        .find(|kv| kv.key == TAGS_METADATA_KEY)
+        .and_then(|kv| kv.value.as_ref())
+        .map(|v| {
+            v.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Shared reference for encoders running on blocking threads.
+pub type SharedParquetConfig = Arc<ParquetConfig>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::{MeasurementBuffer, Value};
+    use arrow::array::AsArray;
+    use arrow::datatypes::Float64Type;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    // Checks the calendar arithmetic behind directory names on known instants, including a
+    // leap day and times before the epoch.
+    #[test]
+    fn civil_hours() {
+        assert_eq!(civil_hour(0), (1970, 1, 1, 0));
+        // 2024-02-29T13:00:00Z = 1709211600 s.
+        assert_eq!(civil_hour(1_709_211_600 / 3600), (2024, 2, 29, 13));
+        assert_eq!(civil_hour(-1), (1969, 12, 31, 23));
+    }
+
+    // Checks that a buffer spanning two hours becomes two files in the right hour folders,
+    // each sorted by tags then time, with the tag list in the key-value metadata.
+    #[test]
+    fn encodes_sorted_files_per_hour() {
+        let hour = MICROS_PER_HOUR;
+        let mut buffer = MeasurementBuffer::new();
+        buffer.append_row(1, hour + 5, [("host", "b")], [("v", Value::Float(1.0))]);
+        buffer.append_row(1, hour + 1, [("host", "a")], [("v", Value::Float(2.0))]);
+        buffer.append_row(2, 2 * hour + 7, [("host", "a")], [("v", Value::Float(3.0))]);
+        buffer.append_row(2, hour + 3, [("host", "a")], [("v", Value::Float(4.0))]);
+        let frozen = buffer.freeze().unwrap();
+        let origin = FileOrigin {
+            database: "db",
+            measurement: "m",
+            node: 1,
+            shard: 0,
+        };
+        let config = crate::config::Config::default().parquet;
+        let files = encode(&frozen, &origin, &config).unwrap();
+        assert_eq!(files.len(), 2);
+        assert_eq!(
+            files[0].relative_path,
+            PathBuf::from(
+                "db/m/1970/01/01/01/n1-s0-00000000000000000001-00000000000000000002.parquet"
+            )
+        );
+        assert_eq!((files[0].rows, files[0].time_min_us), (3, hour + 1));
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(files[0].bytes.clone()))
+                .unwrap();
+        let tags = tags_from_metadata(
+            reader
+                .metadata()
+                .file_metadata()
+                .key_value_metadata(),
+        );
+        assert_eq!(tags, ["host"]);
+        let batch = reader.build().unwrap().next().unwrap().unwrap();
+        let values = batch.column(2).as_primitive::<Float64Type>();
+        assert_eq!(values.values(), &[2.0, 4.0, 1.0]);
+    }
+}
