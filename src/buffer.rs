@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
-    StringDictionaryBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, StringDictionaryBuilder,
+    TimestampMicrosecondBuilder, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
@@ -290,12 +290,16 @@ impl MeasurementBuffer {
                     builder: Builder::new(kind, row),
                     filled: row,
                 });
-                self.by_name.insert(name.to_string(), self.columns.len() - 1);
+                self.by_name
+                    .insert(name.to_string(), self.columns.len() - 1);
                 self.columns.len() - 1
             }
         };
         let column = &mut self.columns[index];
-        assert_eq!(column.kind, kind, "column {name} kind checked before append");
+        assert_eq!(
+            column.kind, kind,
+            "column {name} kind checked before append"
+        );
         column
     }
 
@@ -393,7 +397,10 @@ mod tests {
         assert_eq!(usage.value(0), 1.0);
         assert!(usage.is_null(1));
         assert!(frozen.batch.column(1).is_null(0));
-        let time = frozen.batch.column(0).as_primitive::<TimestampMicrosecondType>();
+        let time = frozen
+            .batch
+            .column(0)
+            .as_primitive::<TimestampMicrosecondType>();
         assert_eq!(time.values(), &[10, 20]);
         assert_eq!(buffer.rows(), 0);
         assert!(buffer.freeze().is_none());

@@ -164,12 +164,19 @@ impl Config {
         if self.ingest.line_bytes_max == 0 || self.ingest.body_bytes_max == 0 {
             bail!("ingest limits must be greater than 0");
         }
-        if (self.wal.record_bytes_max as usize) < self.ingest.decompressed_bytes_max {
+        if (self.wal.record_bytes_max as usize) < self.ingest.decompressed_bytes_max + 1024 {
             bail!(
-                "wal.record_bytes_max ({}) must be at least ingest.decompressed_bytes_max ({}): \
-                 every accepted request must fit in one WAL record",
+                "wal.record_bytes_max ({}) must be at least ingest.decompressed_bytes_max ({}) \
+                 + 1024: every accepted request must fit in one WAL record",
                 self.wal.record_bytes_max,
                 self.ingest.decompressed_bytes_max
+            );
+        }
+        if self.wal.queue_bytes_max < self.wal.record_bytes_max as usize + 1024 {
+            bail!(
+                "wal.queue_bytes_max ({}) must hold at least one record of wal.record_bytes_max ({})",
+                self.wal.queue_bytes_max,
+                self.wal.record_bytes_max
             );
         }
         if self.buffer.flush_rows_max == 0 || self.parquet.row_group_rows_max == 0 {
@@ -244,15 +251,19 @@ fn parse_like(existing: &toml::Value, text: &str) -> anyhow::Result<toml::Value>
             text.parse()
                 .with_context(|| "expected an integer".to_string())?,
         ),
-        toml::Value::Float(_) => {
-            toml::Value::Float(text.parse().with_context(|| "expected a number".to_string())?)
-        }
+        toml::Value::Float(_) => toml::Value::Float(
+            text.parse()
+                .with_context(|| "expected a number".to_string())?,
+        ),
         toml::Value::Boolean(_) => toml::Value::Boolean(match text {
             "true" | "1" | "yes" | "on" => true,
             "false" | "0" | "no" | "off" => false,
             _ => bail!("expected true or false"),
         }),
-        other => bail!("cannot override a {} from the environment", other.type_str()),
+        other => bail!(
+            "cannot override a {} from the environment",
+            other.type_str()
+        ),
     })
 }
 
@@ -291,7 +302,10 @@ mod tests {
         assert!(format!("{error:#}").contains("wal.fsynk"), "{error:#}");
         let env = vec![("SHALE_WAL_FSYNC".to_string(), "maybe".to_string())];
         let error = Config::from_sources(None, &env).unwrap_err();
-        assert!(format!("{error:#}").contains("SHALE_WAL_FSYNC"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("SHALE_WAL_FSYNC"),
+            "{error:#}"
+        );
         let error = Config::from_sources(Some("[node]\nid = 0\n"), &[]).unwrap_err();
         assert!(format!("{error:#}").contains("node.id"), "{error:#}");
     }

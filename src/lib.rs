@@ -4,8 +4,13 @@
 //! reach the same code: configuration, the line-protocol parser, Arrow buffers, Parquet
 //! encoding, shards and the HTTP API.
 
+pub mod api;
 pub mod buffer;
 pub mod config;
+pub mod ingest;
+pub mod line_protocol;
 pub mod metrics;
 pub mod names;
+pub mod node;
+pub mod shard;
 pub mod storage;

@@ -269,7 +269,10 @@ pub enum ParseErrorKind {
     #[error("invalid timestamp {text:?}: {reason}")]
     InvalidTimestamp { text: String, reason: &'static str },
     #[error("timestamp {timestamp} (precision {precision}) is out of range in microseconds")]
-    TimestampOutOfRange { timestamp: i64, precision: Precision },
+    TimestampOutOfRange {
+        timestamp: i64,
+        precision: Precision,
+    },
     #[error("unexpected text after the timestamp: {text:?}")]
     TextAfterTimestamp { text: String },
     #[error("invalid measurement name {name:?}: {error}")]
@@ -609,7 +612,10 @@ impl<'b> Iterator for Fields<'b> {
     #[inline]
     fn next(&mut self) -> Option<(&'b str, FieldValue<'b>)> {
         let field = self.fields.next()?;
-        Some((self.storage.text(field.key), self.storage.value(field.value)))
+        Some((
+            self.storage.text(field.key),
+            self.storage.value(field.value),
+        ))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -623,13 +629,19 @@ impl ExactSizeIterator for Fields<'_> {}
 // Entry points.
 
 /// Parses and validates a whole request body with fresh buffers. See [`parse_with`].
-pub fn parse(
-    body: &[u8],
+pub fn parse<'a>(
+    body: &'a [u8],
     precision: Precision,
     default_time_us: i64,
     limits: &ParseLimits,
-) -> Result<Batch<'_>, ParseError> {
-    parse_with(ParseBuffers::new(), body, precision, default_time_us, limits)
+) -> Result<Batch<'a>, ParseError> {
+    parse_with(
+        ParseBuffers::new(),
+        body,
+        precision,
+        default_time_us,
+        limits,
+    )
 }
 
 /// Parses and validates a whole request body, reusing `buffers` (which are dropped on error).
@@ -804,7 +816,12 @@ struct Parser<'t, 'p> {
 
 impl Parser<'_, '_> {
     /// Parses the line `body[start..end]` (line ending removed) and appends its point.
-    fn parse_line(&mut self, start: usize, end: usize, line_number: u32) -> Result<(), ParseErrorKind> {
+    fn parse_line(
+        &mut self,
+        start: usize,
+        end: usize,
+        line_number: u32,
+    ) -> Result<(), ParseErrorKind> {
         let body = self.body;
         let line = &body.as_bytes()[start..end];
         let length = line.len();
@@ -863,7 +880,12 @@ impl Parser<'_, '_> {
                     key: self.excerpt(key),
                 });
             }
-            let value = self.text(start + value_start, start + value_end, escaped, &KEY_ESCAPES);
+            let value = self.text(
+                start + value_start,
+                start + value_end,
+                escaped,
+                &KEY_ESCAPES,
+            );
             columns += 1;
             if columns > self.limits.columns_per_line_max {
                 return Err(ParseErrorKind::TooManyColumns {
@@ -903,7 +925,10 @@ impl Parser<'_, '_> {
                 })?;
                 position = close + 1;
                 if position < length && !VALUE_ENDS[line[position] as usize] {
-                    let found = body[start + position..].chars().next().unwrap_or('\u{fffd}');
+                    let found = body[start + position..]
+                        .chars()
+                        .next()
+                        .unwrap_or('\u{fffd}');
                     return Err(ParseErrorKind::TextAfterString {
                         key: self.excerpt(key),
                         found,
@@ -997,8 +1022,14 @@ impl Parser<'_, '_> {
         }
         if !same_tag_keys {
             let buffers = &mut *self.buffers;
-            std::mem::swap(&mut buffers.previous_tag_keys, &mut buffers.current_tag_keys);
-            std::mem::swap(&mut buffers.previous_tag_order, &mut buffers.current_tag_order);
+            std::mem::swap(
+                &mut buffers.previous_tag_keys,
+                &mut buffers.current_tag_keys,
+            );
+            std::mem::swap(
+                &mut buffers.previous_tag_order,
+                &mut buffers.current_tag_order,
+            );
         }
         self.buffers.lines.push(LineRecord {
             measurement,
@@ -1028,7 +1059,10 @@ impl Parser<'_, '_> {
         let mut run_start = 0;
         let mut index = 0;
         while index < bytes.len() {
-            if bytes[index] == b'\\' && index + 1 < bytes.len() && escapes[bytes[index + 1] as usize] {
+            if bytes[index] == b'\\'
+                && index + 1 < bytes.len()
+                && escapes[bytes[index + 1] as usize]
+            {
                 arena.push_str(&raw[run_start..index]);
                 // The escaped byte starts the next run.
                 run_start = index + 1;
@@ -1191,7 +1225,10 @@ impl Parser<'_, '_> {
         if fields.len() <= PAIRWISE_DUPLICATE_CHECK_LEN_MAX {
             for (index, field) in fields.iter().enumerate() {
                 let key = text(field.key);
-                if fields[..index].iter().any(|earlier| text(earlier.key) == key) {
+                if fields[..index]
+                    .iter()
+                    .any(|earlier| text(earlier.key) == key)
+                {
                     return Err(ParseErrorKind::DuplicateField { key: excerpt(key) });
                 }
             }
@@ -1209,29 +1246,23 @@ impl Parser<'_, '_> {
             }
         }
 
-        let columns_to_check = tags
-            .iter()
-            .map(|tag| (tag.key, ColumnKind::Tag))
-            .chain(
-                fields
-                    .iter()
-                    .map(|field| (field.key, ColumnKind::Field(field.value.field_type()))),
-            );
+        let columns_to_check = tags.iter().map(|tag| (tag.key, ColumnKind::Tag)).chain(
+            fields
+                .iter()
+                .map(|field| (field.key, ColumnKind::Field(field.value.field_type()))),
+        );
         for (key, kind) in columns_to_check {
             let key = text(key);
             column_key.clear();
             column_key.push_str(measurement);
             column_key.push('\0');
             column_key.push_str(key);
-            match columns.get(column_key.as_str()) {
-                None => {
+            match (columns.get(column_key.as_str()).copied(), kind) {
+                (None, _) => {
                     columns.insert(column_key.as_str().into(), kind);
                 }
-                Some(&earlier) if earlier == kind => {}
-                Some(&ColumnKind::Field(earlier)) if matches!(kind, ColumnKind::Field(_)) => {
-                    let ColumnKind::Field(here) = kind else {
-                        unreachable!("matched as a field above")
-                    };
+                (Some(earlier), _) if earlier == kind => {}
+                (Some(ColumnKind::Field(earlier)), ColumnKind::Field(here)) => {
                     return Err(ParseErrorKind::FieldTypeConflict {
                         measurement: excerpt(measurement),
                         key: excerpt(key),
@@ -1239,7 +1270,7 @@ impl Parser<'_, '_> {
                         earlier,
                     });
                 }
-                Some(&earlier) => {
+                (Some(earlier), _) => {
                     return Err(ParseErrorKind::ColumnRoleConflict {
                         measurement: excerpt(measurement),
                         key: excerpt(key),
@@ -1255,7 +1286,10 @@ impl Parser<'_, '_> {
 
 /// Sorts a short slice in place; fewer comparisons than the general sort for a handful of tags,
 /// and no allocation.
-fn insertion_sort_by<T: Copy>(items: &mut [T], mut compare: impl FnMut(&T, &T) -> std::cmp::Ordering) {
+fn insertion_sort_by<T: Copy>(
+    items: &mut [T],
+    mut compare: impl FnMut(&T, &T) -> std::cmp::Ordering,
+) {
     for index in 1..items.len() {
         let item = items[index];
         let mut slot = index;

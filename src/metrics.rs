@@ -121,24 +121,84 @@ impl NodeMetrics {
         let mut out = String::with_capacity(16 * 1024);
         type Pick = fn(&ShardMetrics) -> &Counter;
         let counters: [(&str, &str, Pick); 15] = [
-            ("shale_write_rows_total", "Rows acknowledged to writers.", |m| &m.write_rows),
-            ("shale_write_bytes_total", "Line-protocol bytes acknowledged (after decompression).", |m| &m.write_bytes),
-            ("shale_write_rejected_overload_total", "Writes answered 503 because a buffer or queue was full.", |m| &m.write_rejected_overload),
-            ("shale_wal_appends_total", "Records appended to the WAL.", |m| &m.wal_appends),
-            ("shale_wal_bytes_total", "Bytes appended to the WAL.", |m| &m.wal_bytes),
-            ("shale_wal_syncs_total", "WAL group commits made durable with fdatasync.", |m| &m.wal_syncs),
-            ("shale_wal_segments_released_total", "WAL segments deleted after their data reached the manifest.", |m| &m.wal_segments_released),
-            ("shale_buffer_rows", "Rows held in Arrow buffers, not yet in Parquet.", |m| &m.buffer_rows),
-            ("shale_buffer_bytes", "Estimated bytes held in Arrow buffers.", |m| &m.buffer_bytes),
-            ("shale_flushes_total", "Buffer flushes completed.", |m| &m.flushes),
-            ("shale_flush_errors_total", "Buffer flushes that failed and will be retried.", |m| &m.flush_errors),
-            ("shale_files_written_total", "Parquet files published.", |m| &m.files_written),
-            ("shale_file_bytes_written_total", "Bytes of Parquet published.", |m| &m.file_bytes_written),
-            ("shale_manifest_commits_total", "File registrations committed to the manifest.", |m| &m.manifest_commits),
-            ("shale_manifest_commit_errors_total", "Registration attempts that failed and were retried.", |m| &m.manifest_commit_errors),
+            (
+                "shale_write_rows_total",
+                "Rows acknowledged to writers.",
+                |m| &m.write_rows,
+            ),
+            (
+                "shale_write_bytes_total",
+                "Line-protocol bytes acknowledged (after decompression).",
+                |m| &m.write_bytes,
+            ),
+            (
+                "shale_write_rejected_overload_total",
+                "Writes answered 503 because a buffer or queue was full.",
+                |m| &m.write_rejected_overload,
+            ),
+            (
+                "shale_wal_appends_total",
+                "Records appended to the WAL.",
+                |m| &m.wal_appends,
+            ),
+            ("shale_wal_bytes_total", "Bytes appended to the WAL.", |m| {
+                &m.wal_bytes
+            }),
+            (
+                "shale_wal_syncs_total",
+                "WAL group commits made durable with fdatasync.",
+                |m| &m.wal_syncs,
+            ),
+            (
+                "shale_wal_segments_released_total",
+                "WAL segments deleted after their data reached the manifest.",
+                |m| &m.wal_segments_released,
+            ),
+            (
+                "shale_buffer_rows",
+                "Rows held in Arrow buffers, not yet in Parquet.",
+                |m| &m.buffer_rows,
+            ),
+            (
+                "shale_buffer_bytes",
+                "Estimated bytes held in Arrow buffers.",
+                |m| &m.buffer_bytes,
+            ),
+            ("shale_flushes_total", "Buffer flushes completed.", |m| {
+                &m.flushes
+            }),
+            (
+                "shale_flush_errors_total",
+                "Buffer flushes that failed and will be retried.",
+                |m| &m.flush_errors,
+            ),
+            (
+                "shale_files_written_total",
+                "Parquet files published.",
+                |m| &m.files_written,
+            ),
+            (
+                "shale_file_bytes_written_total",
+                "Bytes of Parquet published.",
+                |m| &m.file_bytes_written,
+            ),
+            (
+                "shale_manifest_commits_total",
+                "File registrations committed to the manifest.",
+                |m| &m.manifest_commits,
+            ),
+            (
+                "shale_manifest_commit_errors_total",
+                "Registration attempts that failed and were retried.",
+                |m| &m.manifest_commit_errors,
+            ),
         ];
         for (name, help, pick) in counters {
-            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (shard, metrics) in self.shards.iter().enumerate() {
                 let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", pick(metrics).get());
@@ -166,11 +226,31 @@ impl NodeMetrics {
 
         type PickHistogram = fn(&ShardMetrics) -> &Histogram;
         let histograms: [(&str, &str, PickHistogram); 5] = [
-            ("shale_write_request_seconds", "Write request latency, receipt to acknowledgement.", |m| &m.request_latency[Endpoint::Write as usize]),
-            ("shale_wal_sync_seconds", "WAL group commit write+fdatasync latency.", |m| &m.wal_sync_latency),
-            ("shale_flush_seconds", "Buffer flush latency: encode, publish, register.", |m| &m.flush_latency),
-            ("shale_manifest_commit_seconds", "Manifest registration commit latency.", |m| &m.manifest_commit_latency),
-            ("shale_other_request_seconds", "Latency of non-write requests.", |m| &m.request_latency[Endpoint::Other as usize]),
+            (
+                "shale_write_request_seconds",
+                "Write request latency, receipt to acknowledgement.",
+                |m| &m.request_latency[Endpoint::Write as usize],
+            ),
+            (
+                "shale_wal_sync_seconds",
+                "WAL group commit write+fdatasync latency.",
+                |m| &m.wal_sync_latency,
+            ),
+            (
+                "shale_flush_seconds",
+                "Buffer flush latency: encode, publish, register.",
+                |m| &m.flush_latency,
+            ),
+            (
+                "shale_manifest_commit_seconds",
+                "Manifest registration commit latency.",
+                |m| &m.manifest_commit_latency,
+            ),
+            (
+                "shale_other_request_seconds",
+                "Latency of non-write requests.",
+                |m| &m.request_latency[Endpoint::Other as usize],
+            ),
         ];
         for (name, help, pick) in histograms {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -186,14 +266,20 @@ impl NodeMetrics {
                 }
                 let count = histogram.count.load(Ordering::Relaxed);
                 let sum = histogram.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-                let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {count}");
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {count}"
+                );
                 let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {sum}");
                 let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {count}");
             }
         }
 
         for (name, help, value) in extra {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
         }
         out
     }
@@ -216,7 +302,10 @@ mod tests {
             .wal_sync_latency
             .observe(Duration::from_millis(3));
         let text = metrics.render(&[("shale_manifest_applied_index", "Applied.", 7.0)]);
-        assert!(text.contains("shale_write_rows_total{shard=\"1\"} 42\n"), "{text}");
+        assert!(
+            text.contains("shale_write_rows_total{shard=\"1\"} 42\n"),
+            "{text}"
+        );
         assert!(text.contains("shale_wal_sync_seconds_bucket{shard=\"0\",le=\"0.001\"} 1\n"));
         assert!(text.contains("shale_wal_sync_seconds_bucket{shard=\"0\",le=\"0.005\"} 2\n"));
         assert!(text.contains("shale_wal_sync_seconds_count{shard=\"0\"} 2\n"));

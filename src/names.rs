@@ -181,10 +181,7 @@ mod tests {
             assert_eq!(validate_measurement(good), Ok(()), "{good}");
         }
         assert_eq!(validate_measurement("1cpu"), Err(NameError::FirstNotLetter));
-        assert_eq!(
-            validate_measurement(".."),
-            Err(NameError::FirstNotLetter)
-        );
+        assert_eq!(validate_measurement(".."), Err(NameError::FirstNotLetter));
         assert_eq!(
             validate_measurement("a..b"),
             Err(NameError::InvalidCharacter('.'))
@@ -204,8 +201,15 @@ mod tests {
     // Column names allow any printable text but not the timestamp's name or the internal prefix.
     #[test]
     fn column_names() {
-        for good in ["host", "usage idle", "a=b,c", "température", "_x", "times", &"k".repeat(128)]
-        {
+        for good in [
+            "host",
+            "usage idle",
+            "a=b,c",
+            "température",
+            "_x",
+            "times",
+            &"k".repeat(128),
+        ] {
             assert_eq!(validate_column(good), Ok(()), "{good}");
         }
         assert_eq!(validate_column(""), Err(NameError::Empty));

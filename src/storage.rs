@@ -246,12 +246,7 @@ mod tests {
         let reader =
             ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(files[0].bytes.clone()))
                 .unwrap();
-        let tags = tags_from_metadata(
-            reader
-                .metadata()
-                .file_metadata()
-                .key_value_metadata(),
-        );
+        let tags = tags_from_metadata(reader.metadata().file_metadata().key_value_metadata());
         assert_eq!(tags, ["host"]);
         let batch = reader.build().unwrap().next().unwrap().unwrap();
         let values = batch.column(2).as_primitive::<Float64Type>();

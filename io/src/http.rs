@@ -52,13 +52,10 @@ pub async fn serve<S, B>(
     let open = Rc::new(Cell::new(0usize));
     let all_closed = crate::runtime::LocalNotify::new();
     loop {
-        let accepted = futures_lite::future::or(
-            async { Some(listener.accept().await) },
-            async {
-                shutdown.wait().await;
-                None
-            },
-        )
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shutdown.wait().await;
+            None
+        })
         .await;
         let stream = match accepted {
             None => break,
@@ -88,14 +85,12 @@ pub async fn serve<S, B>(
                 .keep_alive(true)
                 .serve_connection(GlommioIo(stream), service);
             let mut connection = std::pin::pin!(connection);
-            let finished = futures_lite::future::or(
-                async { Some(connection.as_mut().await) },
-                async {
+            let finished =
+                futures_lite::future::or(async { Some(connection.as_mut().await) }, async {
                     shutdown.wait().await;
                     None
-                },
-            )
-            .await;
+                })
+                .await;
             let result = match finished {
                 Some(result) => result,
                 None => {
@@ -129,7 +124,10 @@ pub async fn serve<S, B>(
         )
         .await;
         if done {
-            tracing::warn!(open = open.get(), "shutdown grace expired with open connections");
+            tracing::warn!(
+                open = open.get(),
+                "shutdown grace expired with open connections"
+            );
             break;
         }
     }

@@ -6,3 +6,4 @@
 pub mod http;
 pub mod publish;
 pub mod runtime;
+pub mod wal;

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use glommio::io::{DmaFile, Directory};
+use glommio::io::{Directory, DmaFile};
 
 /// Bytes per direct-I/O write; the whole file is streamed through buffers of this size.
 const CHUNK_BYTES: usize = 1 << 20;
@@ -58,6 +58,20 @@ pub enum PublishError {
 /// entry is made durable in its parent. Fails if `path` already exists. Not cancellation-safe:
 /// dropping the future may leave a temporary file, which [`remove_stale_temporaries`] cleans.
 pub async fn publish(path: &Path, bytes: &[u8]) -> Result<PublishedFile, PublishError> {
+    write_durable(path, bytes, false).await
+}
+
+/// Like [`publish`], but atomically replaces an existing file: readers see the old bytes or
+/// the new ones, never a mix. For small state files (markers), not for data files.
+pub async fn replace(path: &Path, bytes: &[u8]) -> Result<PublishedFile, PublishError> {
+    write_durable(path, bytes, true).await
+}
+
+async fn write_durable(
+    path: &Path,
+    bytes: &[u8],
+    overwrite: bool,
+) -> Result<PublishedFile, PublishError> {
     let (parent, name) = match (path.parent(), path.file_name()) {
         (Some(parent), Some(name)) => (parent, name.to_string_lossy().into_owned()),
         _ => {
@@ -67,7 +81,7 @@ pub async fn publish(path: &Path, bytes: &[u8]) -> Result<PublishedFile, Publish
         }
     };
     create_dir_durable(parent).await?;
-    if path.exists() {
+    if !overwrite && path.exists() {
         return Err(PublishError::Exists {
             path: path.to_path_buf(),
         });
@@ -252,6 +266,18 @@ mod tests {
             let error = publish(&path, b"two").await.unwrap_err();
             assert!(matches!(error, PublishError::Exists { .. }), "{error}");
             assert_eq!(std::fs::read(&path).unwrap(), b"one");
+        });
+    }
+
+    // Checks that replace swaps the contents of an existing file and creates a missing one.
+    #[test]
+    fn replace_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("marker");
+        run(async move {
+            replace(&path, b"1").await.unwrap();
+            replace(&path, b"22").await.unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"22");
         });
     }
 

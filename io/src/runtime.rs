@@ -39,11 +39,9 @@ pub struct RuntimeConfig {
 pub enum RuntimeError {
     #[error("shard count must be at least 1")]
     NoShards,
-    #[error("spawn shard {shard}: {source}")]
-    Spawn {
-        shard: usize,
-        source: glommio::GlommioError<()>,
-    },
+    /// glommio's error type is not `Send`, so its message is kept instead.
+    #[error("spawn shard {shard}: {message}")]
+    Spawn { shard: usize, message: String },
     #[error("shard {shard} panicked")]
     Panicked { shard: usize },
 }
@@ -77,17 +75,26 @@ where
             .io_memory(config.io_memory_bytes)
             .ring_depth(config.ring_depth)
             .spawn(move || make(shard))
-            .map_err(|source| RuntimeError::Spawn { shard, source })?;
+            .map_err(|error| RuntimeError::Spawn {
+                shard,
+                message: error.to_string(),
+            })?;
         handles.push(handle);
     }
     Ok(handles)
 }
 
 /// Joins shard threads in order, returning their results.
-pub fn join_shards<T: Send + 'static>(handles: Vec<ExecutorJoinHandle<T>>) -> Result<Vec<T>, RuntimeError> {
+pub fn join_shards<T: Send + 'static>(
+    handles: Vec<ExecutorJoinHandle<T>>,
+) -> Result<Vec<T>, RuntimeError> {
     let mut results = Vec::with_capacity(handles.len());
     for (shard, handle) in handles.into_iter().enumerate() {
-        results.push(handle.join().map_err(|_| RuntimeError::Panicked { shard })?);
+        results.push(
+            handle
+                .join()
+                .map_err(|_| RuntimeError::Panicked { shard })?,
+        );
     }
     Ok(results)
 }

@@ -35,7 +35,11 @@ pub(crate) fn remove_temporaries(dir: &Path) -> io::Result<usize> {
     let mut removed = 0;
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_name().to_string_lossy().ends_with(TEMPORARY_SUFFIX) {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(TEMPORARY_SUFFIX)
+        {
             fs::remove_file(entry.path())?;
             removed += 1;
         }

@@ -56,19 +56,32 @@ pub enum NodeState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ManifestCommand {
     /// Files produced by one flush.
-    Register { files: Vec<FileEntry> },
+    Register {
+        files: Vec<FileEntry>,
+    },
     /// Files removed (retention, operator). Missing paths are ignored.
-    Delete { paths: Vec<String> },
+    Delete {
+        paths: Vec<String>,
+    },
     /// Compaction: add the outputs and remove the inputs in one step. Missing removals are ignored.
-    Batch { add: Vec<FileEntry>, remove: Vec<String> },
-    SetNodeState { node_id: u64, state: NodeState },
+    Batch {
+        add: Vec<FileEntry>,
+        remove: Vec<String>,
+    },
+    SetNodeState {
+        node_id: u64,
+        state: NodeState,
+    },
 }
 
 /// The outcome of applying one committed command (or a Raft-internal entry, which changes nothing).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ManifestResponse {
     /// The command was applied; identical re-registrations and missing deletions count as zero.
-    Applied { files_added: u64, files_removed: u64 },
+    Applied {
+        files_added: u64,
+        files_removed: u64,
+    },
     /// The command was refused as a whole and the manifest is unchanged.
     Rejected(Rejection),
 }
@@ -607,16 +620,17 @@ pub(crate) mod tests {
     fn entry_checks_reject_bad_fields() {
         // Entries are checked right before they are committed, so a bad path or range never
         // becomes part of the truth every replica agrees on.
-        let cases: Vec<(&str, Box<dyn Fn(&mut FileEntry)>)> = vec![
-            ("absolute path", Box::new(|f| f.path = "/etc/passwd".into())),
-            ("parent component", Box::new(|f| f.path = "db/../x".into())),
-            ("empty component", Box::new(|f| f.path = "db//x".into())),
-            ("empty path", Box::new(|f| f.path = String::new())),
-            ("short hash", Box::new(|f| f.blake3_hex = "abc".into())),
-            ("upper hash", Box::new(|f| f.blake3_hex = "AB".repeat(32))),
-            ("time range", Box::new(|f| f.time_min_us = f.time_max_us + 1)),
-            ("lsn range", Box::new(|f| f.lsn_first = f.lsn_last + 1)),
-            ("no database", Box::new(|f| f.database.clear())),
+        type Mutation = fn(&mut FileEntry);
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("absolute path", |f| f.path = "/etc/passwd".into()),
+            ("parent component", |f| f.path = "db/../x".into()),
+            ("empty component", |f| f.path = "db//x".into()),
+            ("empty path", |f| f.path = String::new()),
+            ("short hash", |f| f.blake3_hex = "abc".into()),
+            ("upper hash", |f| f.blake3_hex = "AB".repeat(32)),
+            ("time range", |f| f.time_min_us = f.time_max_us + 1),
+            ("lsn range", |f| f.lsn_first = f.lsn_last + 1),
+            ("no database", |f| f.database.clear()),
         ];
         for (name, mutate) in cases {
             let mut entry = file("db/cpu/x.parquet", 1, 5);

@@ -24,9 +24,9 @@ pub struct ManifestVersion {
 #[derive(Debug)]
 pub(crate) struct Published {
     current: ArcSwap<ManifestVersion>,
-    /// Senders woken once the applied index reaches the key. Dropping them (at shutdown) wakes
-    /// the waiters with an error.
-    waiters: Mutex<BTreeMap<u64, Vec<flume::Sender<()>>>>,
+    /// Senders woken once the applied index reaches the key; `None` once closed. Dropping the
+    /// senders (at shutdown) wakes their waiters with an error.
+    waiters: Mutex<Option<BTreeMap<u64, Vec<flume::Sender<()>>>>>,
 }
 
 impl Published {
@@ -36,7 +36,7 @@ impl Published {
                 index: manifest.applied_index(),
                 manifest,
             }),
-            waiters: Mutex::new(BTreeMap::new()),
+            waiters: Mutex::new(Some(BTreeMap::new())),
         }
     }
 
@@ -52,32 +52,33 @@ impl Published {
         // Stored before the lock is taken, so a waiter that checks under the lock either sees the
         // new version or is registered before this drain runs.
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(waiters) = waiters.as_mut() else {
+            return;
+        };
         let pending = waiters.split_off(&(index + 1));
-        for sender in std::mem::replace(&mut *waiters, pending)
-            .into_values()
-            .flatten()
-        {
+        for sender in std::mem::replace(waiters, pending).into_values().flatten() {
             let _ = sender.try_send(());
         }
     }
 
-    /// Returns `None` if `index` is already applied, else a receiver that yields once it is.
+    /// Returns `None` if `index` is already applied, else a receiver that yields once it is, or
+    /// fails once the service is closed.
     pub(crate) fn wait_for(&self, index: u64) -> Option<flume::Receiver<()>> {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
         if self.current.load().index >= index {
             return None;
         }
         let (sender, receiver) = flume::bounded(1);
-        waiters.entry(index).or_default().push(sender);
+        // Once closed the sender is dropped right here, so the receiver fails at once.
+        if let Some(waiters) = waiters.as_mut() {
+            waiters.entry(index).or_default().push(sender);
+        }
         Some(receiver)
     }
 
     /// Drops every waiter so that it observes shutdown instead of waiting forever.
     pub(crate) fn close(&self) {
-        self.waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        *self.waiters.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
@@ -110,9 +111,8 @@ mod tests {
         assert!(published.wait_for(2).is_none());
 
         published.close();
-        assert_eq!(
-            wait_5.try_recv(),
-            Err(flume::TryRecvError::Disconnected)
-        );
+        assert_eq!(wait_5.try_recv(), Err(flume::TryRecvError::Disconnected));
+        let late = published.wait_for(9).expect("not applied");
+        assert_eq!(late.try_recv(), Err(flume::TryRecvError::Disconnected));
     }
 }

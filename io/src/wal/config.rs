@@ -53,10 +53,16 @@ impl WalConfig {
     pub(crate) fn validate(&self) -> Result<(), WalError> {
         let fail = |reason: String| Err(WalError::Config(reason));
         if self.record_bytes_max == 0 || self.record_bytes_max > 1 << 30 {
-            return fail(format!("record_bytes_max must be in 1..=1 GiB, got {}", self.record_bytes_max));
+            return fail(format!(
+                "record_bytes_max must be in 1..=1 GiB, got {}",
+                self.record_bytes_max
+            ));
         }
         if self.segment_bytes_max < 4096 {
-            return fail(format!("segment_bytes_max must be at least 4096, got {}", self.segment_bytes_max));
+            return fail(format!(
+                "segment_bytes_max must be at least 4096, got {}",
+                self.segment_bytes_max
+            ));
         }
         if self.write_bytes_max == 0 {
             return fail("write_bytes_max must be positive".to_owned());

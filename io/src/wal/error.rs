@@ -10,11 +10,20 @@ pub enum WalError {
     /// Appending would exceed `queue_bytes_max`; nothing was appended. Retry after earlier
     /// appends become durable.
     #[error("wal queue is full: {queue_bytes} bytes waiting for sync, a {frame_bytes}-byte record would exceed queue_bytes_max {queue_bytes_max}")]
-    Full { queue_bytes: usize, frame_bytes: usize, queue_bytes_max: usize },
+    Full {
+        queue_bytes: usize,
+        frame_bytes: usize,
+        queue_bytes_max: usize,
+    },
 
     /// The payload is larger than `record_bytes_max`.
-    #[error("wal record payload of {payload_bytes} bytes exceeds record_bytes_max {record_bytes_max}")]
-    TooLarge { payload_bytes: usize, record_bytes_max: u32 },
+    #[error(
+        "wal record payload of {payload_bytes} bytes exceeds record_bytes_max {record_bytes_max}"
+    )]
+    TooLarge {
+        payload_bytes: usize,
+        record_bytes_max: u32,
+    },
 
     /// An earlier write or sync failed. The WAL refuses all further work because after a
     /// failed fdatasync the kernel may have dropped the dirty data: retrying could report
@@ -34,7 +43,11 @@ pub enum WalError {
          offset on, truncate this segment to {offset} bytes and move all later segments away",
         segment.display()
     )]
-    Corrupt { segment: PathBuf, offset: u64, reason: String },
+    Corrupt {
+        segment: PathBuf,
+        offset: u64,
+        reason: String,
+    },
 
     /// The replay callback rejected a record.
     #[error("replay of wal record lsn {lsn} failed: {reason}")]
@@ -49,13 +62,25 @@ pub enum WalError {
         source: std::io::Error,
     },
 
+    /// A record could not be encoded (a bug: limits in `WalConfig` rule this out).
+    #[error("encode wal record: {0}")]
+    Encode(String),
+
     /// The configuration is inconsistent.
     #[error("invalid wal config: {0}")]
     Config(String),
 }
 
 impl WalError {
-    pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>, source: impl Into<std::io::Error>) -> WalError {
-        WalError::Io { context, path: path.into(), source: source.into() }
+    pub(crate) fn io(
+        context: &'static str,
+        path: impl Into<PathBuf>,
+        source: impl Into<std::io::Error>,
+    ) -> WalError {
+        WalError::Io {
+            context,
+            path: path.into(),
+            source: source.into(),
+        }
     }
 }

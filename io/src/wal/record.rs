@@ -108,7 +108,10 @@ impl ArchiveWith<PayloadPlacement> for PlacedPayload {
 }
 
 impl<S: Fallible + ?Sized> SerializeWith<PayloadPlacement, S> for PlacedPayload {
-    fn serialize_with(field: &PayloadPlacement, _serializer: &mut S) -> Result<VecResolver, S::Error> {
+    fn serialize_with(
+        field: &PayloadPlacement,
+        _serializer: &mut S,
+    ) -> Result<VecResolver, S::Error> {
         // The bytes were written before serialization started; only their position is needed.
         Ok(VecResolver::from_pos(field.position))
     }
@@ -183,14 +186,22 @@ pub(crate) fn encode_frame(
     fill: impl FnOnce(&mut Vec<u8>),
 ) -> Result<usize, String> {
     let frame_start = out.len();
-    let mut guard = TruncateGuard { buffer: out, len: frame_start, armed: true };
+    let mut guard = TruncateGuard {
+        buffer: out,
+        len: frame_start,
+        armed: true,
+    };
     let buffer = &mut *guard.buffer;
     buffer.reserve(payload_len + FRAME_OVERHEAD_BYTES_MAX);
     buffer.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
     buffer.push(RECORD_FORMAT_VERSION);
     let archive_start = buffer.len();
     fill(buffer);
-    assert_eq!(buffer.len() - archive_start, payload_len, "payload writer appended the wrong number of bytes");
+    assert_eq!(
+        buffer.len() - archive_start,
+        payload_len,
+        "payload writer appended the wrong number of bytes"
+    );
 
     let source = RecordSource {
         origin_node: header.origin_node,
@@ -198,15 +209,25 @@ pub(crate) fn encode_frame(
         lsn: header.lsn,
         kind: header.kind,
         time_ns: header.time_ns,
-        payload: PayloadPlacement { position: 0, len: payload_len },
+        payload: PayloadPlacement {
+            position: 0,
+            len: payload_len,
+        },
     };
-    let writer = ArchiveWriter { buffer: &mut *buffer, archive_start };
+    let writer = ArchiveWriter {
+        buffer: &mut *buffer,
+        archive_start,
+    };
     rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&source, writer)
         .map_err(|error| format!("serialize wal record: {error}"))?;
 
     let body_start = frame_start + FRAME_HEADER_BYTES;
-    let body_len = u32::try_from(buffer.len() - body_start)
-        .map_err(|_| format!("wal record body of {} bytes does not fit a u32 length", buffer.len() - body_start))?;
+    let body_len = u32::try_from(buffer.len() - body_start).map_err(|_| {
+        format!(
+            "wal record body of {} bytes does not fit a u32 length",
+            buffer.len() - body_start
+        )
+    })?;
     let crc = crc32fast::hash(&buffer[body_start..]);
     buffer[frame_start..frame_start + 4].copy_from_slice(&body_len.to_le_bytes());
     buffer[frame_start + 4..body_start].copy_from_slice(&crc.to_le_bytes());
@@ -231,12 +252,16 @@ pub(crate) enum FrameFault {
 pub(crate) fn check_frame(data: &[u8], position: usize) -> Result<(&[u8], usize), FrameFault> {
     let remaining = data.len().saturating_sub(position);
     if remaining < FRAME_HEADER_BYTES {
-        return Err(FrameFault::Bad(format!("truncated frame header ({remaining} bytes left in file)")));
+        return Err(FrameFault::Bad(format!(
+            "truncated frame header ({remaining} bytes left in file)"
+        )));
     }
     let body_len = u32::from_le_bytes(le_bytes(data, position)) as usize;
     let crc = u32::from_le_bytes(le_bytes(data, position + 4));
     if body_len < BODY_BYTES_MIN {
-        return Err(FrameFault::Bad(format!("impossible record length {body_len}")));
+        return Err(FrameFault::Bad(format!(
+            "impossible record length {body_len}"
+        )));
     }
     let body_start = position + FRAME_HEADER_BYTES;
     if body_len > data.len() - body_start {
@@ -248,7 +273,9 @@ pub(crate) fn check_frame(data: &[u8], position: usize) -> Result<(&[u8], usize)
     let body = &data[body_start..body_start + body_len];
     let actual = crc32fast::hash(body);
     if actual != crc {
-        return Err(FrameFault::Bad(format!("checksum mismatch (stored {crc:#010x}, computed {actual:#010x})")));
+        return Err(FrameFault::Bad(format!(
+            "checksum mismatch (stored {crc:#010x}, computed {actual:#010x})"
+        )));
     }
     if body[0] != RECORD_FORMAT_VERSION {
         return Err(FrameFault::UnsupportedVersion(body[0]));
@@ -303,11 +330,20 @@ mod tests {
     use super::*;
 
     fn header(lsn: u64) -> RecordHeader {
-        RecordHeader { origin_node: 7, shard: 3, lsn, kind: 2, time_ns: -5 }
+        RecordHeader {
+            origin_node: 7,
+            shard: 3,
+            lsn,
+            kind: 2,
+            time_ns: -5,
+        }
     }
 
     fn encode(out: &mut Vec<u8>, lsn: u64, payload: &[u8]) -> usize {
-        encode_frame(out, header(lsn), payload.len(), |buffer| buffer.extend_from_slice(payload)).unwrap()
+        encode_frame(out, header(lsn), payload.len(), |buffer| {
+            buffer.extend_from_slice(payload)
+        })
+        .unwrap()
     }
 
     // Checks that a frame written at an arbitrary (unaligned) offset decodes to the same fields,
@@ -325,14 +361,17 @@ mod tests {
             assert_eq!(checked_len, frame_len);
             assert!(is_plausible_frame(&buffer, start));
             let view = RecordView::from_archived(access_body(body, &mut scratch).unwrap());
-            assert_eq!(view.to_record(), WalRecord {
-                origin_node: 7,
-                shard: 3,
-                lsn: index as u64 + 1,
-                kind: 2,
-                time_ns: -5,
-                payload,
-            });
+            assert_eq!(
+                view.to_record(),
+                WalRecord {
+                    origin_node: 7,
+                    shard: 3,
+                    lsn: index as u64 + 1,
+                    kind: 2,
+                    time_ns: -5,
+                    payload,
+                }
+            );
         }
     }
 
@@ -340,7 +379,14 @@ mod tests {
     // WalRecord, so the on-disk body really is "an rkyv archive of WalRecord".
     #[test]
     fn borrowed_encoding_matches_owned_record() {
-        let record = WalRecord { origin_node: 7, shard: 3, lsn: 9, kind: 2, time_ns: -5, payload: b"hello wal".to_vec() };
+        let record = WalRecord {
+            origin_node: 7,
+            shard: 3,
+            lsn: 9,
+            kind: 2,
+            time_ns: -5,
+            payload: b"hello wal".to_vec(),
+        };
         let owned = rkyv::to_bytes::<rkyv::rancor::Error>(&record).unwrap();
         let mut buffer = Vec::new();
         encode(&mut buffer, 9, b"hello wal");

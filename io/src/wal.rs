@@ -1,0 +1,441 @@
+//! The per-shard write-ahead log: checksummed, versioned rkyv records, appended in groups to
+//! DMA-written segment files and made durable with one fdatasync per group.
+//!
+//! # Threading
+//! A `Wal` belongs to one shard's glommio executor: it is `!Send`, shared within the shard
+//! through `Rc`, and its group-commit writer is a task on that same executor. Nothing locks.
+//!
+//! # Durability order (design.md §Durability, steps 2, 4 and 5)
+//! `append` assigns the next LSN and copies the framed record into the pending group without
+//! waiting. The writer task writes a group at the segment's end, fdatasyncs it, and only then
+//! resolves `Append::durable` for every record in it; the ingest layer acknowledges a request
+//! after that. A failed write or fdatasync is fatal: the WAL fails every waiter and refuses
+//! all further work, because retrying fsync after an error can report lost data as durable.
+//! `release_below` deletes whole segments once the ingest layer has flushed their records into
+//! committed files. `open` replays every valid record, cuts a torn tail off the last segment,
+//! and refuses to start on any other damage.
+//!
+//! # Format
+//! Segment `<first_lsn:020>.wal`: a 64-byte header (magic `SHALEWAL`, format version, shard,
+//! origin node, first LSN, crc32), then frames `[len u32][crc32 u32][body]` packed back to back,
+//! where body = `[record format version u8 = 1][rkyv archive of WalRecord]`. LSNs start at 1,
+//! increase by one per record across segments, and are never reused.
+
+mod config;
+mod direct_io;
+mod error;
+mod record;
+mod recovery;
+mod segment;
+mod stats;
+mod writer;
+
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, VecDeque},
+    path::PathBuf,
+    rc::Rc,
+    task::{Poll, Waker},
+};
+
+use glommio::{io::Directory, task::JoinHandle};
+
+pub use self::{
+    config::WalConfig,
+    direct_io::prime_direct_io_probe,
+    error::WalError,
+    record::{ArchivedWalRecord, RecordView, WalRecord, FRAME_HEADER_BYTES, RECORD_FORMAT_VERSION},
+    recovery::{RecoveryReport, TornTail},
+    segment::{SEGMENT_FORMAT_VERSION, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC},
+    stats::{LatencyHistogram, WalStats, SYNC_LATENCY_BUCKET_BOUNDS_US},
+};
+use self::{
+    record::{encode_frame, RecordHeader, FRAME_OVERHEAD_BYTES_MAX},
+    segment::SEGMENT_HEADER_BYTES as HEADER_BYTES,
+};
+
+/// A shard's write-ahead log. Owned by one glommio executor; share it with `Rc<Wal>`.
+pub struct Wal {
+    shared: Rc<Shared>,
+    writer: RefCell<Option<JoinHandle<()>>>,
+}
+
+/// State shared by the `Wal` handle, the writer task and pending `Append`s.
+pub(crate) struct Shared {
+    config: WalConfig,
+    /// The locked WAL directory; taken (and so unlocked) by `close`.
+    directory: RefCell<Option<Rc<Directory>>>,
+    state: RefCell<State>,
+}
+
+impl Shared {
+    fn directory(&self) -> Result<Rc<Directory>, WalError> {
+        self.directory.borrow().clone().ok_or(WalError::Closed)
+    }
+}
+
+struct State {
+    next_lsn: u64,
+    /// Every record with an LSN at or below this is written and synced.
+    durable_lsn: u64,
+    /// Groups appended but not yet taken by the writer, oldest first; never empty groups.
+    batches: VecDeque<Batch>,
+    /// Cleared group buffers kept to avoid reallocating on every group.
+    spare_buffers: Vec<Vec<u8>>,
+    /// Size the active segment will have once every queued group is written; used at append
+    /// time to decide where a segment rotates.
+    segment_projected_bytes: u64,
+    /// Framed bytes appended but not yet durable (queued and in flight).
+    queue_bytes: usize,
+    /// Set on the first write or sync error; the WAL is dead from then on.
+    failure: Option<String>,
+    closing: bool,
+    writer_waker: Option<Waker>,
+    /// Tasks waiting in `Append::durable`, by LSN.
+    waiters: BTreeMap<u64, Waker>,
+    /// Segment files on disk, oldest first; the last is the one being written.
+    segments: VecDeque<SegmentEntry>,
+    stats: WalStats,
+}
+
+/// One group commit's worth of framed records.
+pub(crate) struct Batch {
+    bytes: Vec<u8>,
+    first_lsn: u64,
+    last_lsn: u64,
+    records: u64,
+    /// The group starts a new segment (planned at append time).
+    rotate_before: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct SegmentEntry {
+    first_lsn: u64,
+    path: PathBuf,
+}
+
+/// A record accepted by `append`. Await `durable` before acknowledging it.
+#[must_use = "an appended record is not durable until Append::durable resolves"]
+pub struct Append {
+    pub lsn: u64,
+    shared: Rc<Shared>,
+}
+
+impl Append {
+    /// Resolves with the record's LSN once the group holding it has been written and
+    /// fdatasync'd, or with `WalError::Failed` if that write or sync failed. Cancellation-safe:
+    /// dropping the future only stops waiting.
+    pub async fn durable(self) -> Result<u64, WalError> {
+        std::future::poll_fn(|context| {
+            let mut state = self.shared.state.borrow_mut();
+            if state.durable_lsn >= self.lsn {
+                return Poll::Ready(Ok(self.lsn));
+            }
+            if let Some(reason) = &state.failure {
+                return Poll::Ready(Err(WalError::Failed {
+                    reason: reason.clone(),
+                }));
+            }
+            state.waiters.insert(self.lsn, context.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl Wal {
+    /// Opens the WAL in `config.dir` (creating it if needed): scans every segment in LSN
+    /// order, calls `on_record` for each valid record with `lsn >= replay_from_lsn` (lower ones
+    /// are validated but skipped), cuts a torn tail off the last segment, and starts the
+    /// group-commit writer on the current glommio executor.
+    ///
+    /// `replay_from_lsn` is the lowest LSN not yet in a committed manifest entry; new LSNs
+    /// never go below it, even if the directory is empty. Fails with `WalError::Corrupt` on any
+    /// damage other than a torn tail, and with `WalError::Replay` if `on_record` fails.
+    /// Must run inside a glommio executor.
+    pub async fn open(
+        config: WalConfig,
+        replay_from_lsn: u64,
+        on_record: impl FnMut(RecordView<'_>) -> Result<(), String>,
+    ) -> Result<(Wal, RecoveryReport), WalError> {
+        let recovered = recovery::recover(&config, replay_from_lsn, on_record).await?;
+        let next_lsn = recovered.report.next_lsn;
+        let mut stats = WalStats {
+            next_lsn,
+            durable_lsn: next_lsn - 1,
+            ..WalStats::default()
+        };
+        stats.segments = recovered.segments.len();
+        stats.segments_created = u64::from(recovered.created_segment);
+        let shared = Rc::new(Shared {
+            state: RefCell::new(State {
+                next_lsn,
+                durable_lsn: next_lsn - 1,
+                batches: VecDeque::new(),
+                spare_buffers: Vec::new(),
+                segment_projected_bytes: recovered.active.data_end(),
+                queue_bytes: 0,
+                failure: None,
+                closing: false,
+                writer_waker: None,
+                waiters: BTreeMap::new(),
+                segments: recovered.segments,
+                stats,
+            }),
+            directory: RefCell::new(Some(Rc::new(recovered.directory))),
+            config,
+        });
+        let writer = glommio::spawn_local(writer::run(shared.clone(), recovered.active)).detach();
+        Ok((
+            Wal {
+                shared,
+                writer: RefCell::new(Some(writer)),
+            },
+            recovered.report,
+        ))
+    }
+
+    /// Assigns the next LSN and copies the framed record into the pending group; never waits.
+    /// Fails with `Full` when `queue_bytes_max` would be exceeded (nothing is appended),
+    /// `TooLarge` over `record_bytes_max`, `Failed` after an I/O error, `Closed` after `close`.
+    pub fn append(&self, kind: u8, time_ns: i64, payload: &[u8]) -> Result<Append, WalError> {
+        self.append_frame(kind, time_ns, payload.len(), |buffer| {
+            buffer.extend_from_slice(payload)
+        })
+    }
+
+    /// Like `append`, but `write` fills the `payload_len`-byte payload in place (it starts
+    /// zeroed), saving a copy when the caller serializes straight into the log. `write` must
+    /// not call back into this `Wal`; if it panics, nothing is appended.
+    pub fn append_with(
+        &self,
+        kind: u8,
+        time_ns: i64,
+        payload_len: usize,
+        write: impl FnOnce(&mut [u8]),
+    ) -> Result<Append, WalError> {
+        self.append_frame(kind, time_ns, payload_len, |buffer| {
+            let start = buffer.len();
+            buffer.resize(start + payload_len, 0);
+            write(&mut buffer[start..]);
+        })
+    }
+
+    fn append_frame(
+        &self,
+        kind: u8,
+        time_ns: i64,
+        payload_len: usize,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<Append, WalError> {
+        let config = &self.shared.config;
+        let mut guard = self.shared.state.borrow_mut();
+        let state = &mut *guard;
+        if let Some(reason) = &state.failure {
+            return Err(WalError::Failed {
+                reason: reason.clone(),
+            });
+        }
+        if state.closing {
+            return Err(WalError::Closed);
+        }
+        if payload_len > config.record_bytes_max as usize {
+            return Err(WalError::TooLarge {
+                payload_bytes: payload_len,
+                record_bytes_max: config.record_bytes_max,
+            });
+        }
+        let frame_bytes_max = payload_len + FRAME_OVERHEAD_BYTES_MAX;
+        if state.queue_bytes + frame_bytes_max > config.queue_bytes_max {
+            state.stats.appends_rejected_full += 1;
+            return Err(WalError::Full {
+                queue_bytes: state.queue_bytes,
+                frame_bytes: frame_bytes_max,
+                queue_bytes_max: config.queue_bytes_max,
+            });
+        }
+
+        let rotate = state.segment_projected_bytes > HEADER_BYTES as u64
+            && state.segment_projected_bytes + frame_bytes_max as u64 > config.segment_bytes_max;
+        let start_batch = rotate
+            || state
+                .batches
+                .back()
+                .is_none_or(|batch| batch.bytes.len() + frame_bytes_max > config.write_bytes_max);
+        let lsn = state.next_lsn;
+        let header = RecordHeader {
+            origin_node: config.origin_node,
+            shard: config.shard,
+            lsn,
+            kind,
+            time_ns,
+        };
+        let frame_len = if start_batch {
+            let mut bytes = state.spare_buffers.pop().unwrap_or_default();
+            let frame_len =
+                encode_frame(&mut bytes, header, payload_len, fill).map_err(WalError::Encode)?;
+            state.batches.push_back(Batch {
+                bytes,
+                first_lsn: lsn,
+                last_lsn: lsn,
+                records: 1,
+                rotate_before: rotate,
+            });
+            frame_len
+        } else {
+            let batch = state
+                .batches
+                .back_mut()
+                .expect("a batch exists when none is started");
+            let frame_len = encode_frame(&mut batch.bytes, header, payload_len, fill)
+                .map_err(WalError::Encode)?;
+            batch.last_lsn = lsn;
+            batch.records += 1;
+            frame_len
+        };
+        debug_assert!(frame_len <= frame_bytes_max);
+
+        if rotate {
+            state.segment_projected_bytes = HEADER_BYTES as u64;
+        }
+        state.segment_projected_bytes += frame_len as u64;
+        state.queue_bytes += frame_len;
+        state.next_lsn += 1;
+        state.stats.appends += 1;
+        state.stats.append_bytes += frame_len as u64;
+        if let Some(waker) = state.writer_waker.take() {
+            waker.wake();
+        }
+        Ok(Append {
+            lsn,
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Deletes, oldest first, every segment all of whose records have an LSN below `lsn`,
+    /// never the segment being written, syncing the directory after each deletion so a crash
+    /// cannot bring back an older segment without the newer ones. Call it once the records up
+    /// to `lsn - 1` are in a committed manifest entry. Returns the number of segments deleted.
+    pub async fn release_below(&self, lsn: u64) -> Result<u64, WalError> {
+        let mut deleted = 0;
+        loop {
+            let victim = {
+                let state = self.shared.state.borrow();
+                if let Some(reason) = &state.failure {
+                    return Err(WalError::Failed {
+                        reason: reason.clone(),
+                    });
+                }
+                match (state.segments.front(), state.segments.get(1)) {
+                    (Some(oldest), Some(next)) if next.first_lsn <= lsn => oldest.clone(),
+                    _ => return Ok(deleted),
+                }
+            };
+            match glommio::io::remove(&victim.path)
+                .await
+                .map_err(std::io::Error::from)
+            {
+                Ok(()) => {}
+                // A concurrent release_below got there first.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(WalError::io("delete wal segment", &victim.path, error)),
+            }
+            if self.shared.config.fsync {
+                let directory = self.shared.directory()?;
+                directory.sync().await.map_err(|error| {
+                    WalError::io("sync wal directory", &self.shared.config.dir, error)
+                })?;
+            }
+            let mut state = self.shared.state.borrow_mut();
+            if state
+                .segments
+                .front()
+                .is_some_and(|entry| entry.first_lsn == victim.first_lsn)
+            {
+                state.segments.pop_front();
+                state.stats.segments_released += 1;
+                deleted += 1;
+                tracing::debug!(
+                    shard_id = self.shared.config.shard,
+                    lsn = victim.first_lsn,
+                    "wal segment released"
+                );
+            }
+        }
+    }
+
+    /// Stops accepting appends, writes and syncs everything pending, and stops the writer.
+    /// Returns `Failed` if the WAL failed before or while draining. Takes `&self` so a WAL
+    /// shared through `Rc` can be closed; later calls return at once.
+    pub async fn close(&self) -> Result<(), WalError> {
+        self.begin_close();
+        let writer = self.writer.borrow_mut().take();
+        if let Some(writer) = writer {
+            writer.await;
+        }
+        // Unlock the directory so the WAL can be opened again, even while stale `Append`
+        // handles keep the shared state alive.
+        let directory = self.shared.directory.borrow_mut().take();
+        if let Some(directory) = directory.and_then(|directory| Rc::try_unwrap(directory).ok()) {
+            if let Err(error) = directory.close().await {
+                tracing::warn!(path = %self.shared.config.dir.display(), %error, "close wal directory");
+            }
+        }
+        match &self.shared.state.borrow().failure {
+            Some(reason) => Err(WalError::Failed {
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn begin_close(&self) {
+        let mut state = self.shared.state.borrow_mut();
+        state.closing = true;
+        if let Some(waker) = state.writer_waker.take() {
+            waker.wake();
+        }
+    }
+
+    pub fn stats(&self) -> WalStats {
+        let state = self.shared.state.borrow();
+        let mut stats = state.stats.clone();
+        stats.queue_bytes = state.queue_bytes;
+        stats.next_lsn = state.next_lsn;
+        stats.durable_lsn = state.durable_lsn;
+        stats.segments = state.segments.len();
+        stats
+    }
+
+    /// LSN the next append will get.
+    pub fn next_lsn(&self) -> u64 {
+        self.shared.state.borrow().next_lsn
+    }
+
+    /// Every record at or below this LSN is durable.
+    pub fn durable_lsn(&self) -> u64 {
+        self.shared.state.borrow().durable_lsn
+    }
+
+    pub fn config(&self) -> &WalConfig {
+        &self.shared.config
+    }
+
+    /// Paths of the segment files on disk, oldest first (the last is being written).
+    pub fn segment_paths(&self) -> Vec<PathBuf> {
+        self.shared
+            .state
+            .borrow()
+            .segments
+            .iter()
+            .map(|entry| entry.path.clone())
+            .collect()
+    }
+}
+
+impl Drop for Wal {
+    /// A dropped WAL still drains: the writer writes and syncs what was appended, then exits.
+    fn drop(&mut self) {
+        self.begin_close();
+    }
+}

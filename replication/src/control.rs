@@ -1,0 +1,704 @@
+//! The manifest service: the control thread that hosts openraft, and the client handle every
+//! other thread uses to propose commands and read the applied manifest.
+//!
+//! Threads: [`ManifestService`] owns the `shale-control` thread, a tokio current-thread runtime
+//! running the Raft core, its state-machine task and one task per proposal (so a slow proposal
+//! never blocks the loop). The Raft log's disk writes run on the log store's own writer thread.
+//! [`ManifestClient`] is the only way in: plain flume channels and an `ArcSwap`, so glommio
+//! shards and std threads use it without touching tokio or the Raft handle.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use std::time::Instant;
+
+use openraft::error::ClientWriteError;
+use openraft::error::Fatal;
+use openraft::error::RaftError;
+use openraft::BasicNode;
+use openraft::RaftMetrics;
+use openraft::RaftNetworkFactory;
+use openraft::SnapshotPolicy;
+
+use crate::log_store::LogStore;
+use crate::log_store::LogStoreError;
+use crate::manifest::ManifestCommand;
+use crate::manifest::ManifestResponse;
+use crate::manifest::Rejection;
+use crate::network::UnreachableNetwork;
+use crate::raft_types::NodeId;
+use crate::raft_types::Raft;
+use crate::raft_types::TypeConfig;
+use crate::state_machine::ManifestStateMachine;
+use crate::state_machine::SnapshotError;
+use crate::version::ManifestVersion;
+use crate::version::Published;
+
+/// Configuration of the manifest service. All limits carry their unit in the name.
+#[derive(Debug, Clone)]
+pub struct ManifestConfig {
+    /// Holds `raft-log` and `snapshot-<term>-<index>.json`.
+    pub dir: PathBuf,
+    pub node_id: NodeId,
+    /// This node's Raft address as peers will dial it (recorded in the membership).
+    pub node_addr: String,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_logs_since_last_max: u64,
+    /// Entries kept in the log behind a snapshot, so lagging peers catch up without a snapshot.
+    pub snapshot_logs_kept_max: u64,
+    /// Proposals waiting for the control thread; `propose` waits while the queue is full.
+    pub request_queue_depth_max: usize,
+    /// Proposals the control thread has in Raft at once.
+    pub proposals_in_flight_max: usize,
+    pub election_timeout_ms_min: u64,
+    pub election_timeout_ms_max: u64,
+    pub heartbeat_interval_ms: u64,
+    /// Bound on `start`: opening Raft and, for a standalone node, becoming leader and applying
+    /// the whole log.
+    pub start_timeout_ms_max: u64,
+    /// Rewrite the Raft log file once dead records exceed this many bytes (and the live ones).
+    pub log_rewrite_garbage_bytes_min: u64,
+}
+
+impl ManifestConfig {
+    /// Defaults for everything but the identity.
+    pub fn new(
+        dir: impl Into<PathBuf>,
+        node_id: NodeId,
+        node_addr: impl Into<String>,
+    ) -> ManifestConfig {
+        ManifestConfig {
+            dir: dir.into(),
+            node_id,
+            node_addr: node_addr.into(),
+            snapshot_logs_since_last_max: 1000,
+            snapshot_logs_kept_max: 100,
+            request_queue_depth_max: 1024,
+            proposals_in_flight_max: 256,
+            election_timeout_ms_min: 150,
+            election_timeout_ms_max: 300,
+            heartbeat_interval_ms: 50,
+            start_timeout_ms_max: 10_000,
+            log_rewrite_garbage_bytes_min: 16 << 20,
+        }
+    }
+
+    fn raft_config(&self) -> Result<openraft::Config, ManifestError> {
+        if self.request_queue_depth_max == 0 || self.proposals_in_flight_max == 0 {
+            return Err(ManifestError::Config(
+                "request_queue_depth_max and proposals_in_flight_max must be positive".to_owned(),
+            ));
+        }
+        if self.snapshot_logs_since_last_max == 0 {
+            return Err(ManifestError::Config(
+                "snapshot_logs_since_last_max must be positive".to_owned(),
+            ));
+        }
+        openraft::Config {
+            cluster_name: "shale-manifest".to_owned(),
+            election_timeout_min: self.election_timeout_ms_min,
+            election_timeout_max: self.election_timeout_ms_max,
+            heartbeat_interval: self.heartbeat_interval_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last_max),
+            max_in_snapshot_log_to_keep: self.snapshot_logs_kept_max,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ManifestError::Config(e.to_string()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest service is shut down")]
+    Shutdown,
+    #[error("this node is not the manifest leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("manifest command rejected: {0}")]
+    Rejected(Rejection),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("invalid manifest config: {0}")]
+    Config(String),
+    #[error("open raft log: {0}")]
+    LogStore(#[from] LogStoreError),
+    #[error("open manifest snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("start control thread: {0}")]
+    Thread(std::io::Error),
+    #[error("timed out after {timeout_ms} ms waiting for {what}")]
+    Timeout { what: &'static str, timeout_ms: u64 },
+}
+
+/// A committed proposal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitReceipt {
+    /// Raft log index of the command; `wait_applied(log_index)` gives read-your-writes.
+    pub log_index: u64,
+    /// Always [`ManifestResponse::Applied`]; rejections come back as [`ManifestError::Rejected`].
+    pub response: ManifestResponse,
+}
+
+/// Plain numbers for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ManifestMetrics {
+    /// Proposals committed and applied.
+    pub commits_total: u64,
+    /// Proposals refused, before proposing or when applied; the manifest did not change.
+    pub rejections_total: u64,
+    /// Proposals that failed without a decision (not leader, Raft stopped or failed).
+    pub commit_errors_total: u64,
+    pub applied_index: u64,
+    pub files: u64,
+    pub current_leader: Option<NodeId>,
+    pub is_leader: bool,
+    pub current_term: u64,
+    pub last_log_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub requests_queued: u64,
+    pub proposals_in_flight: u64,
+}
+
+/// Counters shared by the control thread (writer) and clients (readers).
+#[derive(Debug, Default)]
+struct Counters {
+    commits_total: AtomicU64,
+    rejections_total: AtomicU64,
+    commit_errors_total: AtomicU64,
+    proposals_in_flight: AtomicU64,
+    /// Raft metrics mirrored as atomics; `NONE` stands for `None`.
+    current_leader: AtomicU64,
+    current_term: AtomicU64,
+    last_log_index: AtomicU64,
+    snapshot_index: AtomicU64,
+    purged_index: AtomicU64,
+}
+
+const NONE: u64 = u64::MAX;
+
+fn load_option(value: &AtomicU64) -> Option<u64> {
+    Some(value.load(Ordering::Relaxed)).filter(|v| *v != NONE)
+}
+
+impl Counters {
+    fn new() -> Counters {
+        let counters = Counters::default();
+        for value in [
+            &counters.current_leader,
+            &counters.last_log_index,
+            &counters.snapshot_index,
+            &counters.purged_index,
+        ] {
+            value.store(NONE, Ordering::Relaxed);
+        }
+        counters
+    }
+
+    fn mirror(&self, metrics: &RaftMetrics<NodeId, BasicNode>) {
+        let store =
+            |value: &AtomicU64, v: Option<u64>| value.store(v.unwrap_or(NONE), Ordering::Relaxed);
+        store(&self.current_leader, metrics.current_leader);
+        self.current_term
+            .store(metrics.current_term, Ordering::Relaxed);
+        store(&self.last_log_index, metrics.last_log_index);
+        store(&self.snapshot_index, metrics.snapshot.map(|id| id.index));
+        store(&self.purged_index, metrics.purged.map(|id| id.index));
+    }
+
+    fn count(&self, result: &Result<CommitReceipt, ManifestError>) {
+        let counter = match result {
+            Ok(_) => &self.commits_total,
+            Err(ManifestError::Rejected(_)) => &self.rejections_total,
+            Err(_) => &self.commit_errors_total,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct Proposal {
+    command: ManifestCommand,
+    reply: flume::Sender<Result<CommitReceipt, ManifestError>>,
+}
+
+/// Handle to the manifest for any thread and any async runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct ManifestClient {
+    node_id: NodeId,
+    requests: flume::Sender<Proposal>,
+    published: Arc<Published>,
+    counters: Arc<Counters>,
+}
+
+impl ManifestClient {
+    /// Proposes `command` and waits until it is committed and applied.
+    ///
+    /// Not cancellation-safe: once the command is queued, dropping the future does not withdraw
+    /// it, and it may still commit. Proposers retry with the same command, which is idempotent.
+    pub async fn propose(&self, command: ManifestCommand) -> Result<CommitReceipt, ManifestError> {
+        let (proposal, reply) = self.prepare(command)?;
+        self.requests
+            .send_async(proposal)
+            .await
+            .map_err(|_| ManifestError::Shutdown)?;
+        reply
+            .recv_async()
+            .await
+            .map_err(|_| ManifestError::Shutdown)?
+    }
+
+    /// [`Self::propose`] for std threads; blocks the calling thread. Never call it on a glommio
+    /// shard or inside an async runtime.
+    pub fn propose_blocking(
+        &self,
+        command: ManifestCommand,
+    ) -> Result<CommitReceipt, ManifestError> {
+        let (proposal, reply) = self.prepare(command)?;
+        self.requests
+            .send(proposal)
+            .map_err(|_| ManifestError::Shutdown)?;
+        reply.recv().map_err(|_| ManifestError::Shutdown)?
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        command: ManifestCommand,
+    ) -> Result<
+        (
+            Proposal,
+            flume::Receiver<Result<CommitReceipt, ManifestError>>,
+        ),
+        ManifestError,
+    > {
+        // Refuse what can be refused without the manifest's state before it costs a log entry.
+        if let Err(rejection) = command.check() {
+            self.counters
+                .rejections_total
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(ManifestError::Rejected(rejection));
+        }
+        let (reply, receiver) = flume::bounded(1);
+        Ok((Proposal { command, reply }, receiver))
+    }
+
+    /// The latest applied manifest. One atomic load; hold the `Arc` to pin the version.
+    pub fn current(&self) -> Arc<ManifestVersion> {
+        self.published.current()
+    }
+
+    /// Waits until the manifest version is at least `index` (e.g. a [`CommitReceipt::log_index`]).
+    /// Cancellation-safe. Fails with `Shutdown` if the service stops first.
+    pub async fn wait_applied(&self, index: u64) -> Result<(), ManifestError> {
+        match self.published.wait_for(index) {
+            None => Ok(()),
+            Some(applied) => applied
+                .recv_async()
+                .await
+                .map_err(|_| ManifestError::Shutdown),
+        }
+    }
+
+    /// [`Self::wait_applied`] for std threads, bounded by `timeout`.
+    pub fn wait_applied_blocking(
+        &self,
+        index: u64,
+        timeout: Duration,
+    ) -> Result<(), ManifestError> {
+        let Some(applied) = self.published.wait_for(index) else {
+            return Ok(());
+        };
+        applied.recv_timeout(timeout).map_err(|error| match error {
+            flume::RecvTimeoutError::Timeout => ManifestError::Timeout {
+                what: "applied index",
+                timeout_ms: timeout.as_millis() as u64,
+            },
+            flume::RecvTimeoutError::Disconnected => ManifestError::Shutdown,
+        })
+    }
+
+    pub fn metrics(&self) -> ManifestMetrics {
+        let counters = &self.counters;
+        let current = self.current();
+        let current_leader = load_option(&counters.current_leader);
+        ManifestMetrics {
+            commits_total: counters.commits_total.load(Ordering::Relaxed),
+            rejections_total: counters.rejections_total.load(Ordering::Relaxed),
+            commit_errors_total: counters.commit_errors_total.load(Ordering::Relaxed),
+            applied_index: current.index,
+            files: current.manifest.files().len() as u64,
+            current_leader,
+            is_leader: current_leader == Some(self.node_id),
+            current_term: counters.current_term.load(Ordering::Relaxed),
+            last_log_index: load_option(&counters.last_log_index),
+            snapshot_index: load_option(&counters.snapshot_index),
+            purged_index: load_option(&counters.purged_index),
+            requests_queued: self.requests.len() as u64,
+            proposals_in_flight: counters.proposals_in_flight.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Owns the control thread. Dropping it shuts the service down like [`Self::shutdown`].
+pub struct ManifestService {
+    stop: Option<flume::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), ManifestError>>>,
+    published: Arc<Published>,
+}
+
+impl ManifestService {
+    /// Starts a node without peer transport (a standalone node).
+    pub fn start(
+        config: ManifestConfig,
+    ) -> Result<(ManifestService, ManifestClient), ManifestError> {
+        Self::start_with_network(config, || UnreachableNetwork)
+    }
+
+    /// Opens the storage in `config.dir`, starts Raft on a new control thread (building the
+    /// network there, inside its runtime, with `make_network`), initializes a one-voter cluster
+    /// if the storage is fresh, and returns once the node is ready: for a standalone node, once
+    /// it leads and has applied its whole log. Bounded by `start_timeout_ms_max`.
+    pub fn start_with_network<N, F>(
+        config: ManifestConfig,
+        make_network: F,
+    ) -> Result<(ManifestService, ManifestClient), ManifestError>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+        F: FnOnce() -> N + Send + 'static,
+    {
+        let started = Instant::now();
+        let raft_config = config.raft_config()?;
+        let log_store = LogStore::open(&config.dir, config.log_rewrite_garbage_bytes_min)?;
+        let state_machine = ManifestStateMachine::open(&config.dir)?;
+        let published = state_machine.published();
+        let counters = Arc::new(Counters::new());
+        let (requests, request_queue) = flume::bounded(config.request_queue_depth_max);
+        let (stop, stop_signal) = flume::bounded(1);
+        let (ready, ready_signal) = flume::bounded(1);
+
+        let control = Control {
+            config: config.clone(),
+            raft_config,
+            request_queue,
+            stop_signal,
+            counters: counters.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("shale-control".to_owned())
+            .spawn(move || control.run(log_store, state_machine, make_network, ready))
+            .map_err(ManifestError::Thread)?;
+        let mut service = ManifestService {
+            stop: Some(stop),
+            thread: Some(thread),
+            published: published.clone(),
+        };
+
+        // The control thread bounds its own start-up; the margin covers a wedged thread.
+        let timeout_ms = config.start_timeout_ms_max + 5_000;
+        let outcome = match ready_signal.recv_timeout(Duration::from_millis(timeout_ms)) {
+            Ok(outcome) => outcome,
+            Err(flume::RecvTimeoutError::Disconnected) => {
+                service.stop().and(Err(ManifestError::Shutdown))
+            }
+            Err(flume::RecvTimeoutError::Timeout) => {
+                // Do not join a wedged thread: signal it and leave.
+                service.thread = None;
+                Err(ManifestError::Timeout {
+                    what: "manifest control thread to start",
+                    timeout_ms,
+                })
+            }
+        };
+        if let Err(error) = outcome {
+            let _ = service.stop();
+            return Err(error);
+        }
+        tracing::info!(
+            node_id = config.node_id,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            applied_index = published.current().index,
+            "manifest service started"
+        );
+        let client = ManifestClient {
+            node_id: config.node_id,
+            requests,
+            published,
+            counters,
+        };
+        Ok((service, client))
+    }
+
+    /// Stops Raft and joins the control thread. Queued and in-flight proposals fail with
+    /// `Shutdown` (an in-flight one may still have committed).
+    pub fn shutdown(mut self) -> Result<(), ManifestError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), ManifestError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err(ManifestError::Raft("control thread panicked".to_owned()))),
+            None => Ok(()),
+        };
+        self.published.close();
+        result
+    }
+}
+
+impl Drop for ManifestService {
+    fn drop(&mut self) {
+        if let Err(error) = self.stop() {
+            tracing::error!(%error, "manifest service stopped with an error");
+        }
+    }
+}
+
+/// What the control thread owns besides the storage it is handed.
+struct Control {
+    config: ManifestConfig,
+    raft_config: openraft::Config,
+    request_queue: flume::Receiver<Proposal>,
+    stop_signal: flume::Receiver<()>,
+    counters: Arc<Counters>,
+}
+
+impl Control {
+    /// The body of the `shale-control` thread.
+    fn run<N, F>(
+        self,
+        log_store: LogStore,
+        state_machine: ManifestStateMachine,
+        make_network: F,
+        ready: flume::Sender<Result<(), ManifestError>>,
+    ) -> Result<(), ManifestError>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+        F: FnOnce() -> N,
+    {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                let _ = ready.send(Err(ManifestError::Thread(error)));
+                return Ok(());
+            }
+        };
+        // Dropping the runtime at the end of this function cancels what is left of the Raft
+        // tasks, which drops the log store and joins its writer thread.
+        runtime.block_on(async move {
+            let timeout_ms = self.config.start_timeout_ms_max;
+            let boot = self.boot(log_store, state_machine, make_network());
+            let raft = match tokio::time::timeout(Duration::from_millis(timeout_ms), boot).await {
+                Ok(Ok(raft)) => raft,
+                Ok(Err(error)) => {
+                    let _ = ready.send(Err(error));
+                    return Ok(());
+                }
+                Err(_) => {
+                    let _ = ready.send(Err(ManifestError::Timeout {
+                        what: "manifest raft to become ready",
+                        timeout_ms,
+                    }));
+                    return Ok(());
+                }
+            };
+            // Mirror once before answering, so metrics are right from the first call.
+            self.counters.mirror(&raft.metrics().borrow());
+            let _ = ready.send(Ok(()));
+            self.serve(raft).await
+        })
+    }
+
+    async fn boot<N: RaftNetworkFactory<TypeConfig>>(
+        &self,
+        log_store: LogStore,
+        state_machine: ManifestStateMachine,
+        network: N,
+    ) -> Result<Raft, ManifestError> {
+        let node_id = self.config.node_id;
+        let raft = Raft::new(
+            node_id,
+            Arc::new(self.raft_config.clone()),
+            network,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| ManifestError::Raft(e.to_string()))?;
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| ManifestError::Raft(e.to_string()))?;
+        if !initialized {
+            tracing::info!(node_id, "initializing one-voter manifest cluster");
+            let members = BTreeMap::from([(node_id, BasicNode::new(&self.config.node_addr))]);
+            raft.initialize(members)
+                .await
+                .map_err(|e| ManifestError::Raft(e.to_string()))?;
+        }
+        let voters: Vec<NodeId> = raft
+            .with_raft_state(|state| state.membership_state.effective().voter_ids().collect())
+            .await
+            .map_err(|e| ManifestError::Raft(e.to_string()))?;
+        if voters == [node_id] {
+            // A standalone node leads at once; wait for that and for the whole log to be applied,
+            // so `current()` covers everything acknowledged before a restart.
+            raft.wait(None)
+                .metrics(
+                    |m| {
+                        m.current_leader == Some(node_id)
+                            && m.last_applied.map(|id| id.index) >= m.last_log_index
+                    },
+                    "standalone leader applied its log",
+                )
+                .await
+                .map_err(|e| ManifestError::Raft(e.to_string()))?;
+        }
+        Ok(raft)
+    }
+
+    async fn serve(self, raft: Raft) -> Result<(), ManifestError> {
+        let metrics = tokio::spawn(mirror_metrics(raft.clone(), self.counters.clone()));
+        let permits = Arc::new(tokio::sync::Semaphore::new(
+            self.config.proposals_in_flight_max,
+        ));
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = self.stop_signal.recv_async() => break,
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => unreachable!("the proposal semaphore is never closed"),
+                },
+            };
+            let proposal = tokio::select! {
+                biased;
+                _ = self.stop_signal.recv_async() => break,
+                proposal = self.request_queue.recv_async() => match proposal {
+                    Ok(proposal) => proposal,
+                    Err(_) => {
+                        // Every client is gone; nothing more can arrive. Wait to be stopped.
+                        let _ = self.stop_signal.recv_async().await;
+                        break;
+                    }
+                },
+            };
+            let raft = raft.clone();
+            let counters = self.counters.clone();
+            counters.proposals_in_flight.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let result = propose(&raft, proposal.command).await;
+                counters.count(&result);
+                counters.proposals_in_flight.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+                let _ = proposal.reply.send(result);
+            });
+        }
+        tracing::info!(node_id = self.config.node_id, "manifest service stopping");
+        let result = raft
+            .shutdown()
+            .await
+            .map_err(|e| ManifestError::Raft(e.to_string()));
+        metrics.abort();
+        result
+    }
+}
+
+async fn propose(raft: &Raft, command: ManifestCommand) -> Result<CommitReceipt, ManifestError> {
+    match raft.client_write(command).await {
+        Ok(written) => match written.data {
+            ManifestResponse::Rejected(rejection) => Err(ManifestError::Rejected(rejection)),
+            response => Ok(CommitReceipt {
+                log_index: written.log_id.index,
+                response,
+            }),
+        },
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+            Err(ManifestError::NotLeader {
+                leader: forward.leader_id,
+            })
+        }
+        Err(RaftError::APIError(error)) => Err(ManifestError::Raft(error.to_string())),
+        Err(RaftError::Fatal(Fatal::Stopped)) => Err(ManifestError::Shutdown),
+        Err(RaftError::Fatal(fatal)) => Err(ManifestError::Raft(fatal.to_string())),
+    }
+}
+
+/// Mirrors Raft metrics into the shared counters, and logs leadership changes and failures.
+async fn mirror_metrics(raft: Raft, counters: Arc<Counters>) {
+    let mut metrics = raft.metrics();
+    let mut leader = None;
+    let mut failed = false;
+    loop {
+        {
+            let current = metrics.borrow_and_update();
+            counters.mirror(&current);
+            if current.current_leader != leader {
+                leader = current.current_leader;
+                tracing::info!(node_id = current.id, leader = ?leader, term = current.current_term, "manifest leader changed");
+            }
+            if let (Err(error), false) = (&current.running_state, failed) {
+                failed = true;
+                tracing::error!(node_id = current.id, %error, "manifest raft stopped with an error");
+            }
+        }
+        if metrics.changed().await.is_err() {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log_store::drop_committed_records;
+    use crate::log_store::LOG_FILE_NAME;
+    use crate::manifest::tests::file;
+
+    #[test]
+    fn start_applies_entries_whose_commit_was_not_recorded() {
+        // The committed id is written without waiting for fdatasync, so kill -9 can lose it while
+        // the entries themselves are durable. Start-up must still apply every acknowledged entry
+        // before it returns, or `current()` would briefly miss files.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = ManifestConfig::new(dir.path(), 1, "127.0.0.1:7100");
+        let (service, client) = ManifestService::start(config.clone()).expect("start");
+        for index in 0..5 {
+            client
+                .propose_blocking(ManifestCommand::Register {
+                    files: vec![file(&format!("f{index}"), index, index)],
+                })
+                .expect("propose");
+        }
+        let before = client.current();
+        service.shutdown().expect("shutdown");
+
+        drop_committed_records(&dir.path().join(LOG_FILE_NAME));
+        let (service, client) = ManifestService::start(config).expect("restart");
+        assert_eq!(client.current().manifest.files(), before.manifest.files());
+        assert!(client.current().index >= before.index);
+        service.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn invalid_config_is_refused() {
+        // Limits of zero would deadlock the control loop; refuse them at start.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = ManifestConfig::new(dir.path(), 1, "127.0.0.1:7100");
+        config.proposals_in_flight_max = 0;
+        assert!(matches!(
+            ManifestService::start(config),
+            Err(ManifestError::Config(_))
+        ));
+    }
+}

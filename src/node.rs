@@ -1,0 +1,252 @@
+//! Starting and stopping a node: the control thread (Raft manifest), one shard per core, signal
+//! handling, and the order in which they come up and go down.
+//!
+//! Threads: the caller's thread waits for a stop event; `shale-control` hosts openraft;
+//! `shale-shard-<i>` run glommio executors; `shale-signals` turns SIGINT/SIGTERM into an event.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use shale_io::runtime::{self, LocalSignal, RuntimeConfig, ShardPlacement};
+use shale_replication::{ManifestClient, ManifestService};
+
+use crate::api::Api;
+use crate::config::{Config, Placement};
+use crate::metrics::NodeMetrics;
+use crate::shard::{system_dir, Shard};
+
+/// State every shard of a node can read.
+pub struct NodeShared {
+    pub config: Arc<Config>,
+    pub metrics: NodeMetrics,
+    pub manifest: ManifestClient,
+    shard_count: usize,
+    ready_shards: AtomicUsize,
+    stopping: AtomicBool,
+}
+
+impl NodeShared {
+    /// Ready once every shard has finished WAL recovery.
+    pub fn is_ready(&self) -> bool {
+        self.ready_shards() == self.shard_count && !self.stopping.load(Ordering::Relaxed)
+    }
+
+    pub fn ready_shards(&self) -> usize {
+        self.ready_shards.load(Ordering::Relaxed)
+    }
+}
+
+/// Why the node stops.
+enum StopEvent {
+    Signal(i32),
+    Fatal { shard: usize, message: String },
+}
+
+/// Runs a node until SIGINT/SIGTERM or a fatal shard error. Returns an error for the latter,
+/// so the process exits non-zero with the reason.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let memlock = runtime::raise_memlock_limit();
+    tracing::debug!(memlock_bytes = memlock, "memlock limit");
+    let data_dir = &config.node.data_dir;
+    std::fs::create_dir_all(system_dir(data_dir))
+        .with_context(|| format!("create data directory {}", data_dir.display()))?;
+    let removed = shale_io::publish::remove_stale_temporaries(data_dir)
+        .context("remove temporaries left by a crash")?;
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "removed temporary files left by an interrupted flush"
+        );
+    }
+
+    // Signals are blocked before any thread starts so every thread inherits the mask and only
+    // the signal thread receives them.
+    let signals = block_stop_signals();
+    let (events, stop) = flume::bounded::<StopEvent>(16);
+    spawn_signal_thread(signals, events.clone())?;
+
+    let (manifest_service, manifest) = ManifestService::start(shale_replication::ManifestConfig {
+        dir: system_dir(data_dir).join("raft"),
+        node_id: config.node.id,
+        node_addr: config.http.addr.to_string(),
+        snapshot_logs_since_last_max: config.manifest.snapshot_logs_since_last_max,
+        request_queue_depth_max: config.manifest.request_queue_depth_max,
+        ..shale_replication::ManifestConfig::new(
+            system_dir(data_dir).join("raft"),
+            config.node.id,
+            config.http.addr.to_string(),
+        )
+    })
+    .context("start the manifest (Raft) service")?;
+
+    let shard_count = config.shard_count();
+    let shared = Arc::new(NodeShared {
+        config: config.clone(),
+        metrics: NodeMetrics::new(shard_count),
+        manifest,
+        shard_count,
+        ready_shards: AtomicUsize::new(0),
+        stopping: AtomicBool::new(false),
+    });
+    let mut shutdown_senders = Vec::with_capacity(shard_count);
+    let mut shutdown_receivers = Vec::with_capacity(shard_count);
+    for _ in 0..shard_count {
+        let (sender, receiver) = flume::bounded::<()>(1);
+        shutdown_senders.push(sender);
+        shutdown_receivers.push(receiver);
+    }
+    let runtime_config = RuntimeConfig {
+        shard_count,
+        placement: match config.runtime.placement {
+            Placement::Pinned => ShardPlacement::Pinned,
+            Placement::Unbound => ShardPlacement::Unbound,
+        },
+        io_memory_bytes: config.runtime.io_memory_bytes,
+        ring_depth: config.runtime.ring_depth,
+        thread_name_prefix: "shale-shard".into(),
+    };
+    let receivers = Arc::new(std::sync::Mutex::new(shutdown_receivers));
+    let handles = {
+        let shared = shared.clone();
+        let events = events.clone();
+        runtime::spawn_shards(&runtime_config, move |shard| {
+            let receiver = receivers.lock().expect("not poisoned")[shard].clone();
+            run_shard(shared.clone(), shard, receiver, events.clone())
+        })
+        .context("start shards")?
+    };
+    tracing::info!(
+        node_id = config.node.id,
+        addr = %config.http.addr,
+        shards = shard_count,
+        data_dir = %data_dir.display(),
+        fsync = config.wal.fsync,
+        "shale node starting"
+    );
+
+    let outcome = match stop.recv() {
+        Ok(StopEvent::Signal(signal)) => {
+            tracing::info!(signal, "stop requested; flushing and shutting down");
+            Ok(())
+        }
+        Ok(StopEvent::Fatal { shard, message }) => {
+            tracing::error!(shard_id = shard, error = %message, "fatal shard error; shutting down");
+            Err(anyhow::anyhow!("shard {shard}: {message}"))
+        }
+        Err(_) => Err(anyhow::anyhow!("every shard stopped unexpectedly")),
+    };
+    shared.stopping.store(true, Ordering::Relaxed);
+    for sender in &shutdown_senders {
+        let _ = sender.try_send(());
+    }
+    let joined = runtime::join_shards(handles);
+    manifest_service
+        .shutdown()
+        .context("stop the manifest service")?;
+    joined.context("join shards")?;
+    tracing::info!("shale node stopped");
+    outcome
+}
+
+/// One shard's life: serve HTTP at once (so `/ready` can answer 503 during recovery), recover,
+/// flush in the background, and on shutdown stop HTTP, flush everything and close the WAL.
+async fn run_shard(
+    shared: Arc<NodeShared>,
+    shard_index: usize,
+    shutdown_requests: flume::Receiver<()>,
+    events: flume::Sender<StopEvent>,
+) {
+    let shutdown = LocalSignal::new();
+    glommio::spawn_local({
+        let shutdown = shutdown.clone();
+        async move {
+            let _ = shutdown_requests.recv_async().await;
+            shutdown.raise();
+        }
+    })
+    .detach();
+    let config = shared.config.clone();
+    let shard = Shard::new(
+        shard_index as u32,
+        config.clone(),
+        shared.metrics.shards[shard_index].clone(),
+        shared.manifest.clone(),
+    );
+    let listener = match shale_io::http::bind(config.http.addr) {
+        Ok(listener) => listener,
+        Err(error) => {
+            let _ = events.try_send(StopEvent::Fatal {
+                shard: shard_index,
+                message: format!("bind {}: {error}", config.http.addr),
+            });
+            return;
+        }
+    };
+    let http = glommio::spawn_local(shale_io::http::serve(
+        listener,
+        Api::new(shard.clone(), shared.clone()),
+        shale_io::http::HttpServerConfig {
+            connections_max: config.http.connections_max_per_shard,
+            shutdown_grace_ms: config.http.shutdown_grace_ms,
+        },
+        shutdown.clone(),
+    ));
+
+    let recovered = futures_lite::future::or(async { Some(shard.recover().await) }, async {
+        shutdown.wait().await;
+        None
+    })
+    .await;
+    match recovered {
+        Some(Ok(())) => {
+            shared.ready_shards.fetch_add(1, Ordering::Relaxed);
+            let flusher = glommio::spawn_local(shard.clone().flush_loop(shutdown.clone()));
+            shutdown.wait().await;
+            http.await;
+            // The flush loop sees the raised signal, flushes every buffer and returns.
+            flusher.await;
+        }
+        Some(Err(error)) => {
+            let _ = events.try_send(StopEvent::Fatal {
+                shard: shard_index,
+                message: format!("{error:#}"),
+            });
+            shutdown.wait().await;
+            http.await;
+        }
+        None => http.await,
+    }
+    shard.close().await;
+}
+
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-set manipulation on a zeroed set owned here.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn spawn_signal_thread(
+    set: libc::sigset_t,
+    events: flume::Sender<StopEvent>,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("shale-signals".into())
+        .spawn(move || loop {
+            let mut signal = 0;
+            // SAFETY: `set` holds SIGINT and SIGTERM, blocked in every thread of the process.
+            let result = unsafe { libc::sigwait(&set, &mut signal) };
+            if result == 0 && events.send(StopEvent::Signal(signal)).is_err() {
+                return;
+            }
+        })
+        .context("start the signal thread")?;
+    Ok(())
+}

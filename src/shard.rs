@@ -1,0 +1,810 @@
+//! A shard: one core's slice of the node. It owns a WAL, the Arrow buffers of every
+//! (database, measurement) written through it, and the flushes of those buffers to Parquet.
+//!
+//! Thread: everything here lives on one glommio executor and is `!Send`. The only ways out are
+//! the manifest client (a channel to the control thread) and blocking-pool jobs for Parquet
+//! encoding. The write path takes no lock and never leaves the shard.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use shale_io::publish::{self, PublishError};
+use shale_io::runtime::{LocalNotify, LocalSignal};
+use shale_io::wal::{Wal, WalConfig, WalError};
+use shale_replication::manifest::{FileEntry, ManifestCommand, ManifestResponse};
+use shale_replication::{ManifestClient, ManifestVersion};
+
+use crate::buffer::{
+    check_kind, ColumnKind, FrozenBuffer, MeasurementBuffer, SchemaConflict, Value,
+};
+use crate::config::Config;
+use crate::ingest::{IngestPayload, RECORD_KIND_LINE_PROTOCOL};
+use crate::line_protocol::{
+    self, Batch, FieldValue, ParseBuffers, ParseError, ParseLimits, Precision,
+};
+use crate::metrics::ShardMetrics;
+use crate::storage::{self, FileOrigin};
+
+/// Why a write was not acknowledged. Each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("{0}")]
+    Parse(#[from] ParseError),
+    #[error("{0}")]
+    Schema(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Overloaded(String),
+    #[error("node is starting: WAL recovery is not finished")]
+    NotReady,
+    #[error("write could not be made durable: {0}")]
+    Durability(String),
+}
+
+/// A (database, measurement) pair as owned keys.
+type TableKey = (String, String);
+
+/// Everything one shard owns.
+pub struct Shard {
+    pub shard_id: u32,
+    node_id: u64,
+    config: Arc<Config>,
+    data_dir: PathBuf,
+    pending_dir: PathBuf,
+    pub metrics: Arc<ShardMetrics>,
+    manifest: ManifestClient,
+    wal: RefCell<Option<Rc<Wal>>>,
+    /// Unflushed rows by database, then measurement.
+    buffers: RefCell<HashMap<String, HashMap<String, MeasurementBuffer>>>,
+    /// Column kinds seen on this shard since start, per table; outlives flushes so a later
+    /// request cannot change a column's type.
+    kinds: RefCell<HashMap<TableKey, HashMap<String, ColumnKind>>>,
+    /// Bytes in buffers plus bytes frozen and not yet flushed.
+    buffered_bytes: Cell<usize>,
+    /// First LSN of the flush in progress, if any: the WAL below it may go once it commits.
+    flushing_lsn_first: Cell<Option<u64>>,
+    /// Every record below this LSN is in committed files (persisted as the release marker).
+    released_below: Cell<u64>,
+    /// Highest LSN known to be durable in the WAL.
+    durable_lsn: Cell<u64>,
+    durable_changed: LocalNotify,
+    flush_wanted: LocalNotify,
+    parse_buffers: RefCell<Option<ParseBuffers>>,
+    ready: Cell<bool>,
+}
+
+impl Shard {
+    pub fn new(
+        shard_id: u32,
+        config: Arc<Config>,
+        metrics: Arc<ShardMetrics>,
+        manifest: ManifestClient,
+    ) -> Rc<Shard> {
+        let data_dir = config.node.data_dir.clone();
+        let pending_dir = system_dir(&data_dir)
+            .join("pending")
+            .join(format!("shard-{shard_id}"));
+        Rc::new(Shard {
+            shard_id,
+            node_id: config.node.id,
+            config,
+            data_dir,
+            pending_dir,
+            metrics,
+            manifest,
+            wal: RefCell::new(None),
+            buffers: RefCell::new(HashMap::new()),
+            kinds: RefCell::new(HashMap::new()),
+            buffered_bytes: Cell::new(0),
+            flushing_lsn_first: Cell::new(None),
+            released_below: Cell::new(1),
+            durable_lsn: Cell::new(0),
+            durable_changed: LocalNotify::new(),
+            flush_wanted: LocalNotify::new(),
+            parse_buffers: RefCell::new(Some(ParseBuffers::new())),
+            ready: Cell::new(false),
+        })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.get()
+    }
+
+    fn wal(&self) -> Option<Rc<Wal>> {
+        self.wal.borrow().clone()
+    }
+
+    fn parse_limits(&self) -> ParseLimits {
+        ParseLimits {
+            line_bytes_max: self.config.ingest.line_bytes_max,
+            ..ParseLimits::default()
+        }
+    }
+
+    /// Start-up: registers flushes a crash interrupted, then replays the WAL into the buffers,
+    /// skipping rows whose files the manifest already has. Not cancellation-safe.
+    pub async fn recover(self: &Rc<Self>) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let started = Instant::now();
+        let registered = self
+            .register_pending_journal()
+            .await
+            .context("register flushes interrupted by a crash")?;
+        let version = self.manifest.current();
+        let wal_config = WalConfig {
+            dir: system_dir(&self.data_dir)
+                .join("wal")
+                .join(format!("shard-{}", self.shard_id)),
+            origin_node: self.node_id,
+            shard: self.shard_id,
+            segment_bytes_max: self.config.wal.segment_bytes_max,
+            record_bytes_max: self.config.wal.record_bytes_max,
+            write_bytes_max: self.config.wal.write_bytes_max,
+            queue_bytes_max: self.config.wal.queue_bytes_max,
+            fsync: self.config.wal.fsync,
+        };
+        let limits = self.parse_limits();
+        let mut flushed: HashMap<TableKey, u64> = HashMap::new();
+        let mut rows_replayed = 0u64;
+        let mut rows_skipped = 0u64;
+        let replay_from = self.read_release_marker()?;
+        let (wal, report) = Wal::open(wal_config, replay_from, |record| {
+            if record.kind != RECORD_KIND_LINE_PROTOCOL {
+                return Err(format!("unknown record kind {}", record.kind));
+            }
+            let payload = IngestPayload::decode(record.payload).map_err(|e| e.to_string())?;
+            let batch = line_protocol::parse(
+                payload.body,
+                payload.precision,
+                record.time_ns.div_euclid(1000),
+                &limits,
+            )
+            .map_err(|e| format!("stored request no longer parses: {e}"))?;
+            for line in batch.lines() {
+                let key = (payload.database.to_string(), line.measurement().to_string());
+                let through = *flushed.entry(key).or_insert_with_key(|(db, m)| {
+                    version
+                        .manifest
+                        .flushed_through(self.node_id, self.shard_id, db, m)
+                        .unwrap_or(0)
+                });
+                if record.lsn <= through {
+                    rows_skipped += 1;
+                    continue;
+                }
+                self.append_line(payload.database, &line, record.lsn);
+                rows_replayed += 1;
+            }
+            Ok(())
+        })
+        .await
+        .context("open and replay the WAL")?;
+        let next_lsn = report.next_lsn;
+        self.durable_lsn.set(next_lsn.saturating_sub(1));
+        *self.wal.borrow_mut() = Some(Rc::new(wal));
+        self.ready.set(true);
+        tracing::info!(
+            shard_id = self.shard_id,
+            registered_after_crash = registered,
+            rows_replayed,
+            rows_skipped,
+            next_lsn,
+            truncated_bytes = report.truncated_bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "shard recovered"
+        );
+        self.flush_wanted.notify();
+        Ok(())
+    }
+
+    /// Validates, logs and buffers one line-protocol request; resolves once it is durable.
+    pub async fn write(
+        self: &Rc<Self>,
+        database: &str,
+        precision: Precision,
+        body: bytes::Bytes,
+    ) -> Result<u64, WriteError> {
+        let Some(wal) = self.wal() else {
+            return Err(WriteError::NotReady);
+        };
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let limits = self.parse_limits();
+        let buffers = self.parse_buffers.borrow_mut().take().unwrap_or_default();
+        let batch =
+            line_protocol::parse_with(buffers, &body, precision, now_ns.div_euclid(1000), &limits);
+        // On error the parse buffers are dropped; the next request allocates fresh ones.
+        let batch = batch?;
+        let result = self.log_and_buffer(&wal, database, precision, &body, &batch, now_ns);
+        let rows = batch.len() as u64;
+        *self.parse_buffers.borrow_mut() = Some(batch.into_buffers());
+        let append = result?;
+        let lsn = append.lsn;
+        match append.durable().await {
+            Ok(_) => {
+                self.note_durable(lsn);
+                self.metrics.write_rows.add(rows);
+                self.metrics.write_bytes.add(body.len() as u64);
+                Ok(rows)
+            }
+            Err(error) => {
+                tracing::error!(shard_id = self.shard_id, lsn, %error, "wal sync failed");
+                Err(WriteError::Durability(error.to_string()))
+            }
+        }
+    }
+
+    /// The synchronous middle of a write: checks, WAL append, buffering. Between the append
+    /// and the buffer insert there is no await, so buffers receive rows in LSN order.
+    fn log_and_buffer(
+        &self,
+        wal: &Wal,
+        database: &str,
+        precision: Precision,
+        body: &[u8],
+        batch: &Batch<'_>,
+        now_ns: i64,
+    ) -> Result<shale_io::wal::Append, WriteError> {
+        if batch.is_empty() {
+            return Err(WriteError::BadRequest(
+                "request body has no points (only blank lines or comments)".into(),
+            ));
+        }
+        crate::names::validate_database(database)
+            .map_err(|e| WriteError::BadRequest(format!("database {database:?}: {e}")))?;
+        self.check_kinds(database, batch)
+            .map_err(|e| WriteError::Schema(e.to_string()))?;
+        if self.buffered_bytes.get() > self.config.buffer.shard_bytes_max {
+            self.metrics.write_rejected_overload.increment();
+            self.flush_wanted.notify();
+            return Err(WriteError::Overloaded(format!(
+                "shard {} holds {} buffered bytes (limit {}); flushes are catching up",
+                self.shard_id,
+                self.buffered_bytes.get(),
+                self.config.buffer.shard_bytes_max
+            )));
+        }
+        let payload = IngestPayload {
+            database,
+            precision,
+            body,
+        };
+        let append = wal
+            .append_with(
+                RECORD_KIND_LINE_PROTOCOL,
+                now_ns,
+                payload.encoded_len(),
+                |out| payload.encode_into(out),
+            )
+            .map_err(|error| match error {
+                WalError::Full { .. } => {
+                    self.metrics.write_rejected_overload.increment();
+                    WriteError::Overloaded(error.to_string())
+                }
+                WalError::TooLarge { .. } => WriteError::TooLarge(error.to_string()),
+                other => WriteError::Durability(other.to_string()),
+            })?;
+        self.metrics.wal_appends.increment();
+        self.metrics.wal_bytes.add(payload.encoded_len() as u64);
+        let mut over_threshold = false;
+        for line in batch.lines() {
+            over_threshold |= self.append_line(database, &line, append.lsn);
+        }
+        if over_threshold {
+            self.flush_wanted.notify();
+        }
+        Ok(append)
+    }
+
+    /// Rejects a request whose values disagree with a column's kind on this shard.
+    fn check_kinds(&self, database: &str, batch: &Batch<'_>) -> Result<(), SchemaConflict> {
+        let kinds = self.kinds.borrow();
+        let mut last: Option<(&str, Option<&HashMap<String, ColumnKind>>)> = None;
+        for line in batch.lines() {
+            let measurement = line.measurement();
+            let table = match last {
+                Some((name, table)) if name == measurement => table,
+                _ => {
+                    let table = kinds.get(&(database.to_string(), measurement.to_string()));
+                    last = Some((measurement, table));
+                    table
+                }
+            };
+            let Some(table) = table else { continue };
+            for (key, _) in line.tags() {
+                check_kind(key, table.get(key).copied(), ColumnKind::Tag)?;
+            }
+            for (key, value) in line.fields() {
+                check_kind(key, table.get(key).copied(), field_kind(&value))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends one parsed line to its buffer; returns whether that buffer should flush now.
+    fn append_line(&self, database: &str, line: &line_protocol::LineView<'_>, lsn: u64) -> bool {
+        let measurement = line.measurement();
+        let mut buffers = self.buffers.borrow_mut();
+        let tables = match buffers.get_mut(database) {
+            Some(tables) => tables,
+            None => buffers.entry(database.to_string()).or_default(),
+        };
+        let buffer = match tables.get_mut(measurement) {
+            Some(buffer) => buffer,
+            None => tables.entry(measurement.to_string()).or_default(),
+        };
+        let before = buffer.bytes_estimate();
+        let mut new_columns = false;
+        for (key, _) in line.tags() {
+            new_columns |= buffer.column_kind(key).is_none();
+        }
+        for (key, _) in line.fields() {
+            new_columns |= buffer.column_kind(key).is_none();
+        }
+        buffer.append_row(
+            lsn,
+            line.time_us(),
+            line.tags(),
+            line.fields().map(|(key, value)| (key, to_value(value))),
+        );
+        if new_columns {
+            let mut kinds = self.kinds.borrow_mut();
+            let table = kinds
+                .entry((database.to_string(), measurement.to_string()))
+                .or_default();
+            for (key, _) in line.tags() {
+                table.entry(key.to_string()).or_insert(ColumnKind::Tag);
+            }
+            for (key, value) in line.fields() {
+                table.entry(key.to_string()).or_insert(field_kind(&value));
+            }
+        }
+        let added = buffer.bytes_estimate() - before;
+        self.buffered_bytes.set(self.buffered_bytes.get() + added);
+        self.metrics.buffer_rows.add(1);
+        self.metrics.buffer_bytes.add(added as u64);
+        buffer.rows() >= self.config.buffer.flush_rows_max
+            || buffer.bytes_estimate() >= self.config.buffer.flush_bytes_max
+    }
+
+    fn note_durable(&self, lsn: u64) {
+        if lsn > self.durable_lsn.get() {
+            self.durable_lsn.set(lsn);
+            self.durable_changed.notify();
+        }
+    }
+
+    /// Waits until every record up to `lsn` is durable in the WAL: a flush must never publish
+    /// rows that a failed sync could still take back.
+    async fn wait_durable(&self, lsn: u64) {
+        while self.durable_lsn.get() < lsn {
+            let changed = self.durable_changed.notified();
+            if let Some(wal) = self.wal() {
+                let durable = wal.durable_lsn();
+                if durable >= lsn {
+                    self.note_durable(durable);
+                    break;
+                }
+            }
+            futures_lite::future::or(changed, glommio::timer::sleep(Duration::from_millis(5)))
+                .await;
+        }
+    }
+
+    /// Flushes buffers that are due until `shutdown`; then flushes everything and returns.
+    pub async fn flush_loop(self: Rc<Self>, shutdown: LocalSignal) {
+        let interval = Duration::from_millis(self.config.buffer.flush_check_interval_ms.max(1));
+        loop {
+            let stopping = shutdown.is_raised();
+            for key in self.due_tables(stopping) {
+                self.flush_table(&key).await;
+            }
+            if stopping {
+                break;
+            }
+            let wanted = self.flush_wanted.notified();
+            futures_lite::future::or(
+                futures_lite::future::or(wanted, shutdown.wait()),
+                glommio::timer::sleep(interval),
+            )
+            .await;
+        }
+    }
+
+    /// Tables whose buffer is over a threshold (or non-empty at all, when `everything`).
+    fn due_tables(&self, everything: bool) -> Vec<TableKey> {
+        let age_max = Duration::from_millis(self.config.buffer.flush_age_ms_max);
+        let rows_max = self.config.buffer.flush_rows_max;
+        let bytes_max = self.config.buffer.flush_bytes_max;
+        let pressure = self.buffered_bytes.get() > self.config.buffer.shard_bytes_max / 2;
+        let mut due = Vec::new();
+        for (database, tables) in self.buffers.borrow().iter() {
+            for (measurement, buffer) in tables {
+                if buffer.rows() == 0 {
+                    continue;
+                }
+                let old = buffer
+                    .oldest_row_at()
+                    .is_some_and(|at| at.elapsed() >= age_max);
+                if everything
+                    || pressure
+                    || old
+                    || buffer.rows() >= rows_max
+                    || buffer.bytes_estimate() >= bytes_max
+                {
+                    due.push((database.clone(), measurement.clone()));
+                }
+            }
+        }
+        due
+    }
+
+    /// Freezes one buffer and makes its rows durable in the manifest, retrying until it does.
+    /// Only one flush runs per shard at a time, so a table's files commit in LSN order (replay
+    /// relies on that: everything at or below a committed file's last LSN is in files).
+    async fn flush_table(self: &Rc<Self>, key: &TableKey) {
+        let frozen = {
+            let mut buffers = self.buffers.borrow_mut();
+            let Some(buffer) = buffers.get_mut(&key.0).and_then(|t| t.get_mut(&key.1)) else {
+                return;
+            };
+            match buffer.freeze() {
+                Some(frozen) => frozen,
+                None => return,
+            }
+        };
+        let started = Instant::now();
+        self.flushing_lsn_first.set(Some(frozen.lsn_first));
+        let frozen = Arc::new(frozen);
+        let mut attempt = 0u32;
+        loop {
+            match self.flush_frozen(key, &frozen).await {
+                Ok(files) => {
+                    self.metrics.flushes.increment();
+                    self.metrics.flush_latency.observe(started.elapsed());
+                    tracing::debug!(
+                        shard_id = self.shard_id,
+                        database = %key.0,
+                        measurement = %key.1,
+                        files,
+                        rows = frozen.batch.num_rows(),
+                        lsn_last = frozen.lsn_last,
+                        "flushed"
+                    );
+                    break;
+                }
+                Err(error) => {
+                    attempt += 1;
+                    self.metrics.flush_errors.increment();
+                    tracing::warn!(
+                        shard_id = self.shard_id,
+                        database = %key.0,
+                        measurement = %key.1,
+                        attempt,
+                        error = %format!("{error:#}"),
+                        "flush failed; retrying"
+                    );
+                    let backoff = Duration::from_millis(
+                        (self.config.manifest.registration_retry_ms << attempt.min(6)).min(30_000),
+                    );
+                    glommio::timer::sleep(backoff).await;
+                }
+            }
+        }
+        self.flushing_lsn_first.set(None);
+        let bytes = frozen.bytes_estimate;
+        self.buffered_bytes
+            .set(self.buffered_bytes.get().saturating_sub(bytes));
+        self.metrics
+            .buffer_bytes
+            .set(self.buffered_bytes.get() as u64);
+        let rows_left: usize = self
+            .buffers
+            .borrow()
+            .values()
+            .flat_map(|t| t.values())
+            .map(|b| b.rows())
+            .sum();
+        self.metrics.buffer_rows.set(rows_left as u64);
+        self.release_wal().await;
+    }
+
+    /// Encode, publish, journal, register. Idempotent: a retry after any failure converges.
+    async fn flush_frozen(
+        &self,
+        key: &TableKey,
+        frozen: &Arc<FrozenBuffer>,
+    ) -> anyhow::Result<usize> {
+        use anyhow::Context;
+        self.wait_durable(frozen.lsn_last).await;
+        let parquet = Arc::new(self.config.parquet.clone());
+        let (database, measurement) = (key.0.clone(), key.1.clone());
+        let (node, shard) = (self.node_id, self.shard_id);
+        let encode_input = frozen.clone();
+        let encoded = glommio::executor()
+            .spawn_blocking(move || {
+                let origin = FileOrigin {
+                    database: &database,
+                    measurement: &measurement,
+                    node,
+                    shard,
+                };
+                storage::encode(&encode_input, &origin, &parquet)
+            })
+            .await
+            .context("encode parquet")?;
+
+        let version = self.manifest.current();
+        let created_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut entries = Vec::with_capacity(encoded.len());
+        for file in &encoded {
+            let relative = file.relative_path.to_string_lossy().into_owned();
+            let absolute = self.data_dir.join(&file.relative_path);
+            let published = match publish::publish(&absolute, &file.bytes).await {
+                Ok(published) => published,
+                Err(PublishError::Exists { .. }) => {
+                    if let Some(entry) = version.manifest.file(&relative) {
+                        // A retry after the registration committed but before we saw it.
+                        entries.push(entry.clone());
+                        continue;
+                    }
+                    // Left by a crash between publish and registration: nothing reads a file
+                    // the manifest does not list, and the WAL still holds its rows.
+                    std::fs::remove_file(&absolute)
+                        .with_context(|| format!("remove unregistered {}", absolute.display()))?;
+                    publish::publish(&absolute, &file.bytes)
+                        .await
+                        .context("publish parquet")?
+                }
+                Err(error) => return Err(error).context("publish parquet"),
+            };
+            self.metrics.files_written.increment();
+            self.metrics.file_bytes_written.add(published.size_bytes);
+            entries.push(FileEntry {
+                path: relative,
+                size_bytes: published.size_bytes,
+                blake3_hex: published.blake3_hex(),
+                rows: file.rows,
+                time_min_us: file.time_min_us,
+                time_max_us: file.time_max_us,
+                database: key.0.clone(),
+                measurement: key.1.clone(),
+                origin_node: self.node_id,
+                shard: self.shard_id,
+                lsn_first: frozen.lsn_first,
+                lsn_last: frozen.lsn_last,
+                created_at_ms,
+            });
+        }
+        let journal = self.pending_dir.join(format!(
+            "{}-{}-{:020}-{:020}.json",
+            sanitize(&key.0),
+            sanitize(&key.1),
+            frozen.lsn_first,
+            frozen.lsn_last
+        ));
+        let journal_bytes = serde_json::to_vec(&entries).context("serialise pending journal")?;
+        if journal.exists() {
+            std::fs::remove_file(&journal).context("replace pending journal")?;
+        }
+        publish::publish(&journal, &journal_bytes)
+            .await
+            .context("write pending journal")?;
+        self.register(entries).await?;
+        std::fs::remove_file(&journal).context("remove pending journal")?;
+        Ok(encoded.len())
+    }
+
+    /// Proposes a registration through the control thread and waits for its commit.
+    async fn register(&self, files: Vec<FileEntry>) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let count = files.len() as u64;
+        match self
+            .manifest
+            .propose(ManifestCommand::Register { files })
+            .await
+        {
+            Ok(receipt) => match receipt.response {
+                ManifestResponse::Applied { .. } => {
+                    self.metrics.manifest_commits.add(count);
+                    self.metrics
+                        .manifest_commit_latency
+                        .observe(started.elapsed());
+                    Ok(())
+                }
+                ManifestResponse::Rejected(rejection) => {
+                    self.metrics.manifest_commit_errors.increment();
+                    anyhow::bail!("manifest rejected the registration: {rejection}")
+                }
+            },
+            Err(error) => {
+                self.metrics.manifest_commit_errors.increment();
+                anyhow::bail!("manifest registration failed: {error}")
+            }
+        }
+    }
+
+    /// Registers flushes whose files were published but whose registration a crash cut off.
+    async fn register_pending_journal(&self) -> anyhow::Result<usize> {
+        use anyhow::Context;
+        let mut journals = BTreeSet::new();
+        match std::fs::read_dir(&self.pending_dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    let path = entry.context("list pending journal")?.path();
+                    if path.extension().is_some_and(|e| e == "json") {
+                        journals.insert(path);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e).context("list pending journal"),
+        }
+        let mut registered = 0;
+        for path in journals {
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("read pending journal {}", path.display()))?;
+            let entries: Vec<FileEntry> = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parse pending journal {}", path.display()))?;
+            for entry in &entries {
+                let file = self.data_dir.join(&entry.path);
+                let (hash, size) = publish::hash_file(&file)
+                    .with_context(|| format!("check journaled file {}", file.display()))?;
+                anyhow::ensure!(
+                    size == entry.size_bytes
+                        && blake3::Hash::from(hash).to_hex().as_str() == entry.blake3_hex,
+                    "journaled file {} does not match its journal entry",
+                    file.display()
+                );
+            }
+            let mut attempt = 0;
+            loop {
+                match self.register(entries.clone()).await {
+                    Ok(()) => break,
+                    Err(error) if attempt < 20 => {
+                        attempt += 1;
+                        tracing::warn!(error = %format!("{error:#}"), attempt, "journal registration failed; retrying");
+                        glommio::timer::sleep(Duration::from_millis(
+                            self.config.manifest.registration_retry_ms,
+                        ))
+                        .await;
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            std::fs::remove_file(&path)
+                .with_context(|| format!("remove pending journal {}", path.display()))?;
+            registered += entries.len();
+        }
+        Ok(registered)
+    }
+
+    /// Deletes WAL segments whose every record is in committed files.
+    async fn release_wal(&self) {
+        let Some(wal) = self.wal() else { return };
+        let mut keep_from = wal.next_lsn();
+        if let Some(lsn) = self.flushing_lsn_first.get() {
+            keep_from = keep_from.min(lsn);
+        }
+        for tables in self.buffers.borrow().values() {
+            for buffer in tables.values() {
+                if let Some(lsn) = buffer.lsn_first() {
+                    keep_from = keep_from.min(lsn);
+                }
+            }
+        }
+        if keep_from <= self.released_below.get() {
+            return;
+        }
+        // The marker goes first: after a crash, replay starts at it, whether or not the
+        // segments below it were deleted yet.
+        let marker = self.release_marker_path();
+        if let Err(error) = publish::replace(&marker, keep_from.to_string().as_bytes()).await {
+            tracing::warn!(shard_id = self.shard_id, %error, "wal release marker not written");
+            return;
+        }
+        self.released_below.set(keep_from);
+        match wal.release_below(keep_from).await {
+            Ok(released) => self.metrics.wal_segments_released.add(released),
+            Err(error) => {
+                tracing::warn!(shard_id = self.shard_id, %error, "wal release failed");
+            }
+        }
+    }
+
+    fn release_marker_path(&self) -> PathBuf {
+        system_dir(&self.data_dir)
+            .join("wal")
+            .join(format!("shard-{}.released-below", self.shard_id))
+    }
+
+    /// The LSN below which every record is in committed files (1 if nothing was released).
+    fn read_release_marker(&self) -> anyhow::Result<u64> {
+        use anyhow::Context;
+        let path = self.release_marker_path();
+        let lsn = match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .trim()
+                .parse::<u64>()
+                .with_context(|| format!("parse wal release marker {}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        self.released_below.set(lsn);
+        Ok(lsn)
+    }
+
+    /// Flushes everything and closes the WAL. Called once at shutdown after HTTP stopped.
+    pub async fn close(self: &Rc<Self>) {
+        let wal = self.wal.borrow_mut().take();
+        if let Some(wal) = wal {
+            if let Err(error) = wal.close().await {
+                tracing::error!(shard_id = self.shard_id, %error, "wal close failed");
+            }
+        }
+    }
+
+    /// The manifest as this shard sees it now.
+    pub fn manifest_version(&self) -> Arc<ManifestVersion> {
+        self.manifest.current()
+    }
+
+    /// WAL statistics for `/metrics`: (syncs, durable lsn).
+    pub fn refresh_wal_metrics(&self) {
+        if let Some(wal) = self.wal() {
+            let stats = wal.stats();
+            self.metrics.wal_syncs.set(stats.syncs);
+        }
+    }
+}
+
+fn field_kind(value: &FieldValue<'_>) -> ColumnKind {
+    match value {
+        FieldValue::Float(_) => ColumnKind::Float,
+        FieldValue::Integer(_) => ColumnKind::Integer,
+        FieldValue::Unsigned(_) => ColumnKind::Unsigned,
+        FieldValue::Boolean(_) => ColumnKind::Boolean,
+        FieldValue::String(_) => ColumnKind::String,
+    }
+}
+
+fn to_value(value: FieldValue<'_>) -> Value<'_> {
+    match value {
+        FieldValue::Float(v) => Value::Float(v),
+        FieldValue::Integer(v) => Value::Integer(v),
+        FieldValue::Unsigned(v) => Value::Unsigned(v),
+        FieldValue::Boolean(v) => Value::Boolean(v),
+        FieldValue::String(v) => Value::String(v),
+    }
+}
+
+/// Names are validated before they get here; this only keeps journal names filesystem-safe.
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Where the node keeps its own state (WAL, Raft, journals). Database names must start with a
+/// letter, so `_system` can never collide with a database directory.
+pub fn system_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("_system")
+}

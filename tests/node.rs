@@ -1,0 +1,361 @@
+//! Single-node tests through the real binary: ingest over every write endpoint, Parquet read
+//! back with DuckDB, bad input refused whole, limits, and the operational endpoints.
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use harness::{duckdb_rows, parquet_list, Node, NodeOptions};
+use std::io::Write;
+
+/// Rows visible in the manifest for `database`, waiting for flushes to register them.
+fn wait_for_manifest_rows(node: &Node, database: &str, rows: u64) {
+    node.wait_until(
+        &format!("{rows} rows of {database} in the manifest"),
+        || node.manifest_rows(database) >= rows,
+    );
+    assert_eq!(node.manifest_rows(database), rows, "more rows than written");
+}
+
+// Ingests a mix of tags, escapes and every field type through the three write endpoints,
+// lets the node flush, then reads the Parquet files the manifest lists with DuckDB and compares
+// every row, the column types and the sort order. This is the end-to-end contract of ingest.
+#[test]
+fn ingest_then_read_back_with_duckdb() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            flush_age_ms: 100,
+            ..NodeOptions::default()
+        },
+    );
+    // 2026-11-22T01:00:00Z in seconds.
+    let base = 1_795_309_200i64;
+    let body = format!(
+        "cpu,host=b,region=eu usage=1.5,count=3i,ok=true,note=\"x\" {t0}\n\
+         cpu,host=a,region=eu usage=2.5,count=4i,ok=false,note=\"say \\\"hi\\\"\" {t1}\n\
+         # a comment line\n\
+         \n\
+         cpu,host=a,region=eu usage=0.5,count=5i,ok=T,big=18446744073709551615u {t2}\r\n\
+         cpu,host=sp\\ ace\\,c,region=us usage=-1e3,count=-9i,ok=F {t3}\n",
+        t0 = (base + 3) * 1000,
+        t1 = (base + 2) * 1000,
+        t2 = (base + 1) * 1000,
+        t3 = (base + 4) * 1000,
+    );
+    let response = node.post("/write?db=metrics&precision=ms", &[], body.as_bytes());
+    assert_eq!(response.status, 204, "{}", response.text());
+    let response = node.post(
+        "/api/v2/write?bucket=metrics&precision=s",
+        &[],
+        format!("cpu,host=c,region=eu usage=9 {}\n", base + 5).as_bytes(),
+    );
+    assert_eq!(response.status, 204, "{}", response.text());
+    let response = node.post(
+        "/api/v1/write/line-protocol?precision=us",
+        &[("x-arc-database", "metrics")],
+        format!("cpu,host=d,region=eu usage=10 {}\n", (base + 6) * 1_000_000).as_bytes(),
+    );
+    assert_eq!(response.status, 204, "{}", response.text());
+
+    wait_for_manifest_rows(&node, "metrics", 6);
+    let paths = node.manifest_paths("metrics", "cpu");
+    for path in &paths {
+        let relative = path
+            .strip_prefix(&node.data_dir)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            relative.starts_with("metrics/cpu/2026/11/22/01/") && relative.ends_with(".parquet"),
+            "unexpected layout: {relative}"
+        );
+    }
+    let files = parquet_list(&paths);
+    let rows = duckdb_rows(&format!(
+        "SELECT epoch_us(time), host, region, usage, count, ok, note, big \
+         FROM read_parquet({files}, union_by_name = true) ORDER BY time"
+    ));
+    let want = vec![
+        vec![
+            format!("{}", (base + 1) * 1_000_000),
+            "a".into(),
+            "eu".into(),
+            "0.5".into(),
+            "5".into(),
+            "true".into(),
+            "NULL".into(),
+            "18446744073709551615".into(),
+        ],
+        vec![
+            format!("{}", (base + 2) * 1_000_000),
+            "a".into(),
+            "eu".into(),
+            "2.5".into(),
+            "4".into(),
+            "false".into(),
+            "say \"hi\"".into(),
+            "NULL".into(),
+        ],
+        vec![
+            format!("{}", (base + 3) * 1_000_000),
+            "b".into(),
+            "eu".into(),
+            "1.5".into(),
+            "3".into(),
+            "true".into(),
+            "x".into(),
+            "NULL".into(),
+        ],
+        vec![
+            format!("{}", (base + 4) * 1_000_000),
+            "sp ace,c".into(),
+            "us".into(),
+            "-1000".into(),
+            "-9".into(),
+            "false".into(),
+            "NULL".into(),
+            "NULL".into(),
+        ],
+        vec![
+            format!("{}", (base + 5) * 1_000_000),
+            "c".into(),
+            "eu".into(),
+            "9".into(),
+            "NULL".into(),
+            "NULL".into(),
+            "NULL".into(),
+            "NULL".into(),
+        ],
+        vec![
+            format!("{}", (base + 6) * 1_000_000),
+            "d".into(),
+            "eu".into(),
+            "10".into(),
+            "NULL".into(),
+            "NULL".into(),
+            "NULL".into(),
+            "NULL".into(),
+        ],
+    ];
+    assert_eq!(rows, want);
+
+    // Types as the design fixes them, read from the first file's own schema.
+    let first = parquet_list(&paths[..1]);
+    let types = duckdb_rows(&format!(
+        "SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM read_parquet({first})) ORDER BY column_name"
+    ));
+    let types: std::collections::HashMap<String, String> = types
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1].clone()))
+        .collect();
+    assert_eq!(types["time"], "TIMESTAMP WITH TIME ZONE");
+    assert_eq!(types["host"], "VARCHAR");
+    if let Some(usage) = types.get("usage") {
+        assert_eq!(usage, "DOUBLE");
+    }
+    if let Some(count) = types.get("count") {
+        assert_eq!(count, "BIGINT");
+    }
+
+    // Within each file rows are sorted by tags then time.
+    for path in &paths {
+        let list = parquet_list(std::slice::from_ref(path));
+        let in_file = duckdb_rows(&format!(
+            "SELECT host, region, epoch_us(time) FROM read_parquet({list})"
+        ));
+        let mut sorted = in_file.clone();
+        sorted.sort_by(|a, b| {
+            (&a[0], &a[1], a[2].parse::<i64>().unwrap()).cmp(&(
+                &b[0],
+                &b[1],
+                b[2].parse::<i64>().unwrap(),
+            ))
+        });
+        assert_eq!(
+            in_file,
+            sorted,
+            "{} is not sorted by tags then time",
+            path.display()
+        );
+    }
+}
+
+// Sends gzip and zstd bodies, with and without Content-Encoding (Arc clients rely on magic
+// byte detection), and checks every row arrives.
+#[test]
+fn compressed_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            flush_age_ms: 100,
+            shards: 1,
+            ..NodeOptions::default()
+        },
+    );
+    let lines: String = (0..100)
+        .map(|i| format!("m,host=h{i} v={i} {i}000\n"))
+        .collect();
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gzip.write_all(lines.as_bytes()).unwrap();
+    let gzip = gzip.finish().unwrap();
+    let zstd = zstd::encode_all(lines.as_bytes(), 3).unwrap();
+    for (headers, body) in [
+        (vec![("content-encoding", "gzip")], &gzip),
+        (vec![], &gzip),
+        (vec![("content-encoding", "zstd")], &zstd),
+        (vec![], &zstd),
+    ] {
+        let response = node.post("/write?db=zipped", &headers, body);
+        assert_eq!(response.status, 204, "{}", response.text());
+    }
+    wait_for_manifest_rows(&node, "zipped", 400);
+    let response = node.post("/write?db=zipped", &[("content-encoding", "br")], b"m v=1");
+    assert_eq!(response.status, 415, "{}", response.text());
+}
+
+// Each bad request gets a 400 naming the line and the reason, and stores nothing: after all of
+// them, only the one good request's rows exist. A request with a single bad line among good
+// ones must not half-store.
+#[test]
+fn bad_input_is_rejected_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            flush_age_ms: 100,
+            shards: 1,
+            ..NodeOptions::default()
+        },
+    );
+    let good = "m,host=a v=1 1000\n";
+    let cases: Vec<(&str, &str, &str)> = vec![
+        ("/write?db=bad", "m v=1 1\nm,host=a\n", "line 2"),
+        ("/write?db=bad", "m v=1 1\nm v=\"unterminated 2\n", "line 2"),
+        ("/write?db=bad", "m v=1 1\nm v=1i 2\n", "line 2"),
+        ("/write?db=bad", "m v=1 1\nm,host=a\\ v=1 2\n", "line 2"),
+        ("/write?db=bad", "1m v=1 1\n", "line 1"),
+        ("/write?db=bad", "m time=1 1\n", "line 1"),
+        ("/write?db=bad", "m v=1 notatime\n", "line 1"),
+        (
+            "/write?db=bad&precision=fortnight",
+            "m v=1 1\n",
+            "fortnight",
+        ),
+        ("/write?db=1bad", good, "database"),
+        ("/write", good, "database"),
+        ("/write?db=bad", "\n# only a comment\n", "no points"),
+    ];
+    for (path, body, needle) in cases {
+        let response = node.post(path, &[], body.as_bytes());
+        assert_eq!(response.status, 400, "{path} {body:?}: {}", response.text());
+        let json = response.json();
+        assert_eq!(json["success"], false);
+        let message = json["error"].as_str().unwrap();
+        assert!(
+            message.contains(needle),
+            "{body:?}: {message:?} lacks {needle:?}"
+        );
+    }
+    // A type conflict with data this shard already holds is a 400 too.
+    node.must_write("bad", good);
+    let response = node.post("/write?db=bad", &[], b"m,host=a v=\"text\" 2000\n");
+    assert_eq!(response.status, 400, "{}", response.text());
+    assert!(
+        response.text().contains("\\\"v\\\"") || response.text().contains("v"),
+        "{}",
+        response.text()
+    );
+
+    wait_for_manifest_rows(&node, "bad", 1);
+    let rows = duckdb_rows(&format!(
+        "SELECT host, v FROM read_parquet({})",
+        parquet_list(&node.manifest_paths("bad", "m"))
+    ));
+    assert_eq!(rows, vec![vec!["a".to_string(), "1".to_string()]]);
+    assert!(node.manifest_paths("1bad", "m").is_empty());
+}
+
+// Limits answer 413 with a message, for an over-long line, an over-large body and a small
+// gzip body that expands past the decompressed limit; nothing is stored.
+#[test]
+fn limits_answer_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            shards: 1,
+            extra_env: vec![
+                ("SHALE_INGEST_LINE_BYTES_MAX".into(), "100".into()),
+                ("SHALE_INGEST_BODY_BYTES_MAX".into(), "10000".into()),
+                ("SHALE_INGEST_DECOMPRESSED_BYTES_MAX".into(), "20000".into()),
+                ("SHALE_WAL_RECORD_BYTES_MAX".into(), "1048576".into()),
+                ("SHALE_WAL_QUEUE_BYTES_MAX".into(), "8388608".into()),
+            ],
+            ..NodeOptions::default()
+        },
+    );
+    let long_line = format!("m v=1,s=\"{}\"\n", "x".repeat(200));
+    let response = node.post("/write?db=lim", &[], long_line.as_bytes());
+    assert_eq!(response.status, 413, "{}", response.text());
+    assert!(response.text().contains("line 1"), "{}", response.text());
+
+    let big: String = (0..3000).map(|i| format!("m v={i}\n")).collect();
+    let response = node.post("/write?db=lim", &[], big.as_bytes());
+    assert_eq!(response.status, 413, "{}", response.text());
+
+    let bomb = vec![b'a'; 1 << 20];
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gzip.write_all(&bomb).unwrap();
+    let gzip = gzip.finish().unwrap();
+    assert!(gzip.len() < 10000);
+    let response = node.post("/write?db=lim", &[("content-encoding", "gzip")], &gzip);
+    assert_eq!(response.status, 413, "{}", response.text());
+    assert_eq!(node.metric("shale_wal_appends_total"), 0.0);
+}
+
+// Checks the operational endpoints: liveness, readiness, Prometheus metrics that move with
+// writes (rows, WAL syncs) and a JSON 404 for unknown paths.
+#[test]
+fn health_ready_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    assert_eq!(node.must_get("/health").status, 200);
+    assert_eq!(node.must_get("/ready").status, 200);
+    node.must_write("ops", "m,host=a v=1\nm,host=b v=2\n");
+    assert_eq!(node.metric("shale_write_rows_total"), 2.0);
+    assert!(node.metric("shale_wal_syncs_total") >= 1.0);
+    let text = node.must_get("/metrics").text();
+    for name in [
+        "shale_wal_sync_seconds_bucket",
+        "shale_write_request_seconds_count",
+        "shale_flushes_total",
+        "shale_manifest_commits_total",
+        "shale_http_requests_total",
+    ] {
+        assert!(text.contains(name), "metrics lack {name}");
+    }
+    let missing = node.must_get("/nope");
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["success"], false);
+}
+
+// The manifest is Raft state persisted on disk: a graceful restart flushes the buffers, and the
+// files registered before the restart are all listed after it.
+#[test]
+fn manifest_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    let lines: String = (0..500)
+        .map(|i| format!("m,host=h{} v={i} {}\n", i % 7, 1_000_000 + i))
+        .collect();
+    node.must_write("keep", &lines);
+    node.stop();
+    node.restart();
+    assert_eq!(node.manifest_rows("keep"), 500);
+    let before = node.manifest_files();
+    node.stop();
+    node.restart();
+    assert_eq!(node.manifest_files(), before);
+}

@@ -1,0 +1,448 @@
+//! Test harness: starts real `shale` node processes on loopback ports with their own data
+//! directories, talks HTTP/1.1 to them, and reads their Parquet back with DuckDB.
+//!
+//! Helpers panic with context on failure (`must_*`), so tests read as the scenario they check.
+//! Waits are on conditions (an endpoint answering, a metric reaching a value) with a deadline,
+//! never on fixed sleeps.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A node process under test.
+pub struct Node {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+/// Settings for a test node; anything else comes from the embedded defaults.
+pub struct NodeOptions {
+    pub shards: usize,
+    pub flush_age_ms: u64,
+    pub flush_rows_max: usize,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            shards: 2,
+            flush_age_ms: 3_600_000,
+            flush_rows_max: 1_000_000,
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+impl Node {
+    /// Starts a node in `data_dir` on a free loopback port and waits until it is ready.
+    pub fn start(data_dir: &Path, options: NodeOptions) -> Node {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut env = vec![
+            (
+                "SHALE_NODE_DATA_DIR".to_string(),
+                data_dir.display().to_string(),
+            ),
+            ("SHALE_HTTP_ADDR".to_string(), addr.to_string()),
+            (
+                "SHALE_RUNTIME_SHARDS".to_string(),
+                options.shards.to_string(),
+            ),
+            ("SHALE_RUNTIME_PLACEMENT".to_string(), "unbound".to_string()),
+            (
+                "SHALE_RUNTIME_IO_MEMORY_BYTES".to_string(),
+                (2 << 20).to_string(),
+            ),
+            (
+                "SHALE_BUFFER_FLUSH_AGE_MS_MAX".to_string(),
+                options.flush_age_ms.to_string(),
+            ),
+            (
+                "SHALE_BUFFER_FLUSH_ROWS_MAX".to_string(),
+                options.flush_rows_max.to_string(),
+            ),
+            (
+                "SHALE_BUFFER_FLUSH_CHECK_INTERVAL_MS".to_string(),
+                "50".to_string(),
+            ),
+            (
+                "SHALE_LOG_FILTER".to_string(),
+                "info,shale=debug".to_string(),
+            ),
+        ];
+        env.extend(options.extra_env);
+        let mut node = Node {
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            log_path: data_dir.with_extension("log"),
+            env,
+            child: None,
+        };
+        node.spawn();
+        node.must_become_ready();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("open node log");
+        let child = Command::new(env!("CARGO_BIN_EXE_shale"))
+            .arg("serve")
+            .envs(self.env.iter().cloned())
+            .env_remove("SHALE_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start shale");
+        self.child = Some(child);
+    }
+
+    /// Starts the same node again (same port, same data) after a stop or a kill.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "node is still running");
+        self.spawn();
+        self.must_become_ready();
+    }
+
+    /// Starts the process again and returns its exit status without expecting readiness
+    /// (for start-up that must fail).
+    pub fn start_expecting_exit(&mut self) -> (ExitStatus, String) {
+        assert!(self.child.is_none(), "node is still running");
+        let before = std::fs::metadata(&self.log_path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        self.spawn();
+        let status = self.wait_exit();
+        let log = std::fs::read(&self.log_path).unwrap_or_default();
+        (
+            status,
+            String::from_utf8_lossy(&log[before as usize..]).into_owned(),
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("node running").id()
+    }
+
+    /// SIGKILL: the process gets no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("node running");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+    }
+
+    /// SIGTERM and wait: the node flushes every buffer and exits 0.
+    pub fn stop(&mut self) {
+        let pid = self.pid();
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let status = self.wait_exit();
+        assert!(
+            status.success(),
+            "node exited with {status}; log:\n{}",
+            self.log()
+        );
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("node running");
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().expect("poll child") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("node did not exit in time; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Polls `/ready` until it answers 200; fails if the process exits first.
+    pub fn must_become_ready(&mut self) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!(
+                        "node exited with {status} before ready; log:\n{}",
+                        self.log()
+                    );
+                }
+            }
+            if let Ok(response) = request(self.addr, "GET", "/ready", &[], b"") {
+                if response.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node not ready in time; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn must_get(&self, path: &str) -> Response {
+        request(self.addr, "GET", path, &[], b"").unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    pub fn post(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        request(self.addr, "POST", path, headers, body)
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    /// Writes line protocol to `/write?db=`; panics unless the answer is 204.
+    pub fn must_write(&self, database: &str, body: &str) {
+        let response = self.post(&format!("/write?db={database}"), &[], body.as_bytes());
+        assert_eq!(response.status, 204, "write failed: {}", response.text());
+    }
+
+    /// A Prometheus sample summed over its label sets.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.must_get("/metrics").text();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let series_name = series.split('{').next()?;
+                (series_name == name)
+                    .then(|| value.parse::<f64>().ok())
+                    .flatten()
+            })
+            .sum()
+    }
+
+    /// Waits until `condition` holds, re-evaluating it; fails with `what` at the deadline.
+    pub fn wait_until(&self, what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !condition() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The manifest's file list.
+    pub fn manifest_files(&self) -> Vec<serde_json::Value> {
+        let response = self.must_get("/api/v1/cluster/files");
+        assert_eq!(response.status, 200, "{}", response.text());
+        let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+        body["files"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Sum of `rows` over manifest entries for a database.
+    pub fn manifest_rows(&self, database: &str) -> u64 {
+        self.manifest_files()
+            .iter()
+            .filter(|f| f["database"] == database)
+            .map(|f| f["rows"].as_u64().unwrap())
+            .sum()
+    }
+
+    /// Absolute paths of the manifest's files for `database`.`measurement`.
+    pub fn manifest_paths(&self, database: &str, measurement: &str) -> Vec<PathBuf> {
+        self.manifest_files()
+            .iter()
+            .filter(|f| f["database"] == database && f["measurement"] == measurement)
+            .map(|f| self.data_dir.join(f["path"].as_str().unwrap()))
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("response is not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    let mut client = Client::connect(addr)?;
+    client.request(method, path, headers, body)
+}
+
+/// A keep-alive HTTP/1.1 connection.
+pub struct Client {
+    reader: BufReader<TcpStream>,
+    addr: SocketAddr,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        stream.set_nodelay(true)?;
+        Ok(Client {
+            reader: BufReader::new(stream),
+            addr,
+        })
+    }
+
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Response> {
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n",
+            self.addr,
+            body.len()
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        let stream = self.reader.get_mut();
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body)?;
+        stream.flush()?;
+
+        let mut status_line = String::new();
+        if self.reader.read_line(&mut status_line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed before a response",
+            ));
+        }
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+        let mut headers = Vec::new();
+        let mut content_length = 0usize;
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line)?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                let (name, value) = (name.trim().to_string(), value.trim().to_string());
+                if name.eq_ignore_ascii_case("content-length") {
+                    content_length = value.parse().unwrap_or(0);
+                }
+                headers.push((name, value));
+            }
+        }
+        let mut body = vec![0; content_length];
+        self.reader.read_exact(&mut body)?;
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// Runs `sql` in an in-memory DuckDB (the prebuilt library the node links) and returns every
+/// row as strings, NULL as "NULL".
+pub fn duckdb_rows(sql: &str) -> Vec<Vec<String>> {
+    let connection = duckdb::Connection::open_in_memory().expect("open duckdb");
+    let mut statement = connection
+        .prepare(sql)
+        .unwrap_or_else(|e| panic!("prepare {sql}: {e}"));
+    let mut rows = statement
+        .query([])
+        .unwrap_or_else(|e| panic!("query {sql}: {e}"));
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().unwrap() {
+        let columns = row.as_ref().column_count();
+        let mut values = Vec::with_capacity(columns);
+        for index in 0..columns {
+            let value: duckdb::types::Value = row.get(index).unwrap();
+            values.push(match value {
+                duckdb::types::Value::Null => "NULL".to_string(),
+                duckdb::types::Value::Text(s) => s,
+                duckdb::types::Value::Boolean(b) => b.to_string(),
+                duckdb::types::Value::BigInt(v) => v.to_string(),
+                duckdb::types::Value::Int(v) => v.to_string(),
+                duckdb::types::Value::UBigInt(v) => v.to_string(),
+                duckdb::types::Value::HugeInt(v) => v.to_string(),
+                duckdb::types::Value::Double(v) => v.to_string(),
+                other => format!("{other:?}"),
+            });
+        }
+        out.push(values);
+    }
+    out
+}
+
+/// A SQL list literal of file paths for `read_parquet([...])`.
+pub fn parquet_list(paths: &[PathBuf]) -> String {
+    let quoted: Vec<String> = paths
+        .iter()
+        .map(|p| format!("'{}'", p.display().to_string().replace('\'', "''")))
+        .collect();
+    format!("[{}]", quoted.join(", "))
+}
