@@ -34,9 +34,9 @@ impl Generator {
         self.next() % bound
     }
 
-    /// A float in [0, 100) with one decimal, as the narrow shape's agents send.
+    /// A float in [0, 100) with two decimals, as the narrow shape's agents send.
     fn percent(&mut self) -> f64 {
-        self.below(1_000) as f64 / 10.0
+        self.below(10_000) as f64 / 100.0
     }
 }
 

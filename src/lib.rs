@@ -5,8 +5,10 @@
 //! encoding, shards and the HTTP API.
 
 pub mod api;
+pub mod bench;
 pub mod buffer;
 pub mod config;
+pub mod http_client;
 pub mod ingest;
 pub mod line_protocol;
 pub mod metrics;
@@ -14,3 +16,4 @@ pub mod names;
 pub mod node;
 pub mod shard;
 pub mod storage;
+pub mod workload;

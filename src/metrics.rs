@@ -51,6 +51,41 @@ impl Histogram {
     }
 }
 
+/// A copy of one shard's WAL statistics (the WAL itself is shard-local and `!Sync`), refreshed
+/// by the shard after every acknowledged write and on every flush-loop tick.
+#[derive(Default)]
+pub struct WalMirror {
+    pub groups: Counter,
+    pub group_records: Counter,
+    pub syncs: Counter,
+    pub sync_buckets: [Counter; SYNC_BUCKETS],
+    pub sync_sum_us: Counter,
+    pub queue_bytes: Counter,
+    pub durable_lsn: Counter,
+    pub segments: Counter,
+    pub segments_released: Counter,
+    pub failed: Counter,
+}
+
+const SYNC_BUCKETS: usize = shale_io::wal::SYNC_LATENCY_BUCKET_BOUNDS_US.len();
+
+impl WalMirror {
+    pub fn update(&self, stats: &shale_io::wal::WalStats) {
+        self.groups.set(stats.groups);
+        self.group_records.set(stats.group_records);
+        self.syncs.set(stats.syncs);
+        for (bucket, &count) in self.sync_buckets.iter().zip(&stats.sync_latency.counts) {
+            bucket.set(count);
+        }
+        self.sync_sum_us.set(stats.sync_latency.sum_us);
+        self.queue_bytes.set(stats.queue_bytes as u64);
+        self.durable_lsn.set(stats.durable_lsn);
+        self.segments.set(stats.segments as u64);
+        self.segments_released.set(stats.segments_released);
+        self.failed.set(u64::from(stats.failed));
+    }
+}
+
 /// Request outcome classes on `/metrics`.
 #[derive(Clone, Copy, Debug)]
 pub enum Endpoint {
@@ -71,9 +106,7 @@ pub struct ShardMetrics {
     pub write_rejected_overload: Counter,
     pub wal_appends: Counter,
     pub wal_bytes: Counter,
-    pub wal_syncs: Counter,
-    pub wal_sync_latency: Histogram,
-    pub wal_segments_released: Counter,
+    pub wal: WalMirror,
     pub buffer_rows: Counter,
     pub buffer_bytes: Counter,
     pub flushes: Counter,
@@ -120,78 +153,29 @@ impl NodeMetrics {
     pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(16 * 1024);
         type Pick = fn(&ShardMetrics) -> &Counter;
-        let counters: [(&str, &str, Pick); 15] = [
-            (
-                "shale_write_rows_total",
-                "Rows acknowledged to writers.",
-                |m| &m.write_rows,
-            ),
-            (
-                "shale_write_bytes_total",
-                "Line-protocol bytes acknowledged (after decompression).",
-                |m| &m.write_bytes,
-            ),
-            (
-                "shale_write_rejected_overload_total",
-                "Writes answered 503 because a buffer or queue was full.",
-                |m| &m.write_rejected_overload,
-            ),
-            (
-                "shale_wal_appends_total",
-                "Records appended to the WAL.",
-                |m| &m.wal_appends,
-            ),
-            ("shale_wal_bytes_total", "Bytes appended to the WAL.", |m| {
-                &m.wal_bytes
-            }),
-            (
-                "shale_wal_syncs_total",
-                "WAL group commits made durable with fdatasync.",
-                |m| &m.wal_syncs,
-            ),
-            (
-                "shale_wal_segments_released_total",
-                "WAL segments deleted after their data reached the manifest.",
-                |m| &m.wal_segments_released,
-            ),
-            (
-                "shale_buffer_rows",
-                "Rows held in Arrow buffers, not yet in Parquet.",
-                |m| &m.buffer_rows,
-            ),
-            (
-                "shale_buffer_bytes",
-                "Estimated bytes held in Arrow buffers.",
-                |m| &m.buffer_bytes,
-            ),
-            ("shale_flushes_total", "Buffer flushes completed.", |m| {
-                &m.flushes
-            }),
-            (
-                "shale_flush_errors_total",
-                "Buffer flushes that failed and will be retried.",
-                |m| &m.flush_errors,
-            ),
-            (
-                "shale_files_written_total",
-                "Parquet files published.",
-                |m| &m.files_written,
-            ),
-            (
-                "shale_file_bytes_written_total",
-                "Bytes of Parquet published.",
-                |m| &m.file_bytes_written,
-            ),
-            (
-                "shale_manifest_commits_total",
-                "File registrations committed to the manifest.",
-                |m| &m.manifest_commits,
-            ),
-            (
-                "shale_manifest_commit_errors_total",
-                "Registration attempts that failed and were retried.",
-                |m| &m.manifest_commit_errors,
-            ),
+        #[rustfmt::skip]
+        let counters: [(&str, &str, Pick); 21] = [
+            ("shale_write_rows_total", "Rows acknowledged to writers.", |m| &m.write_rows),
+            ("shale_write_bytes_total", "Line-protocol bytes acknowledged (after decompression).", |m| &m.write_bytes),
+            ("shale_write_rejected_overload_total", "Writes answered 503 because a buffer or queue was full.", |m| &m.write_rejected_overload),
+            ("shale_wal_appends_total", "Records appended to the WAL.", |m| &m.wal_appends),
+            ("shale_wal_bytes_total", "Payload bytes appended to the WAL.", |m| &m.wal_bytes),
+            ("shale_wal_groups_total", "WAL group commits written.", |m| &m.wal.groups),
+            ("shale_wal_group_records_total", "Records in written WAL groups (divide by groups for the batching factor).", |m| &m.wal.group_records),
+            ("shale_wal_syncs_total", "WAL fdatasync calls completed.", |m| &m.wal.syncs),
+            ("shale_wal_queue_bytes", "WAL bytes appended and not yet durable.", |m| &m.wal.queue_bytes),
+            ("shale_wal_durable_lsn", "Every WAL record at or below this LSN is durable.", |m| &m.wal.durable_lsn),
+            ("shale_wal_segments", "WAL segment files on disk.", |m| &m.wal.segments),
+            ("shale_wal_segments_released_total", "WAL segments deleted after their data reached the manifest.", |m| &m.wal.segments_released),
+            ("shale_wal_failed", "1 once a WAL write or sync failed (the shard then refuses writes).", |m| &m.wal.failed),
+            ("shale_buffer_rows", "Rows held in Arrow buffers, not yet in Parquet.", |m| &m.buffer_rows),
+            ("shale_buffer_bytes", "Estimated bytes held in Arrow buffers.", |m| &m.buffer_bytes),
+            ("shale_flushes_total", "Buffer flushes completed.", |m| &m.flushes),
+            ("shale_flush_errors_total", "Buffer flushes that failed and will be retried.", |m| &m.flush_errors),
+            ("shale_files_written_total", "Parquet files published.", |m| &m.files_written),
+            ("shale_file_bytes_written_total", "Bytes of Parquet published.", |m| &m.file_bytes_written),
+            ("shale_manifest_commits_total", "Files whose registration this shard committed to the manifest.", |m| &m.manifest_commits),
+            ("shale_manifest_commit_errors_total", "Registration attempts that failed and were retried.", |m| &m.manifest_commit_errors),
         ];
         for (name, help, pick) in counters {
             let kind = if name.ends_with("_total") {
@@ -225,32 +209,43 @@ impl NodeMetrics {
         }
 
         type PickHistogram = fn(&ShardMetrics) -> &Histogram;
-        let histograms: [(&str, &str, PickHistogram); 5] = [
-            (
-                "shale_write_request_seconds",
-                "Write request latency, receipt to acknowledgement.",
-                |m| &m.request_latency[Endpoint::Write as usize],
-            ),
-            (
-                "shale_wal_sync_seconds",
-                "WAL group commit write+fdatasync latency.",
-                |m| &m.wal_sync_latency,
-            ),
-            (
-                "shale_flush_seconds",
-                "Buffer flush latency: encode, publish, register.",
-                |m| &m.flush_latency,
-            ),
-            (
-                "shale_manifest_commit_seconds",
-                "Manifest registration commit latency.",
-                |m| &m.manifest_commit_latency,
-            ),
-            (
-                "shale_other_request_seconds",
-                "Latency of non-write requests.",
-                |m| &m.request_latency[Endpoint::Other as usize],
-            ),
+        let name = "shale_wal_sync_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} WAL fdatasync latency.\n# TYPE {name} histogram"
+        );
+        let bounds = shale_io::wal::SYNC_LATENCY_BUCKET_BOUNDS_US;
+        for (shard, metrics) in self.shards.iter().enumerate() {
+            let mut cumulative = 0;
+            // The WAL's last bucket is unbounded; it is the +Inf line below.
+            for (bound, bucket) in bounds
+                .iter()
+                .zip(&metrics.wal.sync_buckets)
+                .take(SYNC_BUCKETS - 1)
+            {
+                cumulative += bucket.get();
+                let seconds = *bound as f64 / 1e6;
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{shard=\"{shard}\",le=\"{seconds}\"}} {cumulative}"
+                );
+            }
+            let count = metrics.wal.syncs.get();
+            let sum = metrics.wal.sync_sum_us.get() as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {count}"
+            );
+            let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {sum}");
+            let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {count}");
+        }
+
+        #[rustfmt::skip]
+        let histograms: [(&str, &str, PickHistogram); 4] = [
+            ("shale_write_request_seconds", "Write request latency, receipt to acknowledgement.", |m| &m.request_latency[Endpoint::Write as usize]),
+            ("shale_flush_seconds", "Buffer flush latency: encode, publish, register.", |m| &m.flush_latency),
+            ("shale_manifest_commit_seconds", "Manifest registration commit latency.", |m| &m.manifest_commit_latency),
+            ("shale_other_request_seconds", "Latency of non-write requests.", |m| &m.request_latency[Endpoint::Other as usize]),
         ];
         for (name, help, pick) in histograms {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -296,18 +291,23 @@ mod tests {
         let metrics = NodeMetrics::new(2);
         metrics.shards[1].write_rows.add(42);
         metrics.shards[0]
-            .wal_sync_latency
+            .flush_latency
             .observe(Duration::from_micros(700));
         metrics.shards[0]
-            .wal_sync_latency
+            .flush_latency
             .observe(Duration::from_millis(3));
+        metrics.shards[0].wal.syncs.set(2);
+        metrics.shards[0].wal.sync_buckets[4].set(2);
         let text = metrics.render(&[("shale_manifest_applied_index", "Applied.", 7.0)]);
         assert!(
             text.contains("shale_write_rows_total{shard=\"1\"} 42\n"),
             "{text}"
         );
-        assert!(text.contains("shale_wal_sync_seconds_bucket{shard=\"0\",le=\"0.001\"} 1\n"));
-        assert!(text.contains("shale_wal_sync_seconds_bucket{shard=\"0\",le=\"0.005\"} 2\n"));
+        assert!(text.contains("shale_flush_seconds_bucket{shard=\"0\",le=\"0.001\"} 1\n"));
+        assert!(text.contains("shale_flush_seconds_bucket{shard=\"0\",le=\"0.005\"} 2\n"));
+        assert!(text.contains("shale_flush_seconds_count{shard=\"0\"} 2\n"));
+        assert!(text.contains("shale_wal_sync_seconds_bucket{shard=\"0\",le=\"0.0005\"} 0\n"));
+        assert!(text.contains("shale_wal_sync_seconds_bucket{shard=\"0\",le=\"0.001\"} 2\n"));
         assert!(text.contains("shale_wal_sync_seconds_count{shard=\"0\"} 2\n"));
         assert!(text.contains("shale_manifest_applied_index 7\n"));
     }

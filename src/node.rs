@@ -45,13 +45,16 @@ enum StopEvent {
 
 /// Runs a node until SIGINT/SIGTERM or a fatal shard error. Returns an error for the latter,
 /// so the process exits non-zero with the reason.
-pub fn run(config: Config) -> anyhow::Result<()> {
-    let config = Arc::new(config);
+pub fn run(mut config: Config) -> anyhow::Result<()> {
     let memlock = runtime::raise_memlock_limit();
     tracing::debug!(memlock_bytes = memlock, "memlock limit");
+    std::fs::create_dir_all(system_dir(&config.node.data_dir))
+        .with_context(|| format!("create data directory {}", config.node.data_dir.display()))?;
+    // io_uring opens resolve relative paths differently from the process; use absolute ones.
+    config.node.data_dir = std::fs::canonicalize(&config.node.data_dir)
+        .with_context(|| format!("resolve data directory {}", config.node.data_dir.display()))?;
+    let config = Arc::new(config);
     let data_dir = &config.node.data_dir;
-    std::fs::create_dir_all(system_dir(data_dir))
-        .with_context(|| format!("create data directory {}", data_dir.display()))?;
     let removed = shale_io::publish::remove_stale_temporaries(data_dir)
         .context("remove temporaries left by a crash")?;
     if removed > 0 {

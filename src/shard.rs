@@ -232,6 +232,7 @@ impl Shard {
         match append.durable().await {
             Ok(_) => {
                 self.note_durable(lsn);
+                self.refresh_wal_metrics();
                 self.metrics.write_rows.add(rows);
                 self.metrics.write_bytes.add(body.len() as u64);
                 Ok(rows)
@@ -404,6 +405,7 @@ impl Shard {
     pub async fn flush_loop(self: Rc<Self>, shutdown: LocalSignal) {
         let interval = Duration::from_millis(self.config.buffer.flush_check_interval_ms.max(1));
         loop {
+            self.refresh_wal_metrics();
             let stopping = shutdown.is_raised();
             for key in self.due_tables(stopping) {
                 self.flush_table(&key).await;
@@ -548,6 +550,7 @@ impl Shard {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
+        self.refresh_wal_metrics();
         let mut entries = Vec::with_capacity(encoded.len());
         for file in &encoded {
             let relative = file.relative_path.to_string_lossy().into_owned();
@@ -717,7 +720,7 @@ impl Shard {
         }
         self.released_below.set(keep_from);
         match wal.release_below(keep_from).await {
-            Ok(released) => self.metrics.wal_segments_released.add(released),
+            Ok(_) => self.refresh_wal_metrics(),
             Err(error) => {
                 tracing::warn!(shard_id = self.shard_id, %error, "wal release failed");
             }
@@ -761,11 +764,10 @@ impl Shard {
         self.manifest.current()
     }
 
-    /// WAL statistics for `/metrics`: (syncs, durable lsn).
+    /// Copies the WAL's statistics into this shard's metrics for `/metrics`.
     pub fn refresh_wal_metrics(&self) {
         if let Some(wal) = self.wal() {
-            let stats = wal.stats();
-            self.metrics.wal_syncs.set(stats.syncs);
+            self.metrics.wal.update(&wal.stats());
         }
     }
 }

@@ -250,7 +250,7 @@ fn bad_input_is_rejected_whole() {
     for (path, body, needle) in cases {
         let response = node.post(path, &[], body.as_bytes());
         assert_eq!(response.status, 400, "{path} {body:?}: {}", response.text());
-        let json = response.json();
+        let json = harness::json(&response);
         assert_eq!(json["success"], false);
         let message = json["error"].as_str().unwrap();
         assert!(
@@ -338,7 +338,7 @@ fn health_ready_metrics() {
     }
     let missing = node.must_get("/nope");
     assert_eq!(missing.status, 404);
-    assert_eq!(missing.json()["success"], false);
+    assert_eq!(harness::json(&missing)["success"], false);
 }
 
 // The manifest is Raft state persisted on disk: a graceful restart flushes the buffers, and the
