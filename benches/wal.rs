@@ -65,7 +65,7 @@ fn run(appends: u64, appenders: usize, fsync: bool) -> Duration {
         let elapsed = started.elapsed();
         let stats = wal.stats();
         wal.close().await.expect("close wal");
-        if appends >= 1_000 {
+        if appends >= 100 {
             let seconds = elapsed.as_secs_f64();
             println!(
                 "wal fsync={} appenders={appenders}: {:.0} durable appends/s, {:.1} MB/s payload, \

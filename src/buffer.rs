@@ -41,6 +41,18 @@ impl ColumnKind {
         }
     }
 
+    pub fn from_name(name: &str) -> Option<ColumnKind> {
+        Some(match name {
+            "tag" => ColumnKind::Tag,
+            "float" => ColumnKind::Float,
+            "integer" => ColumnKind::Integer,
+            "unsigned" => ColumnKind::Unsigned,
+            "boolean" => ColumnKind::Boolean,
+            "string" => ColumnKind::String,
+            _ => return None,
+        })
+    }
+
     pub fn data_type(self) -> DataType {
         match self {
             ColumnKind::Tag => {

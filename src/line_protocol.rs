@@ -1419,42 +1419,38 @@ fn parse_i64(text: &[u8]) -> Result<i64, IntegerError> {
         Some((b'-', rest)) => (true, rest),
         _ => (false, text),
     };
-    if digits.is_empty() {
-        return Err(IntegerError::Syntax);
-    }
-    let mut value: i64 = 0;
-    let mut overflowed = false;
-    for &byte in digits {
-        let digit = byte.wrapping_sub(b'0');
-        if digit > 9 {
-            return Err(IntegerError::Syntax);
+    let magnitude = parse_u64(digits)?;
+    if negative {
+        // -2^63 is the one magnitude that does not fit a positive i64.
+        if magnitude > i64::MIN.unsigned_abs() {
+            return Err(IntegerError::Range);
         }
-        // Accumulate negatives as negatives so that i64::MIN parses.
-        let next = value.checked_mul(10).and_then(|value| {
-            if negative {
-                value.checked_sub(i64::from(digit))
-            } else {
-                value.checked_add(i64::from(digit))
-            }
-        });
-        match next {
-            Some(next) => value = next,
-            None => overflowed = true,
-        }
+        Ok((magnitude as i64).wrapping_neg())
+    } else {
+        i64::try_from(magnitude).map_err(|_| IntegerError::Range)
     }
-    if overflowed {
-        return Err(IntegerError::Range);
-    }
-    Ok(value)
 }
 
 /// Parses `[0-9]+` into a u64, distinguishing bad syntax from overflow.
 #[inline]
 fn parse_u64(digits: &[u8]) -> Result<u64, IntegerError> {
+    /// Any 19 decimal digits fit a u64 (10^19 - 1 < 2^64), so the common case (nanosecond
+    /// timestamps have 19 digits) needs no overflow check per digit.
+    const UNCHECKED_DIGITS_MAX: usize = 19;
     if digits.is_empty() {
         return Err(IntegerError::Syntax);
     }
     let mut value: u64 = 0;
+    if digits.len() <= UNCHECKED_DIGITS_MAX {
+        for &byte in digits {
+            let digit = byte.wrapping_sub(b'0');
+            if digit > 9 {
+                return Err(IntegerError::Syntax);
+            }
+            value = value * 10 + u64::from(digit);
+        }
+        return Ok(value);
+    }
     let mut overflowed = false;
     for &byte in digits {
         let digit = byte.wrapping_sub(b'0');

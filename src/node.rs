@@ -55,6 +55,8 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("resolve data directory {}", config.node.data_dir.display()))?;
     let config = Arc::new(config);
     let data_dir = &config.node.data_dir;
+    // Two processes on one data directory would corrupt the WAL and the Raft log.
+    let _lock = lock_data_dir(data_dir)?;
     let removed = shale_io::publish::remove_stale_temporaries(data_dir)
         .context("remove temporaries left by a crash")?;
     if removed > 0 {
@@ -222,6 +224,27 @@ async fn run_shard(
         None => http.await,
     }
     shard.close().await;
+}
+
+/// Takes an exclusive advisory lock on the data directory for the life of the returned file.
+fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = system_dir(data_dir).join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "data directory {} is in use by another shale process",
+            data_dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("lock {}", path.display()))
+        }
+    }
 }
 
 fn block_stop_signals() -> libc::sigset_t {

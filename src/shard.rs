@@ -15,8 +15,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use shale_io::publish::{self, PublishError};
 use shale_io::runtime::{LocalNotify, LocalSignal};
 use shale_io::wal::{Wal, WalConfig, WalError};
-use shale_replication::manifest::{FileEntry, ManifestCommand, ManifestResponse};
-use shale_replication::{ManifestClient, ManifestVersion};
+use shale_replication::manifest::{
+    ColumnDeclaration, FileEntry, ManifestCommand, ManifestResponse,
+};
+use shale_replication::{ManifestClient, ManifestError, ManifestVersion};
 
 use crate::buffer::{
     check_kind, ColumnKind, FrozenBuffer, MeasurementBuffer, SchemaConflict, Value,
@@ -51,6 +53,12 @@ pub enum WriteError {
 /// A (database, measurement) pair as owned keys.
 type TableKey = (String, String);
 
+/// Column kinds of one table.
+type TableKinds = HashMap<String, ColumnKind>;
+
+/// Columns a request uses that no one has declared yet, per measurement.
+type Undeclared = Vec<(String, Vec<(String, ColumnKind)>)>;
+
 /// Everything one shard owns.
 pub struct Shard {
     pub shard_id: u32,
@@ -63,9 +71,10 @@ pub struct Shard {
     wal: RefCell<Option<Rc<Wal>>>,
     /// Unflushed rows by database, then measurement.
     buffers: RefCell<HashMap<String, HashMap<String, MeasurementBuffer>>>,
-    /// Column kinds seen on this shard since start, per table; outlives flushes so a later
-    /// request cannot change a column's type.
-    kinds: RefCell<HashMap<TableKey, HashMap<String, ColumnKind>>>,
+    /// Column kinds by database, measurement and column: a cache of the kinds declared in the
+    /// manifest (plus those seen in WAL replay). A column missing here is looked up in the
+    /// manifest, and declared through Raft if it is new, before any row using it is logged.
+    kinds: RefCell<HashMap<String, HashMap<String, TableKinds>>>,
     /// Bytes in buffers plus bytes frozen and not yet flushed.
     buffered_bytes: Cell<usize>,
     /// First LSN of the flush in progress, if any: the WAL below it may go once it commits.
@@ -224,6 +233,19 @@ impl Shard {
             line_protocol::parse_with(buffers, &body, precision, now_ns.div_euclid(1000), &limits);
         // On error the parse buffers are dropped; the next request allocates fresh ones.
         let batch = batch?;
+        if batch.is_empty() {
+            return Err(WriteError::BadRequest(
+                "request body has no points (only blank lines or comments)".into(),
+            ));
+        }
+        crate::names::validate_database(database)
+            .map_err(|e| WriteError::BadRequest(format!("database {database:?}: {e}")))?;
+        let undeclared = self
+            .check_kinds(database, &batch)
+            .map_err(|e| WriteError::Schema(e.to_string()))?;
+        if !undeclared.is_empty() {
+            self.declare_columns(database, undeclared).await?;
+        }
         let result = self.log_and_buffer(&wal, database, precision, &body, &batch, now_ns);
         let rows = batch.len() as u64;
         *self.parse_buffers.borrow_mut() = Some(batch.into_buffers());
@@ -255,15 +277,6 @@ impl Shard {
         batch: &Batch<'_>,
         now_ns: i64,
     ) -> Result<shale_io::wal::Append, WriteError> {
-        if batch.is_empty() {
-            return Err(WriteError::BadRequest(
-                "request body has no points (only blank lines or comments)".into(),
-            ));
-        }
-        crate::names::validate_database(database)
-            .map_err(|e| WriteError::BadRequest(format!("database {database:?}: {e}")))?;
-        self.check_kinds(database, batch)
-            .map_err(|e| WriteError::Schema(e.to_string()))?;
         if self.buffered_bytes.get() > self.config.buffer.shard_bytes_max {
             self.metrics.write_rejected_overload.increment();
             self.flush_wanted.notify();
@@ -306,26 +319,112 @@ impl Shard {
         Ok(append)
     }
 
-    /// Rejects a request whose values disagree with a column's kind on this shard.
-    fn check_kinds(&self, database: &str, batch: &Batch<'_>) -> Result<(), SchemaConflict> {
-        let kinds = self.kinds.borrow();
-        let mut last: Option<(&str, Option<&HashMap<String, ColumnKind>>)> = None;
-        for line in batch.lines() {
-            let measurement = line.measurement();
-            let table = match last {
-                Some((name, table)) if name == measurement => table,
-                _ => {
-                    let table = kinds.get(&(database.to_string(), measurement.to_string()));
-                    last = Some((measurement, table));
-                    table
+    /// Rejects a request whose values disagree with a declared column kind, and returns the
+    /// columns it uses that are not declared yet.
+    fn check_kinds(&self, database: &str, batch: &Batch<'_>) -> Result<Undeclared, SchemaConflict> {
+        let mut kinds = self.kinds.borrow_mut();
+        let tables = match kinds.get_mut(database) {
+            Some(tables) => tables,
+            None => kinds.entry(database.to_string()).or_default(),
+        };
+        let mut undeclared: Undeclared = Vec::new();
+        let mut note = |measurement: &str, column: &str, kind: ColumnKind| {
+            let index = match undeclared.iter().position(|(m, _)| m == measurement) {
+                Some(index) => index,
+                None => {
+                    undeclared.push((measurement.to_string(), Vec::new()));
+                    undeclared.len() - 1
                 }
             };
-            let Some(table) = table else { continue };
+            let columns = &mut undeclared[index].1;
+            if !columns.iter().any(|(name, _)| name == column) {
+                columns.push((column.to_string(), kind));
+            }
+        };
+        for line in batch.lines() {
+            let measurement = line.measurement();
+            if !tables.contains_key(measurement) {
+                let declared = self.declared_kinds(database, measurement);
+                tables.insert(measurement.to_string(), declared);
+            }
+            let table = &tables[measurement];
             for (key, _) in line.tags() {
-                check_kind(key, table.get(key).copied(), ColumnKind::Tag)?;
+                match table.get(key) {
+                    Some(&existing) => check_kind(key, Some(existing), ColumnKind::Tag)?,
+                    None => note(measurement, key, ColumnKind::Tag),
+                }
             }
             for (key, value) in line.fields() {
-                check_kind(key, table.get(key).copied(), field_kind(&value))?;
+                match table.get(key) {
+                    Some(&existing) => check_kind(key, Some(existing), field_kind(&value))?,
+                    None => note(measurement, key, field_kind(&value)),
+                }
+            }
+        }
+        Ok(undeclared)
+    }
+
+    /// The column kinds the manifest has for a table.
+    fn declared_kinds(&self, database: &str, measurement: &str) -> TableKinds {
+        let version = self.manifest.current();
+        version
+            .manifest
+            .table_columns(database, measurement)
+            .map(|columns| {
+                columns
+                    .iter()
+                    .filter_map(|(name, kind)| Some((name.clone(), ColumnKind::from_name(kind)?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Declares new columns through Raft, so their kinds hold for every shard and node, before
+    /// any row using them is logged. A conflicting declaration that won the race is a 400.
+    async fn declare_columns(
+        &self,
+        database: &str,
+        undeclared: Undeclared,
+    ) -> Result<(), WriteError> {
+        for (measurement, columns) in undeclared {
+            let command = ManifestCommand::DeclareColumns {
+                database: database.to_string(),
+                measurement: measurement.clone(),
+                columns: columns
+                    .iter()
+                    .map(|(name, kind)| ColumnDeclaration {
+                        name: name.clone(),
+                        kind: kind.name().to_string(),
+                    })
+                    .collect(),
+            };
+            match self.manifest.propose(command).await {
+                Ok(_) => {
+                    let mut kinds = self.kinds.borrow_mut();
+                    let table = kinds
+                        .entry(database.to_string())
+                        .or_default()
+                        .entry(measurement)
+                        .or_default();
+                    for (name, kind) in columns {
+                        table.insert(name, kind);
+                    }
+                }
+                Err(ManifestError::Rejected(rejection)) => {
+                    // Another request declared a different kind first; learn it for next time.
+                    let declared = self.declared_kinds(database, &measurement);
+                    self.kinds
+                        .borrow_mut()
+                        .entry(database.to_string())
+                        .or_default()
+                        .insert(measurement, declared);
+                    return Err(WriteError::Schema(rejection.to_string()));
+                }
+                Err(error) => {
+                    return Err(WriteError::Overloaded(format!(
+                        "new columns could not be declared in the manifest: {error}"
+                    )))
+                }
             }
         }
         Ok(())
@@ -360,7 +459,9 @@ impl Shard {
         if new_columns {
             let mut kinds = self.kinds.borrow_mut();
             let table = kinds
-                .entry((database.to_string(), measurement.to_string()))
+                .entry(database.to_string())
+                .or_default()
+                .entry(measurement.to_string())
                 .or_default();
             for (key, _) in line.tags() {
                 table.entry(key.to_string()).or_insert(ColumnKind::Tag);

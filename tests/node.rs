@@ -359,3 +359,66 @@ fn manifest_survives_restart() {
     node.restart();
     assert_eq!(node.manifest_files(), before);
 }
+
+// A column's kind is declared once, through the manifest, for every shard and across restarts:
+// after `v` is stored as a float, an integer or string `v` is refused on whichever shard the
+// connection lands, and still after a restart; a new column is accepted.
+#[test]
+fn column_kinds_hold_across_shards_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    node.must_write("kinds", "m,host=a v=1.5 1000\n");
+    for attempt in 0..8 {
+        let response = node.post(
+            "/write?db=kinds",
+            &[],
+            format!("m,host=a v={attempt}i 2000\n").as_bytes(),
+        );
+        assert_eq!(
+            response.status,
+            400,
+            "attempt {attempt}: {}",
+            response.text()
+        );
+        assert!(response.text().contains("float"), "{}", response.text());
+    }
+    node.stop();
+    node.restart();
+    let response = node.post("/write?db=kinds", &[], b"m,host=a v=\"text\" 3000\n");
+    assert_eq!(response.status, 400, "{}", response.text());
+    let response = node.post("/write?db=kinds", &[], b"m,v=tagnow w=1 3000\n");
+    assert_eq!(
+        response.status,
+        400,
+        "a field may not become a tag: {}",
+        response.text()
+    );
+    node.must_write("kinds", "m,host=b v=2.5,w=7i 4000\n");
+    node.stop();
+    node.restart();
+    assert_eq!(node.manifest_rows("kinds"), 2);
+}
+
+// Two processes on one data directory would corrupt the WAL and the Raft log: the second one
+// must refuse to start and say why.
+#[test]
+fn second_process_on_a_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_shale"))
+        .arg("serve")
+        .env("SHALE_NODE_DATA_DIR", &node.data_dir)
+        .env(
+            "SHALE_HTTP_ADDR",
+            format!("127.0.0.1:{}", harness::free_port()),
+        )
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("in use by another shale process"),
+        "{stderr}"
+    );
+    assert_eq!(node.must_get("/ready").status, 200);
+}

@@ -317,6 +317,8 @@ impl Wal {
     /// cannot bring back an older segment without the newer ones. Call it once the records up
     /// to `lsn - 1` are in a committed manifest entry. Returns the number of segments deleted.
     pub async fn release_below(&self, lsn: u64) -> Result<u64, WalError> {
+        // Taken first so a WAL closed meanwhile deletes nothing it cannot sync.
+        let directory = self.shared.directory()?;
         let mut deleted = 0;
         loop {
             let victim = {
@@ -341,7 +343,6 @@ impl Wal {
                 Err(error) => return Err(WalError::io("delete wal segment", &victim.path, error)),
             }
             if self.shared.config.fsync {
-                let directory = self.shared.directory()?;
                 directory.sync().await.map_err(|error| {
                     WalError::io("sync wal directory", &self.shared.config.dir, error)
                 })?;

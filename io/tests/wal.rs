@@ -737,6 +737,112 @@ fn poisoned_polling_probe_is_reported_clearly() {
     });
 }
 
+// Checks that an I/O error in the writer is fatal (the fsyncgate rule: after a failed write
+// or fdatasync the kernel may have dropped the data, so a retry could report lost records as
+// durable): the waiting append fails, every later append, release and close fail with
+// Failed, and after a restart exactly the records acknowledged before the error (plus, at
+// most, the one whose write failed part way) are replayed. The error is provoked with
+// RLIMIT_FSIZE (writes past it fail), which is process-wide, so the test re-runs this test
+// binary as a child process that sets the limit.
+#[test]
+fn write_error_fails_the_wal_for_good() {
+    const CHILD_ENV: &str = "SHALE_WAL_TEST_FILE_SIZE_LIMIT_CHILD";
+    if let Some(dir) = std::env::var_os(CHILD_ENV) {
+        write_error_child(Path::new(&dir));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "write_error_fails_the_wal_for_good",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, dir.path())
+        .output()
+        .expect("run child test process");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && log.contains("1 passed"),
+        "child failed:\n{log}"
+    );
+    let acknowledged: u64 = std::fs::read_to_string(dir.path().join("acknowledged"))
+        .expect("child wrote its result")
+        .parse()
+        .unwrap();
+    assert!(
+        acknowledged > 5,
+        "the limit should allow some records first"
+    );
+
+    let config = failing_config(&dir.path().join("wal"));
+    run(move || async move {
+        let (wal, _, replayed) = must_open(config, 1).await;
+        let count = replayed.len() as u64;
+        assert!(
+            count == acknowledged || count == acknowledged + 1,
+            "{count} replayed, {acknowledged} acknowledged"
+        );
+        assert_records(&replayed[..acknowledged as usize], 1..=acknowledged);
+        wal.close().await.unwrap();
+    });
+}
+
+fn failing_config(dir: &Path) -> WalConfig {
+    WalConfig {
+        segment_bytes_max: 1 << 20,
+        ..small_config(dir)
+    }
+}
+
+fn write_error_child(dir: &Path) {
+    const FILE_SIZE_LIMIT_BYTES: u64 = 32 << 10;
+    // SAFETY: plain libc calls on this (child) process; ignoring SIGXFSZ turns the signal a
+    // write past the limit raises into an EFBIG or short-write error.
+    unsafe {
+        assert_ne!(libc::signal(libc::SIGXFSZ, libc::SIG_IGN), libc::SIG_ERR);
+        let limit = libc::rlimit {
+            rlim_cur: FILE_SIZE_LIMIT_BYTES,
+            rlim_max: FILE_SIZE_LIMIT_BYTES,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+    }
+    let config = failing_config(&dir.join("wal"));
+    let result_path = dir.join("acknowledged");
+    run(move || async move {
+        let (wal, _, _) = must_open(config, 1).await;
+        let mut acknowledged = 0u64;
+        let error = loop {
+            let record = expected_record(acknowledged + 1);
+            let append = wal
+                .append(record.kind, record.time_ns, &record.payload)
+                .expect("append before the failure");
+            match append.durable().await {
+                Ok(lsn) => acknowledged = lsn,
+                Err(error) => break error,
+            }
+            assert!(acknowledged < 1000, "the file size limit never hit");
+        };
+        assert!(matches!(error, WalError::Failed { .. }), "{error}");
+        assert!(wal.stats().failed);
+        assert!(matches!(
+            wal.append(1, 1, b"after"),
+            Err(WalError::Failed { .. })
+        ));
+        assert!(matches!(
+            wal.release_below(u64::MAX).await,
+            Err(WalError::Failed { .. })
+        ));
+        assert!(matches!(wal.close().await, Err(WalError::Failed { .. })));
+        std::fs::write(&result_path, acknowledged.to_string()).unwrap();
+    });
+}
+
 // Checks format compatibility with a segment written by an earlier build (stored under
 // tests/data): it must replay to exactly the records it was made from, and today's encoder
 // must still produce the same bytes. A failure means the on-disk format changed: bump

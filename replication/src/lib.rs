@@ -20,6 +20,7 @@ pub use control::ManifestConfig;
 pub use control::ManifestError;
 pub use control::ManifestMetrics;
 pub use control::ManifestService;
+pub use manifest::ColumnDeclaration;
 pub use manifest::FileEntry;
 pub use manifest::Manifest;
 pub use manifest::ManifestCommand;

@@ -72,6 +72,21 @@ pub enum ManifestCommand {
         node_id: u64,
         state: NodeState,
     },
+    /// Fixes the kind of columns of one table, cluster-wide, before data using them is
+    /// acknowledged. A column's kind never changes once declared; redeclaring the same kind is
+    /// a no-op. The kinds are opaque strings here (the node uses "tag", "float", ...).
+    DeclareColumns {
+        database: String,
+        measurement: String,
+        columns: Vec<ColumnDeclaration>,
+    },
+}
+
+/// One column of a [`ManifestCommand::DeclareColumns`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnDeclaration {
+    pub name: String,
+    pub kind: String,
 }
 
 /// The outcome of applying one committed command (or a Raft-internal entry, which changes nothing).
@@ -97,6 +112,16 @@ pub enum Rejection {
     DuplicatePath { path: String },
     #[error("path {path} is both added and removed by the batch")]
     AddedAndRemoved { path: String },
+    #[error("column \"{column}\" of {database}.{measurement} is {existing}, not {requested}")]
+    ColumnKind {
+        database: String,
+        measurement: String,
+        column: String,
+        existing: String,
+        requested: String,
+    },
+    #[error("column declaration is invalid: {reason}")]
+    InvalidColumns { reason: String },
     #[error("command carries {count} items, more than the limit of {limit}")]
     TooManyItems { count: usize, limit: usize },
 }
@@ -169,6 +194,11 @@ impl ManifestCommand {
             ManifestCommand::Delete { paths } => (&[], paths),
             ManifestCommand::Batch { add, remove } => (add, remove),
             ManifestCommand::SetNodeState { .. } => return Ok(()),
+            ManifestCommand::DeclareColumns {
+                database,
+                measurement,
+                columns,
+            } => return check_declaration(database, measurement, columns),
         };
         let count = add.len() + remove.len();
         if count > COMMAND_ITEMS_MAX {
@@ -199,6 +229,44 @@ impl ManifestCommand {
     }
 }
 
+fn check_declaration(
+    database: &str,
+    measurement: &str,
+    columns: &[ColumnDeclaration],
+) -> Result<(), Rejection> {
+    let invalid = |reason: String| Err(Rejection::InvalidColumns { reason });
+    if database.is_empty() || measurement.is_empty() {
+        return invalid("database and measurement must not be empty".into());
+    }
+    if columns.len() > COMMAND_ITEMS_MAX {
+        return Err(Rejection::TooManyItems {
+            count: columns.len(),
+            limit: COMMAND_ITEMS_MAX,
+        });
+    }
+    let mut seen = BTreeMap::new();
+    for column in columns {
+        if column.name.is_empty() || column.kind.is_empty() {
+            return invalid("column names and kinds must not be empty".into());
+        }
+        if let Some(previous) = seen.insert(column.name.as_str(), column.kind.as_str()) {
+            if previous != column.kind {
+                return Err(Rejection::ColumnKind {
+                    database: database.to_owned(),
+                    measurement: measurement.to_owned(),
+                    column: column.name.clone(),
+                    existing: previous.to_owned(),
+                    requested: column.kind.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Declared column kinds of one table, by column name.
+pub type TableColumns = BTreeMap<String, String>;
+
 /// (origin node, shard, database, measurement): the WAL stream a file's rows came from.
 type StreamKey = (u64, u32, String, String);
 
@@ -212,6 +280,8 @@ pub struct Manifest {
     /// so that removing a file is exact; the last key is the stream's flushed-through LSN.
     streams: Arc<BTreeMap<StreamKey, BTreeMap<u64, u32>>>,
     node_states: Arc<BTreeMap<u64, NodeState>>,
+    /// Declared column kinds by (database, measurement).
+    tables: Arc<BTreeMap<(String, String), TableColumns>>,
 }
 
 /// The serialized form of a [`Manifest`] (snapshots). The stream index is derived, not stored.
@@ -220,6 +290,17 @@ pub struct ManifestImage {
     pub applied_index: u64,
     pub files: Vec<FileEntry>,
     pub node_states: BTreeMap<u64, NodeState>,
+    /// Absent in images written before column declarations existed.
+    #[serde(default)]
+    pub tables: Vec<TableImage>,
+}
+
+/// One table's declared columns in a [`ManifestImage`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableImage {
+    pub database: String,
+    pub measurement: String,
+    pub columns: TableColumns,
 }
 
 impl Manifest {
@@ -293,6 +374,17 @@ impl Manifest {
             .min()
     }
 
+    /// The declared column kinds of a table, if any column was declared.
+    pub fn table_columns(&self, database: &str, measurement: &str) -> Option<&TableColumns> {
+        self.tables
+            .get(&(database.to_owned(), measurement.to_owned()))
+    }
+
+    /// Every table with declared columns.
+    pub fn tables(&self) -> &BTreeMap<(String, String), TableColumns> {
+        &self.tables
+    }
+
     pub fn node_state(&self, node_id: u64) -> Option<NodeState> {
         self.node_states.get(&node_id).copied()
     }
@@ -330,6 +422,11 @@ impl Manifest {
                     files_removed: 0,
                 };
             }
+            ManifestCommand::DeclareColumns {
+                database,
+                measurement,
+                columns,
+            } => return self.declare_columns(database, measurement, columns),
         };
 
         // Plan against the current state first; nothing changes unless the whole plan is valid.
@@ -369,11 +466,56 @@ impl Manifest {
         }
     }
 
+    fn declare_columns(
+        &mut self,
+        database: &str,
+        measurement: &str,
+        columns: &[ColumnDeclaration],
+    ) -> ManifestResponse {
+        let key = (database.to_owned(), measurement.to_owned());
+        let existing = self.tables.get(&key);
+        let mut new = Vec::new();
+        for column in columns {
+            match existing.and_then(|table| table.get(&column.name)) {
+                Some(kind) if *kind == column.kind => {}
+                Some(kind) => {
+                    return ManifestResponse::Rejected(Rejection::ColumnKind {
+                        database: database.to_owned(),
+                        measurement: measurement.to_owned(),
+                        column: column.name.clone(),
+                        existing: kind.clone(),
+                        requested: column.kind.clone(),
+                    })
+                }
+                None => new.push(column),
+            }
+        }
+        if !new.is_empty() {
+            let table = Arc::make_mut(&mut self.tables).entry(key).or_default();
+            for column in new {
+                table.insert(column.name.clone(), column.kind.clone());
+            }
+        }
+        ManifestResponse::Applied {
+            files_added: 0,
+            files_removed: 0,
+        }
+    }
+
     pub fn to_image(&self) -> ManifestImage {
         ManifestImage {
             applied_index: self.applied_index,
             files: self.files.values().cloned().collect(),
             node_states: (*self.node_states).clone(),
+            tables: self
+                .tables
+                .iter()
+                .map(|((database, measurement), columns)| TableImage {
+                    database: database.clone(),
+                    measurement: measurement.clone(),
+                    columns: columns.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -390,11 +532,25 @@ impl Manifest {
                 });
             }
         }
+        let mut tables = BTreeMap::new();
+        for table in image.tables {
+            let declarations: Vec<ColumnDeclaration> = table
+                .columns
+                .iter()
+                .map(|(name, kind)| ColumnDeclaration {
+                    name: name.clone(),
+                    kind: kind.clone(),
+                })
+                .collect();
+            check_declaration(&table.database, &table.measurement, &declarations)?;
+            tables.insert((table.database, table.measurement), table.columns);
+        }
         Ok(Manifest {
             applied_index: image.applied_index,
             files: Arc::new(files),
             streams: Arc::new(streams),
             node_states: Arc::new(image.node_states),
+            tables: Arc::new(tables),
         })
     }
 }
@@ -766,6 +922,50 @@ pub(crate) mod tests {
                 state: NodeState::Active,
             },
         );
+        let restored = Manifest::from_image(manifest.to_image()).expect("valid image");
+        assert_eq!(restored, manifest);
+    }
+
+    fn declare(columns: &[(&str, &str)]) -> ManifestCommand {
+        ManifestCommand::DeclareColumns {
+            database: "db".to_owned(),
+            measurement: "cpu".to_owned(),
+            columns: columns
+                .iter()
+                .map(|(name, kind)| ColumnDeclaration {
+                    name: (*name).to_owned(),
+                    kind: (*kind).to_owned(),
+                })
+                .collect(),
+        }
+    }
+
+    // A column's kind is fixed by its first declaration: the same kind again is a no-op, a
+    // different kind is refused as a whole (no column of that command is added), and the
+    // declarations survive an image round trip (snapshots).
+    #[test]
+    fn column_kinds_are_declared_once() {
+        let mut manifest = Manifest::default();
+        assert_eq!(
+            manifest.apply(1, &declare(&[("host", "tag"), ("usage", "float")])),
+            applied(0, 0)
+        );
+        assert_eq!(
+            manifest.apply(2, &declare(&[("usage", "float"), ("idle", "float")])),
+            applied(0, 0)
+        );
+        let response = manifest.apply(3, &declare(&[("extra", "integer"), ("usage", "integer")]));
+        assert!(
+            matches!(&response, ManifestResponse::Rejected(Rejection::ColumnKind { column, existing, .. }) if column == "usage" && existing == "float"),
+            "{response:?}"
+        );
+        let table = manifest.table_columns("db", "cpu").expect("declared");
+        assert_eq!(table.len(), 3);
+        assert!(!table.contains_key("extra"));
+        assert!(matches!(
+            declare(&[("a", "tag"), ("a", "float")]).check(),
+            Err(Rejection::ColumnKind { .. })
+        ));
         let restored = Manifest::from_image(manifest.to_image()).expect("valid image");
         assert_eq!(restored, manifest);
     }
