@@ -335,9 +335,21 @@ fn integers() {
         single_field("m v=-9223372036854775808i"),
         OwnedValue::Integer(i64::MIN)
     );
+    assert_eq!(single_field("m v=-0i"), OwnedValue::Integer(0));
+    assert_eq!(
+        single_field("m v=000000000000000000000042i"),
+        OwnedValue::Integer(42)
+    );
+    assert_eq!(
+        single_field("m v=-1000000000000000000i"),
+        OwnedValue::Integer(-1_000_000_000_000_000_000)
+    );
     for text in [
         "9223372036854775808i",
         "-9223372036854775809i",
+        "9999999999999999999i",
+        "-9999999999999999999i",
+        "18446744073709551616i",
         "99999999999999999999999i",
     ] {
         let error = must_fail(&format!("m v={text}"));
@@ -374,6 +386,14 @@ fn unsigned_integers() {
     assert_eq!(
         single_field("m v=18446744073709551615u"),
         OwnedValue::Unsigned(u64::MAX)
+    );
+    assert_eq!(
+        single_field("m v=0000000000000000000000007u"),
+        OwnedValue::Unsigned(7)
+    );
+    assert_eq!(
+        single_field("m v=9999999999999999999u"),
+        OwnedValue::Unsigned(9_999_999_999_999_999_999)
     );
     let error = must_fail("m v=18446744073709551616u");
     assert!(matches!(
