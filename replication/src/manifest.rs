@@ -249,6 +249,16 @@ fn check_declaration(
         if column.name.is_empty() || column.kind.is_empty() {
             return invalid("column names and kinds must not be empty".into());
         }
+        let folded = column.name.to_ascii_lowercase();
+        if let Some(other) = columns
+            .iter()
+            .find(|c| c.name != column.name && c.name.to_ascii_lowercase() == folded)
+        {
+            return invalid(format!(
+                "columns \"{}\" and \"{}\" differ only in case",
+                column.name, other.name
+            ));
+        }
         if let Some(previous) = seen.insert(column.name.as_str(), column.kind.as_str()) {
             if previous != column.kind {
                 return Err(Rejection::ColumnKind {
@@ -476,6 +486,20 @@ impl Manifest {
         let existing = self.tables.get(&key);
         let mut new = Vec::new();
         for column in columns {
+            // SQL engines fold identifier case, so `Host` and `host` would be one column.
+            let folded = existing.and_then(|table| {
+                table
+                    .keys()
+                    .find(|name| **name != column.name && name.eq_ignore_ascii_case(&column.name))
+            });
+            if let Some(name) = folded {
+                return ManifestResponse::Rejected(Rejection::InvalidColumns {
+                    reason: format!(
+                        "column \"{}\" differs only in case from the existing column \"{name}\" of {database}.{measurement}",
+                        column.name
+                    ),
+                });
+            }
             match existing.and_then(|table| table.get(&column.name)) {
                 Some(kind) if *kind == column.kind => {}
                 Some(kind) => {
@@ -968,5 +992,14 @@ pub(crate) mod tests {
         ));
         let restored = Manifest::from_image(manifest.to_image()).expect("valid image");
         assert_eq!(restored, manifest);
+        // Names that differ only in case would be one column to SQL.
+        assert!(matches!(
+            manifest.apply(4, &declare(&[("Host", "tag")])),
+            ManifestResponse::Rejected(Rejection::InvalidColumns { .. })
+        ));
+        assert!(matches!(
+            declare(&[("a", "tag"), ("A", "tag")]).check(),
+            Err(Rejection::InvalidColumns { .. })
+        ));
     }
 }
