@@ -199,6 +199,14 @@ async fn run_shard(
         shutdown.clone(),
     ));
 
+    // glommio decides per thread, on the first read-write direct-I/O file it opens, whether
+    // io_uring polling works; prime it with a non-empty file so later direct reads work.
+    if let Err(error) = shale_io::wal::prime_direct_io_probe(&config.node.data_dir).await {
+        let _ = events.try_send(StopEvent::Fatal {
+            shard: shard_index,
+            message: format!("prepare direct I/O: {error}"),
+        });
+    }
     let recovered = futures_lite::future::or(async { Some(shard.recover().await) }, async {
         shutdown.wait().await;
         None

@@ -164,6 +164,7 @@ pub(crate) async fn recover(
             if summary.records > 0 && report.first_lsn.is_none() {
                 report.first_lsn = Some(first_lsn);
             }
+            let torn = summary.torn_tail.is_some();
             if let Some(reason) = summary.torn_tail {
                 let truncated = (data.len() - summary.data_end) as u64;
                 tracing::warn!(
@@ -181,7 +182,6 @@ pub(crate) async fn recover(
                     reason,
                 });
             }
-            let torn = report.torn_tail.is_some();
             (summary.data_end, summary.next_lsn, torn)
         } else {
             report.truncated_bytes += data.len() as u64;
