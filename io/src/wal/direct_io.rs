@@ -23,7 +23,14 @@ const PROBE_BYTES: usize = 4096;
 /// `Wal::open` calls it for the WAL directory. `dir` must exist. Start-up only: it makes a
 /// few small blocking syscalls.
 pub async fn prime_direct_io_probe(dir: &Path) -> Result<(), WalError> {
-    let path = dir.join(PROBE_FILE_NAME);
+    // One name per thread: shards prime concurrently, and glommio's open panics if the file
+    // vanishes under it.
+    let thread = std::thread::current();
+    let path = dir.join(format!(
+        "{PROBE_FILE_NAME}-{}-{:?}",
+        std::process::id(),
+        thread.id()
+    ));
     std::fs::write(&path, [0x5A; PROBE_BYTES])
         .map_err(|error| WalError::io("write direct i/o probe file", &path, error))?;
     let result = read_probe(&path).await;
