@@ -21,9 +21,53 @@ use crate::ingest::{decompress, detect_encoding, DecodeError};
 use crate::line_protocol::{ParseErrorKind, Precision};
 use crate::metrics::{Endpoint, NodeMetrics};
 use crate::node::NodeShared;
+use crate::query::engine::{Format, QueryError, QueryEvent, QueryRequest};
 use crate::shard::{Shard, WriteError};
 
-pub type Body = Full<Bytes>;
+/// A response body: whole, or streamed from a query worker.
+pub enum Body {
+    Full(Full<Bytes>),
+    Query(Pin<Box<flume::r#async::RecvStream<'static, QueryEvent>>>),
+}
+
+impl Body {
+    pub fn new(bytes: Bytes) -> Body {
+        Body::Full(Full::new(bytes))
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        match self.get_mut() {
+            Body::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            Body::Query(stream) => loop {
+                return match futures_lite::Stream::poll_next(stream.as_mut(), cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(None) => Poll::Ready(Some(Err("query worker stopped".into()))),
+                    Poll::Ready(Some(QueryEvent::Head)) => continue,
+                    Poll::Ready(Some(QueryEvent::Chunk(bytes))) => {
+                        Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes))))
+                    }
+                    Poll::Ready(Some(QueryEvent::End)) => Poll::Ready(None),
+                    // The status line is gone: cutting the response off is the only honest
+                    // signal left (the client sees an incomplete body, never a wrong answer).
+                    Poll::Ready(Some(QueryEvent::Failed(error))) => {
+                        Poll::Ready(Some(Err(error.to_string().into())))
+                    }
+                };
+            },
+        }
+    }
+}
 
 /// The per-shard HTTP service.
 #[derive(Clone)]
@@ -40,9 +84,13 @@ impl Api {
     async fn route(&self, request: Request<Incoming>) -> (Endpoint, Response<Body>) {
         let path = request.uri().path().to_string();
         match (request.method(), path.as_str()) {
-            (&Method::POST, "/write" | "/api/v2/write" | "/api/v1/write/line-protocol") => {
-                (Endpoint::Write, self.write(request).await)
-            }
+            (
+                &Method::POST,
+                "/write"
+                | "/api/v2/write"
+                | "/api/v1/write/line-protocol"
+                | "/api/v1/write/msgpack",
+            ) => (Endpoint::Write, self.write(request).await),
             (&Method::GET, "/health") => (
                 Endpoint::Other,
                 json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
@@ -50,6 +98,22 @@ impl Api {
             (&Method::GET, "/ready") => (Endpoint::Other, self.ready()),
             (&Method::GET, "/metrics") => (Endpoint::Other, self.metrics()),
             (&Method::GET, "/api/v1/cluster/files") => (Endpoint::Other, self.files(&request)),
+            (&Method::POST, "/api/v1/query") => {
+                (Endpoint::Query, self.query(request, Format::Json).await)
+            }
+            (&Method::POST, "/api/v1/query/arrow") => {
+                (Endpoint::Query, self.query(request, Format::Arrow).await)
+            }
+            (&Method::GET, "/api/v1/databases") => (Endpoint::Other, self.databases()),
+            (&Method::GET, p)
+                if p.starts_with("/api/v1/databases/") && p.ends_with("/measurements") =>
+            {
+                let database = &p["/api/v1/databases/".len()..p.len() - "/measurements".len()];
+                (
+                    Endpoint::Other,
+                    self.measurements(&percent_decode(database)),
+                )
+            }
             (
                 _,
                 "/write"
@@ -75,18 +139,20 @@ impl Api {
 
     async fn write(&self, request: Request<Incoming>) -> Response<Body> {
         let query = query_pairs(request.uri().query());
-        let path = request.uri().path();
-        let database = match path {
+        let path = request.uri().path().to_string();
+        let database = match path.as_str() {
             "/api/v2/write" => query.get("bucket").cloned(),
-            "/api/v1/write/line-protocol" => {
+            "/api/v1/write/line-protocol" | "/api/v1/write/msgpack" => {
                 header_value(&request, "x-arc-database").or_else(|| query.get("db").cloned())
             }
             _ => query.get("db").cloned(),
         };
         let Some(database) = database.filter(|d| !d.is_empty()) else {
-            let what = match path {
+            let what = match path.as_str() {
                 "/api/v2/write" => "the bucket query parameter",
-                "/api/v1/write/line-protocol" => "the x-arc-database header",
+                "/api/v1/write/line-protocol" | "/api/v1/write/msgpack" => {
+                    "the x-arc-database header"
+                }
                 _ => "the db query parameter",
             };
             return error(
@@ -145,6 +211,22 @@ impl Api {
             }
             Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
         };
+        let (precision, body) = if path == "/api/v1/write/msgpack" {
+            // Arc's MessagePack becomes canonical line protocol (microseconds), so the WAL,
+            // replay and buffers have one format to handle.
+            let now_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as i64)
+                .unwrap_or(0);
+            let mut lines = String::with_capacity(body.len() * 2);
+            let limits = crate::msgpack::MsgpackLimits::default();
+            if let Err(e) = crate::msgpack::to_line_protocol(&body, now_us, &limits, &mut lines) {
+                return error(StatusCode::BAD_REQUEST, &e.to_string());
+            }
+            (Precision::Microseconds, Bytes::from(lines))
+        } else {
+            (precision, body)
+        };
         match self.shard.write(&database, precision, body).await {
             Ok(_) => Response::builder()
                 .status(StatusCode::NO_CONTENT)
@@ -152,6 +234,128 @@ impl Api {
                 .expect("static response"),
             Err(e) => write_error(e),
         }
+    }
+
+    async fn query(&self, request: Request<Incoming>, format: Format) -> Response<Body> {
+        if !self.node.is_ready() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node is starting: WAL recovery is not finished",
+            );
+        }
+        let default_database = header_value(&request, "x-arc-database").filter(|d| !d.is_empty());
+        let limit = self.node.config.query.request_bytes_max;
+        let body = match Limited::new(request.into_body(), limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!(
+                        "query request is larger than query.request_bytes_max ({limit} bytes)"
+                    ),
+                )
+            }
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("read request body: {e}")),
+        };
+        #[derive(serde::Deserialize)]
+        struct QueryBody {
+            sql: String,
+            #[serde(default)]
+            database: Option<String>,
+        }
+        let parsed: QueryBody = match serde_json::from_slice(&body) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("request body must be JSON like {{\"sql\": \"SELECT ...\"}}: {e}"),
+                )
+            }
+        };
+        let request = QueryRequest {
+            sql: parsed.sql,
+            default_database: parsed.database.or(default_database),
+            format,
+        };
+        let events = match self.node.query.submit(request) {
+            Ok(events) => events,
+            Err(e) => return query_error(e),
+        };
+        match events.recv_async().await {
+            Ok(QueryEvent::Head) => {}
+            Ok(QueryEvent::Failed(e)) => return query_error(e),
+            Ok(_) | Err(_) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "query worker ended without an answer",
+                )
+            }
+        }
+        let content_type = match format {
+            Format::Json => "application/json",
+            Format::Arrow => "application/vnd.apache.arrow.stream",
+        };
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Body::Query(Box::pin(events.into_stream())))
+            .expect("static response")
+    }
+
+    /// Databases are what the manifest knows: tables with files or declared columns.
+    fn databases(&self) -> Response<Body> {
+        let version = self.node.manifest.current();
+        let mut names: Vec<&str> = version
+            .manifest
+            .tables()
+            .keys()
+            .map(|(database, _)| database.as_str())
+            .chain(
+                version
+                    .manifest
+                    .files()
+                    .values()
+                    .map(|f| f.database.as_str()),
+            )
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let body = serde_json::json!({ "success": true, "count": names.len(), "databases": names });
+        json(StatusCode::OK, body.to_string())
+    }
+
+    fn measurements(&self, database: &str) -> Response<Body> {
+        let version = self.node.manifest.current();
+        let mut names: Vec<&str> = version
+            .manifest
+            .tables()
+            .keys()
+            .filter(|(d, _)| d == database)
+            .map(|(_, m)| m.as_str())
+            .chain(
+                version
+                    .manifest
+                    .files()
+                    .values()
+                    .filter(|f| f.database == database)
+                    .map(|f| f.measurement.as_str()),
+            )
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        if names.is_empty() {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("database {database} does not exist"),
+            );
+        }
+        let body = serde_json::json!({
+            "success": true,
+            "database": database,
+            "count": names.len(),
+            "measurements": names,
+        });
+        json(StatusCode::OK, body.to_string())
     }
 
     fn ready(&self) -> Response<Body> {
@@ -244,6 +448,24 @@ impl hyper::service::Service<Request<Incoming>> for Api {
             Ok(response)
         })
     }
+}
+
+fn query_error(e: QueryError) -> Response<Body> {
+    let status = match &e {
+        QueryError::Rejected(_) | QueryError::Sql(_) => StatusCode::BAD_REQUEST,
+        QueryError::NotFound(_) => StatusCode::NOT_FOUND,
+        QueryError::Busy(_) => {
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return response;
+        }
+        QueryError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+        QueryError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        QueryError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, &e.to_string())
 }
 
 fn write_error(e: WriteError) -> Response<Body> {

@@ -129,14 +129,21 @@ impl Builder {
         }
     }
 
-    fn finish(&mut self) -> ArrayRef {
-        match self {
-            Builder::Tag(b) => Arc::new(b.finish()),
-            Builder::Float(b) => Arc::new(b.finish()),
-            Builder::Integer(b) => Arc::new(b.finish()),
-            Builder::Unsigned(b) => Arc::new(b.finish()),
-            Builder::Boolean(b) => Arc::new(b.finish()),
-            Builder::String(b) => Arc::new(b.finish()),
+    /// The column so far; `take` empties the builder, otherwise its contents are copied.
+    fn finish(&mut self, take: bool) -> ArrayRef {
+        match (self, take) {
+            (Builder::Tag(b), true) => Arc::new(b.finish()),
+            (Builder::Tag(b), false) => Arc::new(b.finish_cloned()),
+            (Builder::Float(b), true) => Arc::new(b.finish()),
+            (Builder::Float(b), false) => Arc::new(b.finish_cloned()),
+            (Builder::Integer(b), true) => Arc::new(b.finish()),
+            (Builder::Integer(b), false) => Arc::new(b.finish_cloned()),
+            (Builder::Unsigned(b), true) => Arc::new(b.finish()),
+            (Builder::Unsigned(b), false) => Arc::new(b.finish_cloned()),
+            (Builder::Boolean(b), true) => Arc::new(b.finish()),
+            (Builder::Boolean(b), false) => Arc::new(b.finish_cloned()),
+            (Builder::String(b), true) => Arc::new(b.finish()),
+            (Builder::String(b), false) => Arc::new(b.finish_cloned()),
         }
     }
 }
@@ -321,29 +328,7 @@ impl MeasurementBuffer {
         if self.rows == 0 {
             return None;
         }
-        let mut order: Vec<usize> = (0..self.columns.len()).collect();
-        order.sort_by(|&a, &b| {
-            let (a, b) = (&self.columns[a], &self.columns[b]);
-            (a.kind != ColumnKind::Tag, &a.name).cmp(&(b.kind != ColumnKind::Tag, &b.name))
-        });
-        let mut fields = vec![Field::new(
-            TIME_COLUMN,
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        )];
-        let mut arrays: Vec<ArrayRef> = vec![Arc::new(self.time.finish())];
-        let mut tag_columns = Vec::new();
-        for index in order {
-            let column = &mut self.columns[index];
-            fields.push(Field::new(&column.name, column.kind.data_type(), true));
-            arrays.push(column.builder.finish());
-            column.filled = 0;
-            if column.kind == ColumnKind::Tag {
-                tag_columns.push(column.name.clone());
-            }
-        }
-        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
-            .expect("buffer columns have equal lengths and declared types");
+        let (batch, tag_columns) = self.batch(true);
         let frozen = FrozenBuffer {
             batch,
             tag_columns,
@@ -362,6 +347,50 @@ impl MeasurementBuffer {
         self.time_max_us = i64::MIN;
         self.oldest_row_at = None;
         Some(frozen)
+    }
+
+    /// A copy of the rows for a query, leaving the buffer as it is: (batch, first LSN).
+    pub fn snapshot(&mut self) -> Option<(RecordBatch, u64)> {
+        if self.rows == 0 {
+            return None;
+        }
+        Some((self.batch(false).0, self.lsn_first))
+    }
+
+    /// The rows as a batch ordered `time`, tags by name, fields by name, and the tag names.
+    /// `take` empties the builders; otherwise their contents are copied.
+    fn batch(&mut self, take: bool) -> (RecordBatch, Vec<String>) {
+        let mut order: Vec<usize> = (0..self.columns.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&self.columns[a], &self.columns[b]);
+            (a.kind != ColumnKind::Tag, &a.name).cmp(&(b.kind != ColumnKind::Tag, &b.name))
+        });
+        let mut fields = vec![Field::new(
+            TIME_COLUMN,
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        )];
+        let time = if take {
+            self.time.finish()
+        } else {
+            self.time.finish_cloned()
+        };
+        let mut arrays: Vec<ArrayRef> = vec![Arc::new(time)];
+        let mut tag_columns = Vec::new();
+        for index in order {
+            let column = &mut self.columns[index];
+            fields.push(Field::new(&column.name, column.kind.data_type(), true));
+            arrays.push(column.builder.finish(take));
+            if take {
+                column.filled = 0;
+            }
+            if column.kind == ColumnKind::Tag {
+                tag_columns.push(column.name.clone());
+            }
+        }
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+            .expect("buffer columns have equal lengths and declared types");
+        (batch, tag_columns)
     }
 }
 
@@ -416,6 +445,20 @@ mod tests {
         assert_eq!(time.values(), &[10, 20]);
         assert_eq!(buffer.rows(), 0);
         assert!(buffer.freeze().is_none());
+    }
+
+    // Checks that a snapshot copies the rows without disturbing the buffer: later rows append
+    // after the copied ones and a freeze still returns everything.
+    #[test]
+    fn snapshot_leaves_the_buffer_intact() {
+        let mut buffer = MeasurementBuffer::new();
+        buffer.append_row(3, 10, [("host", "a")], [("v", Value::Float(1.0))]);
+        let (copy, lsn_first) = buffer.snapshot().unwrap();
+        assert_eq!((copy.num_rows(), lsn_first), (1, 3));
+        buffer.append_row(4, 20, [("host", "b")], [("v", Value::Float(2.0))]);
+        let frozen = buffer.freeze().unwrap();
+        assert_eq!(frozen.batch.num_rows(), 2);
+        assert_eq!(copy.schema(), frozen.batch.schema());
     }
 
     // Checks that kind conflicts are named precisely.

@@ -24,7 +24,41 @@ pub struct Config {
     pub buffer: BufferConfig,
     pub parquet: ParquetConfig,
     pub manifest: ManifestConfig,
+    pub query: QueryConfig,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryConfig {
+    pub workers: usize,
+    pub duckdb_threads: usize,
+    pub duckdb_memory_bytes_max: u64,
+    pub timeout_ms: u64,
+    pub queue_depth_max: usize,
+    pub sql_bytes_max: usize,
+    pub json_rows_max: u64,
+    pub json_bytes_max: usize,
+    pub json_stream_after_bytes: usize,
+    pub snapshot_timeout_ms: u64,
+    pub request_bytes_max: usize,
+}
+
+impl QueryConfig {
+    pub fn engine(&self) -> crate::query::engine::QueryConfig {
+        crate::query::engine::QueryConfig {
+            workers: self.workers,
+            duckdb_threads: self.duckdb_threads,
+            duckdb_memory_bytes_max: self.duckdb_memory_bytes_max,
+            timeout_ms: self.timeout_ms,
+            queue_depth_max: self.queue_depth_max,
+            sql_bytes_max: self.sql_bytes_max,
+            json_rows_max: self.json_rows_max,
+            json_bytes_max: self.json_bytes_max,
+            json_stream_after_bytes: self.json_stream_after_bytes,
+            snapshot_timeout_ms: self.snapshot_timeout_ms,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

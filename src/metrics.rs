@@ -91,16 +91,17 @@ impl WalMirror {
 pub enum Endpoint {
     Write = 0,
     Other = 1,
+    Query = 2,
 }
 
-const ENDPOINT_NAMES: [&str; 2] = ["write", "other"];
+const ENDPOINT_NAMES: [&str; 3] = ["write", "other", "query"];
 const STATUS_CLASSES: [&str; 4] = ["2xx", "4xx", "5xx", "other"];
 
 /// Everything one shard counts.
 #[derive(Default)]
 pub struct ShardMetrics {
-    pub requests: [[Counter; 4]; 2],
-    pub request_latency: [Histogram; 2],
+    pub requests: [[Counter; 4]; 3],
+    pub request_latency: [Histogram; 3],
     pub write_rows: Counter,
     pub write_bytes: Counter,
     pub write_rejected_overload: Counter,
@@ -241,7 +242,8 @@ impl NodeMetrics {
         }
 
         #[rustfmt::skip]
-        let histograms: [(&str, &str, PickHistogram); 4] = [
+        let histograms: [(&str, &str, PickHistogram); 5] = [
+            ("shale_query_request_seconds", "Query latency, receipt to the first byte of the answer.", |m| &m.request_latency[Endpoint::Query as usize]),
             ("shale_write_request_seconds", "Write request latency, receipt to acknowledgement.", |m| &m.request_latency[Endpoint::Write as usize]),
             ("shale_flush_seconds", "Buffer flush latency: encode, publish, register.", |m| &m.flush_latency),
             ("shale_manifest_commit_seconds", "Manifest registration commit latency.", |m| &m.manifest_commit_latency),

@@ -14,6 +14,8 @@ use shale_replication::{ManifestClient, ManifestService};
 use crate::api::Api;
 use crate::config::{Config, Placement};
 use crate::metrics::NodeMetrics;
+use crate::query::engine::{QueryClient, QueryEngine};
+use crate::query::snapshot::SnapshotRequest;
 use crate::shard::{system_dir, Shard};
 
 /// State every shard of a node can read.
@@ -21,6 +23,7 @@ pub struct NodeShared {
     pub config: Arc<Config>,
     pub metrics: NodeMetrics,
     pub manifest: ManifestClient,
+    pub query: QueryClient,
     shard_count: usize,
     ready_shards: AtomicUsize,
     stopping: AtomicBool,
@@ -87,10 +90,17 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     .context("start the manifest (Raft) service")?;
 
     let shard_count = config.shard_count();
+    let (snapshot_senders, snapshot_receivers): (Vec<_>, Vec<_>) = (0..shard_count)
+        .map(|_| flume::bounded::<SnapshotRequest>(64))
+        .unzip();
+    let (query_engine, query) =
+        QueryEngine::start(config.query.engine(), data_dir, snapshot_senders)
+            .context("start the query engine")?;
     let shared = Arc::new(NodeShared {
         config: config.clone(),
         metrics: NodeMetrics::new(shard_count),
         manifest,
+        query,
         shard_count,
         ready_shards: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
@@ -112,13 +122,18 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         ring_depth: config.runtime.ring_depth,
         thread_name_prefix: "shale-shard".into(),
     };
-    let receivers = Arc::new(std::sync::Mutex::new(shutdown_receivers));
+    let receivers = Arc::new(std::sync::Mutex::new(
+        shutdown_receivers
+            .into_iter()
+            .zip(snapshot_receivers)
+            .collect::<Vec<_>>(),
+    ));
     let handles = {
         let shared = shared.clone();
         let events = events.clone();
         runtime::spawn_shards(&runtime_config, move |shard| {
-            let receiver = receivers.lock().expect("not poisoned")[shard].clone();
-            run_shard(shared.clone(), shard, receiver, events.clone())
+            let (shutdown, snapshots) = receivers.lock().expect("not poisoned")[shard].clone();
+            run_shard(shared.clone(), shard, shutdown, snapshots, events.clone())
         })
         .context("start shards")?
     };
@@ -147,6 +162,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         let _ = sender.try_send(());
     }
     let joined = runtime::join_shards(handles);
+    query_engine.shutdown();
     manifest_service
         .shutdown()
         .context("stop the manifest service")?;
@@ -161,6 +177,7 @@ async fn run_shard(
     shared: Arc<NodeShared>,
     shard_index: usize,
     shutdown_requests: flume::Receiver<()>,
+    snapshot_requests: flume::Receiver<SnapshotRequest>,
     events: flume::Sender<StopEvent>,
 ) {
     let shutdown = LocalSignal::new();
@@ -179,6 +196,15 @@ async fn run_shard(
         shared.metrics.shards[shard_index].clone(),
         shared.manifest.clone(),
     );
+    glommio::spawn_local({
+        let shard = shard.clone();
+        async move {
+            while let Ok(request) = snapshot_requests.recv_async().await {
+                let _ = request.reply.send(shard.snapshot(&request.tables));
+            }
+        }
+    })
+    .detach();
     let listener = match shale_io::http::bind(config.http.addr) {
         Ok(listener) => listener,
         Err(error) => {

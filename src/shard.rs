@@ -29,6 +29,7 @@ use crate::line_protocol::{
     self, Batch, FieldValue, ParseBuffers, ParseError, ParseLimits, Precision,
 };
 use crate::metrics::ShardMetrics;
+use crate::query::snapshot::{BufferPiece, ShardSnapshot, TableName};
 use crate::storage::{self, FileOrigin};
 
 /// Why a write was not acknowledged. Each maps to one HTTP status.
@@ -78,7 +79,7 @@ pub struct Shard {
     /// Bytes in buffers plus bytes frozen and not yet flushed.
     buffered_bytes: Cell<usize>,
     /// First LSN of the flush in progress, if any: the WAL below it may go once it commits.
-    flushing_lsn_first: Cell<Option<u64>>,
+    flushing: RefCell<Option<(TableKey, Arc<FrozenBuffer>)>>,
     /// Every record below this LSN is in committed files (persisted as the release marker).
     released_below: Cell<u64>,
     /// Highest LSN known to be durable in the WAL.
@@ -112,7 +113,7 @@ impl Shard {
             buffers: RefCell::new(HashMap::new()),
             kinds: RefCell::new(HashMap::new()),
             buffered_bytes: Cell::new(0),
-            flushing_lsn_first: Cell::new(None),
+            flushing: RefCell::new(None),
             released_below: Cell::new(1),
             durable_lsn: Cell::new(0),
             durable_changed: LocalNotify::new(),
@@ -159,7 +160,11 @@ impl Shard {
             queue_bytes_max: self.config.wal.queue_bytes_max,
             fsync: self.config.wal.fsync,
         };
-        let limits = self.parse_limits();
+        // Replay accepts what was accepted when it was written, even if limits shrank since.
+        let limits = ParseLimits {
+            line_bytes_max: usize::MAX,
+            columns_per_line_max: usize::MAX,
+        };
         let mut flushed: HashMap<TableKey, u64> = HashMap::new();
         let mut rows_replayed = 0u64;
         let mut rows_skipped = 0u64;
@@ -176,14 +181,23 @@ impl Shard {
                 &limits,
             )
             .map_err(|e| format!("stored request no longer parses: {e}"))?;
+            let mut last: Option<(&str, u64)> = None;
             for line in batch.lines() {
-                let key = (payload.database.to_string(), line.measurement().to_string());
-                let through = *flushed.entry(key).or_insert_with_key(|(db, m)| {
-                    version
-                        .manifest
-                        .flushed_through(self.node_id, self.shard_id, db, m)
-                        .unwrap_or(0)
-                });
+                let measurement = line.measurement();
+                let through = match last {
+                    Some((name, through)) if name == measurement => through,
+                    _ => {
+                        let key = (payload.database.to_string(), measurement.to_string());
+                        let through = *flushed.entry(key).or_insert_with_key(|(db, m)| {
+                            version
+                                .manifest
+                                .flushed_through(self.node_id, self.shard_id, db, m)
+                                .unwrap_or(0)
+                        });
+                        last = Some((measurement, through));
+                        through
+                    }
+                };
                 if record.lsn <= through {
                     rows_skipped += 1;
                     continue;
@@ -566,8 +580,8 @@ impl Shard {
             }
         };
         let started = Instant::now();
-        self.flushing_lsn_first.set(Some(frozen.lsn_first));
         let frozen = Arc::new(frozen);
+        *self.flushing.borrow_mut() = Some((key.clone(), frozen.clone()));
         let mut attempt = 0u32;
         loop {
             match self.flush_frozen(key, &frozen).await {
@@ -603,7 +617,7 @@ impl Shard {
                 }
             }
         }
-        self.flushing_lsn_first.set(None);
+        self.flushing.borrow_mut().take();
         let bytes = frozen.bytes_estimate;
         self.buffered_bytes
             .set(self.buffered_bytes.get().saturating_sub(bytes));
@@ -799,8 +813,8 @@ impl Shard {
     async fn release_wal(&self) {
         let Some(wal) = self.wal() else { return };
         let mut keep_from = wal.next_lsn();
-        if let Some(lsn) = self.flushing_lsn_first.get() {
-            keep_from = keep_from.min(lsn);
+        if let Some((_, frozen)) = self.flushing.borrow().as_ref() {
+            keep_from = keep_from.min(frozen.lsn_first);
         }
         for tables in self.buffers.borrow().values() {
             for buffer in tables.values() {
@@ -858,6 +872,37 @@ impl Shard {
                 tracing::error!(shard_id = self.shard_id, %error, "wal close failed");
             }
         }
+    }
+
+    /// Copies of the unflushed rows of `tables` (buffers and a flush in progress), with the
+    /// manifest version read in the same instant. See `query::snapshot` for why that pairing
+    /// gives every row exactly once.
+    pub fn snapshot(&self, tables: &[TableName]) -> ShardSnapshot {
+        let version = self.manifest.current();
+        let mut pieces = Vec::new();
+        let mut buffers = self.buffers.borrow_mut();
+        let flushing = self.flushing.borrow();
+        for table in tables {
+            let piece = |lsn_first, batch| BufferPiece {
+                table: table.clone(),
+                origin_node: self.node_id,
+                shard: self.shard_id,
+                lsn_first,
+                batch,
+            };
+            if let Some((key, frozen)) = flushing.as_ref() {
+                if key.0 == table.database && key.1 == table.measurement {
+                    pieces.push(piece(frozen.lsn_first, frozen.batch.clone()));
+                }
+            }
+            let buffer = buffers
+                .get_mut(&table.database)
+                .and_then(|tables| tables.get_mut(&table.measurement));
+            if let Some((batch, lsn_first)) = buffer.and_then(|b| b.snapshot()) {
+                pieces.push(piece(lsn_first, batch));
+            }
+        }
+        ShardSnapshot { version, pieces }
     }
 
     /// The manifest as this shard sees it now.

@@ -163,9 +163,13 @@ fn write_parquet(
 
 /// (year, month, day, hour) of an hour counted from the Unix epoch, in UTC.
 fn civil_hour(hours_since_epoch: i64) -> (i64, u32, u32, u32) {
-    let days = hours_since_epoch.div_euclid(24);
-    let hour = hours_since_epoch.rem_euclid(24) as u32;
-    // Civil-from-days (Howard Hinnant's algorithm), valid for the proleptic Gregorian calendar.
+    let (year, month, day) = civil_from_days(hours_since_epoch.div_euclid(24));
+    (year, month, day, hours_since_epoch.rem_euclid(24) as u32)
+}
+
+/// (year, month, day) of a day counted from the Unix epoch, in the proleptic Gregorian
+/// calendar (Howard Hinnant's civil-from-days algorithm).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
@@ -176,7 +180,7 @@ fn civil_hour(hours_since_epoch: i64) -> (i64, u32, u32, u32) {
     let day = (day_of_year - (153 * mp + 2) / 5 + 1) as u32;
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day, hour)
+    (year, month, day)
 }
 
 /// Reads back the tag columns recorded in a Parquet file's metadata.

@@ -1,0 +1,629 @@
+//! The query engine: a pool of DuckDB worker threads ("shale-query-<i>"), each with its own
+//! sandboxed in-memory DuckDB, fed through a bounded job queue.
+//!
+//! Threads: shards submit jobs and await events over flume channels; they never block on
+//! DuckDB. A worker blocks on DuckDB and on the shards' snapshot answers. Each worker has a
+//! watchdog thread that interrupts its connection when a query passes its deadline.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{new_null_array, ArrayRef};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+
+use super::encode::{ArrowEncoder, JsonEncoder};
+use super::snapshot::{reconcile, BufferPiece, ShardSnapshot, SnapshotRequest, TableName};
+use crate::sql_guard::{self, GuardLimits};
+
+/// Limits and sizes of the engine (the `[query]` configuration section).
+#[derive(Clone, Debug)]
+pub struct QueryConfig {
+    pub workers: usize,
+    pub duckdb_threads: usize,
+    pub duckdb_memory_bytes_max: u64,
+    pub timeout_ms: u64,
+    pub queue_depth_max: usize,
+    pub sql_bytes_max: usize,
+    pub json_rows_max: u64,
+    pub json_bytes_max: usize,
+    /// JSON is buffered up to this size so that an error or limit before it is a clean HTTP
+    /// error; past it the response streams.
+    pub json_stream_after_bytes: usize,
+    pub snapshot_timeout_ms: u64,
+}
+
+/// The answer format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Arrow,
+}
+
+pub struct QueryRequest {
+    pub sql: String,
+    pub default_database: Option<String>,
+    pub format: Format,
+}
+
+/// What a submitted query sends back, in order: `Head` then `Chunk`s then `End`, or `Failed`
+/// at any point (after `Head`, the response is cut off).
+pub enum QueryEvent {
+    Head,
+    Chunk(Bytes),
+    End,
+    Failed(QueryError),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0}")]
+    Rejected(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Sql(String),
+    #[error("query queue is full ({0} waiting); retry later")]
+    Busy(usize),
+    #[error("query exceeded its time limit of {0} ms")]
+    Timeout(u64),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+struct Job {
+    request: QueryRequest,
+    events: flume::Sender<QueryEvent>,
+    submitted_at: Instant,
+}
+
+/// Owns the worker threads; stop them with [`QueryEngine::shutdown`].
+pub struct QueryEngine {
+    jobs: flume::Sender<Message>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Submits queries; cheap to clone, usable from any thread (shards hold one each).
+#[derive(Clone)]
+pub struct QueryClient {
+    jobs: flume::Sender<Message>,
+    queue_depth_max: usize,
+}
+
+enum Message {
+    Query(Job),
+    Stop,
+}
+
+impl QueryEngine {
+    /// Opens one sandboxed DuckDB per worker and starts the workers.
+    pub fn start(
+        config: QueryConfig,
+        data_dir: &Path,
+        shards: Vec<flume::Sender<SnapshotRequest>>,
+    ) -> anyhow::Result<(QueryEngine, QueryClient)> {
+        use anyhow::Context;
+        quiet_stream_panics();
+        let (jobs, receiver) = flume::bounded::<Message>(config.queue_depth_max.max(1));
+        let shards = Arc::new(shards);
+        let mut workers = Vec::with_capacity(config.workers);
+        for index in 0..config.workers.max(1) {
+            let connection = open_sandboxed(&config, data_dir)
+                .with_context(|| format!("open DuckDB for query worker {index}"))?;
+            let (receiver, shards, config) = (receiver.clone(), shards.clone(), config.clone());
+            let data_dir = data_dir.to_path_buf();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("shale-query-{index}"))
+                    .spawn(move || Worker::new(connection, config, data_dir, shards).run(receiver))
+                    .context("start query worker")?,
+            );
+        }
+        let client = QueryClient {
+            jobs: jobs.clone(),
+            queue_depth_max: config.queue_depth_max,
+        };
+        Ok((QueryEngine { jobs, workers }, client))
+    }
+
+    /// Lets the workers finish what is queued, then stops and joins them.
+    pub fn shutdown(self) {
+        for _ in &self.workers {
+            let _ = self.jobs.send(Message::Stop);
+        }
+        for worker in self.workers {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl QueryClient {
+    /// Queues a query; its events arrive on the returned channel. Never blocks.
+    pub fn submit(&self, request: QueryRequest) -> Result<flume::Receiver<QueryEvent>, QueryError> {
+        let (events, receiver) = flume::bounded(16);
+        let job = Job {
+            request,
+            events,
+            submitted_at: Instant::now(),
+        };
+        match self.jobs.try_send(Message::Query(job)) {
+            Ok(()) => Ok(receiver),
+            Err(flume::TrySendError::Full(_)) => Err(QueryError::Busy(self.queue_depth_max)),
+            Err(flume::TrySendError::Disconnected(_)) => {
+                Err(QueryError::Internal("query engine is shut down".into()))
+            }
+        }
+    }
+}
+
+/// An in-memory DuckDB that can read nothing but the data directory, loads no extension, and
+/// whose configuration is locked before any user SQL runs.
+fn open_sandboxed(config: &QueryConfig, data_dir: &Path) -> duckdb::Result<duckdb::Connection> {
+    let connection = duckdb::Connection::open_in_memory()?;
+    let allowed = data_dir.display().to_string().replace('\'', "''");
+    connection.execute_batch(&format!(
+        "SET threads = {threads};
+         SET memory_limit = '{memory}B';
+         SET TimeZone = 'UTC';
+         SET autoinstall_known_extensions = false;
+         SET autoload_known_extensions = false;
+         SET allowed_directories = ['{allowed}/'];
+         SET enable_external_access = false;
+         SET lock_configuration = true;",
+        threads = config.duckdb_threads.max(1),
+        memory = config.duckdb_memory_bytes_max,
+    ))?;
+    Ok(connection)
+}
+
+/// DuckDB's streaming iterator panics when a fetch fails (an interrupted query, say); workers
+/// catch that panic and report an error, so the default hook's message would only be noise.
+fn quiet_stream_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let on_worker = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("shale-query-"));
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .unwrap_or("");
+            if on_worker && message.starts_with("Failed to fetch Arrow record batch") {
+                return;
+            }
+            previous(info);
+        }));
+    });
+}
+
+struct Worker {
+    connection: duckdb::Connection,
+    config: QueryConfig,
+    data_dir: PathBuf,
+    shards: Arc<Vec<flume::Sender<SnapshotRequest>>>,
+    watchdog: flume::Sender<WatchdogMessage>,
+    timed_out: Arc<AtomicBool>,
+}
+
+enum WatchdogMessage {
+    Start(Instant),
+    Done,
+}
+
+impl Worker {
+    fn new(
+        connection: duckdb::Connection,
+        config: QueryConfig,
+        data_dir: PathBuf,
+        shards: Arc<Vec<flume::Sender<SnapshotRequest>>>,
+    ) -> Worker {
+        let (watchdog, messages) = flume::unbounded::<WatchdogMessage>();
+        let interrupt = connection.interrupt_handle();
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let flag = timed_out.clone();
+        let name = format!(
+            "{}-watchdog",
+            std::thread::current().name().unwrap_or("shale-query")
+        );
+        let _ = std::thread::Builder::new().name(name).spawn(move || {
+            while let Ok(message) = messages.recv() {
+                let WatchdogMessage::Start(deadline) = message else {
+                    continue;
+                };
+                match messages.recv_deadline(deadline) {
+                    Ok(_) => {}
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        flag.store(true, Ordering::SeqCst);
+                        interrupt.interrupt();
+                        // Wait for the worker to acknowledge the end of this query.
+                        while let Ok(message) = messages.recv() {
+                            if matches!(message, WatchdogMessage::Done) {
+                                break;
+                            }
+                        }
+                    }
+                    Err(flume::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        });
+        Worker {
+            connection,
+            config,
+            data_dir,
+            shards,
+            watchdog,
+            timed_out,
+        }
+    }
+
+    fn run(self, jobs: flume::Receiver<Message>) {
+        while let Ok(Message::Query(job)) = jobs.recv() {
+            if job.events.is_disconnected() {
+                continue;
+            }
+            let deadline = job.submitted_at + Duration::from_millis(self.config.timeout_ms);
+            self.timed_out.store(false, Ordering::SeqCst);
+            let _ = self.watchdog.send(WatchdogMessage::Start(deadline));
+            let started = Instant::now();
+            let mut created = Vec::new();
+            let result = self.execute(&job, &mut created, started);
+            let _ = self.watchdog.send(WatchdogMessage::Done);
+            for object in created.iter().rev() {
+                // Temporary objects of this query only; failure to drop is harmless (the next
+                // query replaces them) but worth a log line.
+                if let Err(error) = self.connection.execute_batch(object) {
+                    tracing::debug!(%error, "drop temporary query object");
+                }
+            }
+            let event = match result {
+                Ok(()) => QueryEvent::End,
+                Err(error) => {
+                    let error = if self.timed_out.load(Ordering::SeqCst) {
+                        QueryError::Timeout(self.config.timeout_ms)
+                    } else {
+                        error
+                    };
+                    QueryEvent::Failed(error)
+                }
+            };
+            let _ = job.events.send(event);
+        }
+    }
+
+    /// Checks, snapshots, builds the views and streams the result. `created` collects the
+    /// statements that drop what this query created.
+    fn execute(
+        &self,
+        job: &Job,
+        created: &mut Vec<String>,
+        started: Instant,
+    ) -> Result<(), QueryError> {
+        let checked = sql_guard::check(
+            &job.request.sql,
+            job.request.default_database.as_deref(),
+            &GuardLimits {
+                sql_bytes_max: self.config.sql_bytes_max,
+            },
+        )
+        .map_err(|e| QueryError::Rejected(e.to_string()))?;
+
+        let mut tables: Vec<TableName> = checked
+            .tables
+            .iter()
+            .map(|(_, t)| TableName {
+                database: t.database.clone(),
+                measurement: t.measurement.clone(),
+            })
+            .collect();
+        tables.sort();
+        tables.dedup();
+        let (version, pieces) = self.snapshot(tables)?;
+
+        for (index, (placeholder, table)) in checked.tables.iter().enumerate() {
+            let files: Vec<String> = version
+                .manifest
+                .files_for(&table.database, &table.measurement)
+                .map(|f| {
+                    format!(
+                        "'{}'",
+                        self.data_dir
+                            .join(&f.path)
+                            .display()
+                            .to_string()
+                            .replace('\'', "''")
+                    )
+                })
+                .collect();
+            let table_pieces: Vec<&BufferPiece> = pieces
+                .iter()
+                .filter(|p| {
+                    p.table.database == table.database && p.table.measurement == table.measurement
+                })
+                .collect();
+            if files.is_empty() && table_pieces.is_empty() {
+                return Err(QueryError::NotFound(format!(
+                    "table {}.{} does not exist (no data has been written to it)",
+                    table.database, table.measurement
+                )));
+            }
+            let mut parts = Vec::with_capacity(2);
+            if !files.is_empty() {
+                parts.push(format!(
+                    "SELECT * FROM read_parquet([{}], union_by_name = true)",
+                    files.join(", ")
+                ));
+            }
+            if !table_pieces.is_empty() {
+                let buffer = format!("__shale_b{index}");
+                self.load_pieces(&buffer, &table_pieces, created)?;
+                parts.push(format!("SELECT * FROM \"{buffer}\""));
+            }
+            let view = format!(
+                "CREATE OR REPLACE TEMP VIEW \"{placeholder}\" AS {}",
+                parts.join(" UNION ALL BY NAME ")
+            );
+            self.connection.execute_batch(&view).map_err(|e| {
+                QueryError::Internal(format!(
+                    "define table {}.{}: {e}",
+                    table.database, table.measurement
+                ))
+            })?;
+            created.push(format!("DROP VIEW IF EXISTS \"{placeholder}\""));
+        }
+
+        let mut statement = self
+            .connection
+            .prepare(&checked.sql)
+            .map_err(|e| QueryError::Sql(e.to_string()))?;
+        let mut stream = statement
+            .stream_arrow([])
+            .map_err(|e| QueryError::Sql(e.to_string()))?;
+        let schema = stream.get_schema();
+        let mut sink = Sink::new(&job.events, job.request.format, &self.config);
+        sink.start(&schema)?;
+        loop {
+            let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stream.next()));
+            match next {
+                Ok(Some(batch)) => sink.batch(&batch)?,
+                Ok(None) => break,
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .unwrap_or_else(|| "result fetch failed".into());
+                    return Err(QueryError::Sql(message));
+                }
+            }
+        }
+        sink.finish(started.elapsed().as_secs_f64() * 1000.0)
+    }
+
+    /// Asks every shard for its unflushed rows of `tables` and reconciles the answers.
+    fn snapshot(
+        &self,
+        tables: Vec<TableName>,
+    ) -> Result<(Arc<shale_replication::ManifestVersion>, Vec<BufferPiece>), QueryError> {
+        let (reply, answers) = flume::bounded::<ShardSnapshot>(self.shards.len());
+        for shard in self.shards.iter() {
+            shard
+                .send(SnapshotRequest {
+                    tables: tables.clone(),
+                    reply: reply.clone(),
+                })
+                .map_err(|_| QueryError::Internal("a shard stopped".into()))?;
+        }
+        drop(reply);
+        let deadline = Instant::now() + Duration::from_millis(self.config.snapshot_timeout_ms);
+        let mut snapshots = Vec::with_capacity(self.shards.len());
+        for _ in 0..self.shards.len() {
+            match answers.recv_deadline(deadline) {
+                Ok(snapshot) => snapshots.push(snapshot),
+                Err(_) => {
+                    return Err(QueryError::Internal(
+                        "a shard did not answer for its unflushed rows in time".into(),
+                    ))
+                }
+            }
+        }
+        reconcile(snapshots).ok_or_else(|| QueryError::Internal("no shard answered".into()))
+    }
+
+    /// Loads unflushed pieces into a temporary table with the union of their columns.
+    fn load_pieces(
+        &self,
+        name: &str,
+        pieces: &[&BufferPiece],
+        created: &mut Vec<String>,
+    ) -> Result<(), QueryError> {
+        let internal =
+            |e: &dyn std::fmt::Display| QueryError::Internal(format!("load unflushed rows: {e}"));
+        let mut columns: BTreeMap<String, DataType> = BTreeMap::new();
+        let mut order: Vec<String> = Vec::new();
+        for piece in pieces {
+            for field in piece.batch.schema().fields() {
+                let data_type = match field.data_type() {
+                    DataType::Dictionary(_, value) => value.as_ref().clone(),
+                    other => other.clone(),
+                };
+                if columns.insert(field.name().clone(), data_type).is_none() {
+                    order.push(field.name().clone());
+                }
+            }
+        }
+        let definitions: Vec<String> = order
+            .iter()
+            .map(|column| {
+                format!(
+                    "\"{}\" {}",
+                    column.replace('"', "\"\""),
+                    sql_type(&columns[column])
+                )
+            })
+            .collect();
+        self.connection
+            .execute_batch(&format!(
+                "CREATE OR REPLACE TEMP TABLE \"{name}\" ({})",
+                definitions.join(", ")
+            ))
+            .map_err(|e| internal(&e))?;
+        created.push(format!("DROP TABLE IF EXISTS \"{name}\""));
+        let schema = Arc::new(Schema::new(
+            order
+                .iter()
+                .map(|c| Field::new(c, columns[c].clone(), true))
+                .collect::<Vec<_>>(),
+        ));
+        let mut appender = self.connection.appender(name).map_err(|e| internal(&e))?;
+        for piece in pieces {
+            let rows = piece.batch.num_rows();
+            let arrays: Vec<ArrayRef> = order
+                .iter()
+                .map(|column| match piece.batch.column_by_name(column) {
+                    Some(array) if array.data_type() != &columns[column] => {
+                        arrow::compute::cast(array, &columns[column])
+                    }
+                    Some(array) => Ok(array.clone()),
+                    None => Ok(new_null_array(&columns[column], rows)),
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| internal(&e))?;
+            let batch = RecordBatch::try_new(schema.clone(), arrays).map_err(|e| internal(&e))?;
+            appender
+                .append_record_batch(batch)
+                .map_err(|e| internal(&e))?;
+        }
+        appender.flush().map_err(|e| internal(&e))?;
+        Ok(())
+    }
+}
+
+fn sql_type(data_type: &DataType) -> &'static str {
+    match data_type {
+        DataType::Timestamp(TimeUnit::Microsecond, Some(_)) => "TIMESTAMPTZ",
+        DataType::Timestamp(_, _) => "TIMESTAMP",
+        DataType::Float64 => "DOUBLE",
+        DataType::Int64 => "BIGINT",
+        DataType::UInt64 => "UBIGINT",
+        DataType::Boolean => "BOOLEAN",
+        _ => "VARCHAR",
+    }
+}
+
+/// Turns batches into response chunks, holding JSON back until it is large enough to stream.
+struct Sink<'a> {
+    events: &'a flume::Sender<QueryEvent>,
+    config: &'a QueryConfig,
+    json: Option<JsonEncoder>,
+    arrow: Option<ArrowEncoder>,
+    format: Format,
+    pending: Vec<u8>,
+    head_sent: bool,
+    bytes: usize,
+}
+
+impl<'a> Sink<'a> {
+    fn new(
+        events: &'a flume::Sender<QueryEvent>,
+        format: Format,
+        config: &'a QueryConfig,
+    ) -> Sink<'a> {
+        Sink {
+            events,
+            config,
+            format,
+            json: None,
+            arrow: None,
+            pending: Vec::new(),
+            head_sent: false,
+            bytes: 0,
+        }
+    }
+
+    fn start(&mut self, schema: &Schema) -> Result<(), QueryError> {
+        match self.format {
+            Format::Json => {
+                let (encoder, head) = JsonEncoder::head(schema);
+                self.json = Some(encoder);
+                self.pending = head;
+            }
+            Format::Arrow => {
+                let (encoder, head) =
+                    ArrowEncoder::head(schema).map_err(|e| QueryError::Internal(e.to_string()))?;
+                self.arrow = Some(encoder);
+                self.pending = head;
+            }
+        }
+        Ok(())
+    }
+
+    fn batch(&mut self, batch: &RecordBatch) -> Result<(), QueryError> {
+        if let Some(encoder) = self.json.as_mut() {
+            encoder
+                .batch(batch, &mut self.pending)
+                .map_err(|e| QueryError::Internal(e.to_string()))?;
+            if encoder.rows() > self.config.json_rows_max {
+                return Err(QueryError::TooLarge(format!(
+                    "result has more than {} rows (query.json_rows_max); add a LIMIT or use /api/v1/query/arrow",
+                    self.config.json_rows_max
+                )));
+            }
+            if self.bytes + self.pending.len() > self.config.json_bytes_max {
+                return Err(QueryError::TooLarge(format!(
+                    "result is larger than {} bytes of JSON (query.json_bytes_max); add a LIMIT or use /api/v1/query/arrow",
+                    self.config.json_bytes_max
+                )));
+            }
+            if self.pending.len() >= self.config.json_stream_after_bytes {
+                self.flush()?;
+            }
+        } else if let Some(encoder) = self.arrow.as_mut() {
+            let chunk = encoder
+                .batch(batch)
+                .map_err(|e| QueryError::Internal(e.to_string()))?;
+            self.pending.extend_from_slice(&chunk);
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), QueryError> {
+        if !self.head_sent {
+            self.send(QueryEvent::Head)?;
+            self.head_sent = true;
+        }
+        if !self.pending.is_empty() {
+            let chunk = Bytes::from(std::mem::take(&mut self.pending));
+            self.bytes += chunk.len();
+            self.send(QueryEvent::Chunk(chunk))?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, execution_time_ms: f64) -> Result<(), QueryError> {
+        if let Some(encoder) = self.json.as_ref() {
+            let tail = encoder.tail(execution_time_ms);
+            self.pending.extend_from_slice(&tail);
+        } else if let Some(encoder) = self.arrow.take() {
+            let tail = encoder
+                .tail()
+                .map_err(|e| QueryError::Internal(e.to_string()))?;
+            self.pending.extend_from_slice(&tail);
+        }
+        self.flush()
+    }
+
+    fn send(&self, event: QueryEvent) -> Result<(), QueryError> {
+        self.events
+            .send(event)
+            .map_err(|_| QueryError::Internal("client went away".into()))
+    }
+}

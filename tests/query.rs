@@ -1,0 +1,470 @@
+//! Query tests through the real HTTP API: golden results over a known dataset that is partly in
+//! Parquet and partly unflushed, fresh reads, Arrow IPC, the sandbox, and queries racing
+//! flushes.
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+
+use harness::{Client, Node, NodeOptions};
+use serde_json::{json, Value};
+
+/// Runs `sql` and returns the JSON answer, failing the test on anything but 200.
+fn must_query(node: &Node, sql: &str, headers: &[(&str, &str)]) -> Value {
+    let body = json!({ "sql": sql }).to_string();
+    let response = node.post("/api/v1/query", headers, body.as_bytes());
+    assert_eq!(response.status, 200, "{sql}: {}", response.text());
+    let value = harness::json(&response);
+    assert_eq!(value["success"], true, "{sql}: {value}");
+    value
+}
+
+fn data(value: &Value) -> Vec<Vec<Value>> {
+    value["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row.as_array().unwrap().clone())
+        .collect()
+}
+
+/// 2026-11-22T00:00:00Z in microseconds.
+const BASE_US: i64 = 1_795_305_600_000_000;
+const HOSTS: [(&str, &str); 3] = [("a", "eu"), ("b", "eu"), ("c", "us")];
+
+fn usage(host: usize, minute: i64) -> f64 {
+    ((host as i64 * 31 + minute * 7) % 100) as f64 + 0.5
+}
+
+/// Line protocol for minutes `range` of every host: `cpu,host=,region= usage=..,n=..i`.
+fn dataset(range: std::ops::Range<i64>) -> String {
+    let mut body = String::new();
+    for minute in range {
+        for (index, (host, region)) in HOSTS.iter().enumerate() {
+            body.push_str(&format!(
+                "cpu,host={host},region={region} usage={},n={minute}i {}\n",
+                usage(index, minute),
+                BASE_US + minute * 60_000_000
+            ));
+        }
+    }
+    body
+}
+
+// The golden set: minutes 0..30 are flushed to Parquet (a graceful restart flushes), minutes
+// 30..60 are only in the buffers. Every query must see each of the 180 rows exactly once, and
+// its answer must equal what the test computes from the dataset itself.
+#[test]
+fn golden_queries_over_flushed_and_unflushed_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    let response = node.post(
+        "/write?db=golden&precision=us",
+        &[],
+        dataset(0..30).as_bytes(),
+    );
+    assert_eq!(response.status, 204, "{}", response.text());
+    node.stop();
+    node.restart();
+    assert_eq!(node.manifest_rows("golden"), 90);
+    let response = node.post(
+        "/write?db=golden&precision=us",
+        &[],
+        dataset(30..60).as_bytes(),
+    );
+    assert_eq!(response.status, 204, "{}", response.text());
+
+    let answer = must_query(
+        &node,
+        "SELECT count(*) AS rows, count(DISTINCT (host, time)) FROM golden.cpu",
+        &[],
+    );
+    assert_eq!(answer["columns"][0], "rows");
+    assert_eq!(data(&answer), vec![vec![json!(180), json!(180)]]);
+    assert_eq!(answer["row_count"], 1);
+
+    // Group by tag with aggregates.
+    let answer = must_query(
+        &node,
+        "SELECT host, count(*), min(usage), max(usage), sum(n) FROM golden.cpu GROUP BY host ORDER BY host",
+        &[],
+    );
+    let expected: Vec<Vec<Value>> = HOSTS
+        .iter()
+        .enumerate()
+        .map(|(index, (host, _))| {
+            let values: Vec<f64> = (0..60).map(|m| usage(index, m)).collect();
+            vec![
+                json!(host),
+                json!(60),
+                json!(values.iter().cloned().fold(f64::MAX, f64::min)),
+                json!(values.iter().cloned().fold(f64::MIN, f64::max)),
+                json!((0..60).sum::<i64>()),
+            ]
+        })
+        .collect();
+    assert_eq!(data(&answer), expected);
+
+    // Time bucketing: ten-minute buckets hold 30 rows each.
+    let answer = must_query(
+        &node,
+        "SELECT time_bucket(INTERVAL '10 minutes', time) AS bucket, count(*) FROM golden.cpu GROUP BY bucket ORDER BY bucket",
+        &[],
+    );
+    let rows = data(&answer);
+    assert_eq!(rows.len(), 6);
+    assert_eq!(
+        rows[0],
+        vec![json!("2026-11-22T00:00:00.000000Z"), json!(30)]
+    );
+    assert!(rows.iter().all(|r| r[1] == json!(30)));
+
+    // Filters on a tag and a field.
+    let answer = must_query(
+        &node,
+        "SELECT count(*) FROM golden.cpu WHERE region = 'eu' AND usage > 50",
+        &[],
+    );
+    let expected = (0..2)
+        .flat_map(|h| (0..60).map(move |m| usage(h, m)))
+        .filter(|&u| u > 50.0)
+        .count();
+    assert_eq!(data(&answer), vec![vec![json!(expected)]]);
+
+    // Last value per series.
+    let answer = must_query(
+        &node,
+        "SELECT host, arg_max(usage, time), max(time) FROM golden.cpu GROUP BY host ORDER BY host",
+        &[],
+    );
+    let expected: Vec<Vec<Value>> = HOSTS
+        .iter()
+        .enumerate()
+        .map(|(index, (host, _))| {
+            vec![
+                json!(host),
+                json!(usage(index, 59)),
+                json!("2026-11-22T00:59:00.000000Z"),
+            ]
+        })
+        .collect();
+    assert_eq!(data(&answer), expected);
+
+    // A bare measurement with the Arc database header, and the same via the JSON body.
+    let answer = must_query(
+        &node,
+        "SELECT count(*) FROM cpu",
+        &[("x-arc-database", "golden")],
+    );
+    assert_eq!(data(&answer), vec![vec![json!(180)]]);
+
+    // Listing.
+    let databases = harness::json(&node.must_get("/api/v1/databases"));
+    assert!(databases["databases"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("golden")));
+    let measurements = harness::json(&node.must_get("/api/v1/databases/golden/measurements"));
+    assert_eq!(measurements["measurements"], json!(["cpu"]));
+    assert_eq!(
+        node.must_get("/api/v1/databases/nope/measurements").status,
+        404
+    );
+}
+
+// A row acknowledged a moment ago is in the next query's answer, flushed or not.
+#[test]
+fn fresh_rows_are_visible_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    for i in 0..20 {
+        node.must_write("fresh", &format!("m,host=h v={i} {}\n", BASE_US * 1000 + i));
+        let answer = must_query(&node, "SELECT count(*), max(v) FROM fresh.m", &[]);
+        assert_eq!(data(&answer), vec![vec![json!(i + 1), json!(i as f64)]]);
+    }
+}
+
+// The Arrow endpoint streams an IPC stream that pyarrow (here: arrow-rs) reads, with the same
+// rows as the JSON answer.
+#[test]
+fn arrow_ipc_matches_json() {
+    use arrow::array::AsArray;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    let response = node.post(
+        "/write?db=arrow&precision=us",
+        &[],
+        dataset(0..10).as_bytes(),
+    );
+    assert_eq!(response.status, 204);
+    let sql = "SELECT host, usage FROM arrow.cpu ORDER BY time, host";
+    let response = node.post(
+        "/api/v1/query/arrow",
+        &[],
+        json!({ "sql": sql }).to_string().as_bytes(),
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/vnd.apache.arrow.stream")
+    );
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(response.body), None)
+            .unwrap();
+    let mut from_arrow = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let hosts =
+            arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+        let hosts = hosts.as_string::<i32>();
+        let usage = batch
+            .column(1)
+            .as_primitive::<arrow::datatypes::Float64Type>();
+        for row in 0..batch.num_rows() {
+            from_arrow.push(vec![json!(hosts.value(row)), json!(usage.value(row))]);
+        }
+    }
+    assert_eq!(from_arrow, data(&must_query(&node, sql, &[])));
+    assert_eq!(from_arrow.len(), 30);
+}
+
+// Every way out of the sandbox is refused with a 400 that says why, and nothing is created.
+#[test]
+fn sandbox_escapes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    node.must_write("safe", "m,host=a v=1\n");
+    let attempts = [
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM '/etc/passwd'",
+        "COPY (SELECT 1) TO '/tmp/shale-escape.csv'",
+        "ATTACH '/tmp/shale-escape.db'",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "SET enable_external_access = true",
+        "PRAGMA database_list",
+        "SELECT * FROM glob('/*')",
+        "SELECT 1; DROP TABLE x",
+        "CREATE TABLE x AS SELECT 1",
+        "SELECT * FROM read_parquet('**/*.parquet')",
+        "SELECT getenv('HOME')",
+        "SELECT * FROM query('SELECT 1')",
+        "SELECT * FROM m",
+        "SELECT * FROM a.b.c",
+    ];
+    for sql in attempts {
+        let response = node.post(
+            "/api/v1/query",
+            &[],
+            json!({ "sql": sql }).to_string().as_bytes(),
+        );
+        assert_eq!(
+            response.status,
+            400,
+            "{sql} was not refused: {}",
+            response.text()
+        );
+        let body = harness::json(&response);
+        assert_eq!(body["success"], false);
+        assert!(!body["error"].as_str().unwrap().is_empty());
+    }
+    assert!(!std::path::Path::new("/tmp/shale-escape.csv").exists());
+    assert!(!std::path::Path::new("/tmp/shale-escape.db").exists());
+    // A table that does not exist is a clear 404, and malformed requests are 400s.
+    let response = node.post(
+        "/api/v1/query",
+        &[],
+        br#"{"sql":"SELECT * FROM safe.nothing"}"#,
+    );
+    assert_eq!(response.status, 404, "{}", response.text());
+    let response = node.post("/api/v1/query", &[], b"SELECT 1");
+    assert_eq!(response.status, 400, "{}", response.text());
+}
+
+// Writers add uniquely numbered rows while small flush thresholds make flushes, manifest
+// commits and buffer swaps happen all the time; every query must count each row at most once,
+// and must see every row acknowledged before it was sent.
+#[test]
+fn queries_during_flushes_see_each_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            flush_age_ms: 20,
+            flush_rows_max: 300,
+            ..NodeOptions::default()
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged: Arc<Vec<AtomicI64>> = Arc::new((0..2).map(|_| AtomicI64::new(-1)).collect());
+    let writers: Vec<_> = (0..2usize)
+        .map(|writer| {
+            let (stop, acknowledged, addr) = (stop.clone(), acknowledged.clone(), node.addr);
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr).unwrap();
+                let mut seq = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    let body: String = (seq..seq + 20)
+                        .map(|s| {
+                            format!("load,w=w{writer} seq={s}i {}\n", BASE_US * 1000 + s * 1000)
+                        })
+                        .collect();
+                    let response = client
+                        .request("POST", "/write?db=race", &[], body.as_bytes())
+                        .unwrap();
+                    assert_eq!(response.status, 204, "{}", response.text());
+                    acknowledged[writer].store(seq + 19, Ordering::SeqCst);
+                    seq += 20;
+                }
+            })
+        })
+        .collect();
+    node.wait_until("flushes under load", || {
+        node.metric("shale_flushes_total") >= 3.0
+    });
+    let mut checked = 0;
+    while checked < 30 {
+        let before: Vec<i64> = acknowledged
+            .iter()
+            .map(|a| a.load(Ordering::SeqCst))
+            .collect();
+        if before.iter().any(|&b| b < 0) {
+            continue;
+        }
+        let sql = format!(
+            "SELECT w, count(*), count(DISTINCT seq), \
+             count(DISTINCT seq) FILTER (WHERE (w = 'w0' AND seq <= {}) OR (w = 'w1' AND seq <= {})) \
+             FROM race.load GROUP BY w ORDER BY w",
+            before[0], before[1]
+        );
+        let answer = must_query(&node, &sql, &[]);
+        let rows: BTreeMap<String, (i64, i64, i64)> = data(&answer)
+            .into_iter()
+            .map(|r| {
+                let number = |i: usize| r[i].as_i64().unwrap();
+                (
+                    r[0].as_str().unwrap().to_string(),
+                    (number(1), number(2), number(3)),
+                )
+            })
+            .collect();
+        for (writer, acked) in before.iter().enumerate() {
+            let (count, distinct, acknowledged_seen) = rows[&format!("w{writer}")];
+            assert_eq!(count, distinct, "a row was counted twice");
+            assert_eq!(
+                acknowledged_seen,
+                acked + 1,
+                "writer {writer}: acknowledged rows missing"
+            );
+        }
+        checked += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    assert!(node.metric("shale_flushes_total") >= 3.0);
+}
+
+/// An Arc columnar MessagePack body: `{"m": .., "columns": {time, host, usage}, "tag_keys": ["host"]}`.
+fn msgpack_columnar(measurement: &str, rows: i64) -> Vec<u8> {
+    use rmp::encode::*;
+    let mut out = Vec::new();
+    write_map_len(&mut out, 3).unwrap();
+    write_str(&mut out, "m").unwrap();
+    write_str(&mut out, measurement).unwrap();
+    write_str(&mut out, "columns").unwrap();
+    write_map_len(&mut out, 3).unwrap();
+    write_str(&mut out, "time").unwrap();
+    write_array_len(&mut out, rows as u32).unwrap();
+    for i in 0..rows {
+        write_sint(&mut out, BASE_US / 1000 + i).unwrap();
+    }
+    write_str(&mut out, "host").unwrap();
+    write_array_len(&mut out, rows as u32).unwrap();
+    for i in 0..rows {
+        write_str(&mut out, &format!("h{}", i % 3)).unwrap();
+    }
+    write_str(&mut out, "usage").unwrap();
+    write_array_len(&mut out, rows as u32).unwrap();
+    for i in 0..rows {
+        write_f64(&mut out, i as f64 * 0.5).unwrap();
+    }
+    write_str(&mut out, "tag_keys").unwrap();
+    write_array_len(&mut out, 1).unwrap();
+    write_str(&mut out, "host").unwrap();
+    out
+}
+
+// Arc's MessagePack write endpoint, plain and gzip- and zstd-compressed (detected by magic
+// bytes, as Arc clients send them), then queried back: tags stay tags, millisecond times
+// become the right instants, and a malformed body is refused whole.
+#[test]
+fn msgpack_round_trip() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    let body = msgpack_columnar("mp", 30);
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gzip.write_all(&body).unwrap();
+    let gzip = gzip.finish().unwrap();
+    let zstd = zstd::encode_all(&body[..], 3).unwrap();
+    for payload in [&body, &gzip, &zstd] {
+        let response = node.post(
+            "/api/v1/write/msgpack",
+            &[("x-arc-database", "packed")],
+            payload,
+        );
+        assert_eq!(response.status, 204, "{}", response.text());
+    }
+    let answer = must_query(
+        &node,
+        "SELECT host, count(*), sum(usage), min(time) FROM packed.mp GROUP BY host ORDER BY host",
+        &[],
+    );
+    let sums: Vec<f64> = (0..3)
+        .map(|h| {
+            (0..30)
+                .filter(|i| i % 3 == h)
+                .map(|i| i as f64 * 0.5)
+                .sum::<f64>()
+                * 3.0
+        })
+        .collect();
+    assert_eq!(
+        data(&answer),
+        vec![
+            vec![
+                json!("h0"),
+                json!(30),
+                json!(sums[0]),
+                json!("2026-11-22T00:00:00.000000Z")
+            ],
+            vec![
+                json!("h1"),
+                json!(30),
+                json!(sums[1]),
+                json!("2026-11-22T00:00:00.001000Z")
+            ],
+            vec![
+                json!("h2"),
+                json!(30),
+                json!(sums[2]),
+                json!("2026-11-22T00:00:00.002000Z")
+            ],
+        ]
+    );
+    let mut bad = body.clone();
+    bad.truncate(bad.len() - 3);
+    let response = node.post(
+        "/api/v1/write/msgpack",
+        &[("x-arc-database", "packed")],
+        &bad,
+    );
+    assert_eq!(response.status, 400, "{}", response.text());
+    let response = node.post("/api/v1/write/msgpack", &[], &body);
+    assert_eq!(response.status, 400, "{}", response.text());
+}
