@@ -1303,7 +1303,7 @@ fn write_columnar_rows(
         let mut fields_written = 0usize;
         for column in columns.iter_mut() {
             let value = column.cursor.read()?;
-            if value == Value::Nil {
+            if matches!(value, Value::Nil) {
                 continue;
             }
             match column.kind {
@@ -1362,6 +1362,7 @@ fn write_columnar_rows(
 // Values.
 
 /// Refuses the types no column can hold.
+#[inline]
 fn unsupported(value: Value<'_>) -> Option<ValueError> {
     let reason = match value {
         Value::Array(_) | Value::Map(_) => "nested arrays and maps are not supported as values",
@@ -1388,6 +1389,7 @@ fn value_kind(value: Value<'_>) -> Result<FieldType, ValueError> {
 
 /// Converts a non-nil value to a field of type `kind`, with Arc's widening (integers into float
 /// columns) and without its lossy narrowing (only integral floats go into integer columns).
+#[inline]
 fn field_scalar(value: Value<'_>, kind: FieldType) -> Result<Scalar<'_>, ValueError> {
     if let Some(error) = unsupported(value) {
         return Err(error);
@@ -1476,6 +1478,7 @@ fn integral(float: f64) -> Result<f64, ValueError> {
 
 /// A tag value: text, or an integer or boolean written as text. `None` for nil and for the empty
 /// string, which both mean "no tag" (line protocol has no empty tag values).
+#[inline]
 fn tag_text(value: Value<'_>) -> Result<Option<TagText<'_>>, ValueError> {
     if let Some(error) = unsupported(value) {
         return Err(error);
@@ -1507,6 +1510,7 @@ fn tag_text(value: Value<'_>) -> Result<Option<TagText<'_>>, ValueError> {
 }
 
 /// Text for a tag value or string field: UTF-8 without line breaks.
+#[inline]
 fn line_text(bytes: &[u8]) -> Result<&str, ValueError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| ValueError::Invalid("a string that is not valid UTF-8"))?;
@@ -1642,6 +1646,7 @@ fn push_tag_text(out: &mut String, text: &TagText<'_>) {
     }
 }
 
+#[inline]
 fn push_scalar(out: &mut String, scalar: Scalar<'_>) {
     match scalar {
         // `{:?}` prints the shortest text that parses back to the same f64, always with a `.` or
@@ -1676,6 +1681,7 @@ fn push_integer(out: &mut String, integer: i64) {
 }
 
 /// Appends an unsigned integer in decimal.
+#[inline]
 fn push_unsigned(out: &mut String, mut integer: u64) {
     let mut digits = [0u8; 20];
     let mut start = digits.len();

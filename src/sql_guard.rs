@@ -13,7 +13,8 @@
 //!    tokenizes the way DuckDB tokenizes it (see the `lexer` module: nested `/* */` comments,
 //!    `--` comments, `'...'` with `''`, `E'...'` with backslash escapes, `$tag$...$tag$`,
 //!    `"..."` with `""`). Outside literals and comments only ASCII is accepted; prepared-statement
-//!    parameters (`?`, `$1`, `$name`) are refused.
+//!    parameters (`?`, `$1`, `$name`) are refused. Parentheses balance and nest at most
+//!    [`NESTING_DEPTH_MAX`] deep.
 //! 2. Exactly one statement; one trailing `;` is allowed and dropped.
 //! 3. The statement starts with `SELECT`, `WITH`, `FROM` (DuckDB's FROM-first form), `(`, or
 //!    `DESCRIBE`/`DESC`/`SUMMARIZE` followed by a query or one table name. Anything else is

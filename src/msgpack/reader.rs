@@ -87,6 +87,22 @@ impl<'b> Reader<'b> {
     /// Reads one value; for an array or a map only its header.
     #[inline]
     pub(super) fn read(&mut self) -> Result<Value<'b>, Malformed> {
+        // Fast paths for the most common values in metrics: small integers and short strings.
+        if let Some(&byte) = self.body.get(self.position) {
+            if byte < 0x80 {
+                self.position += 1;
+                return Ok(Value::Integer(i64::from(byte)));
+            }
+            if byte & 0xe0 == 0xa0 {
+                let start = self.position;
+                self.position += 1;
+                return Ok(Value::String(self.take(usize::from(byte & 0x1f), start)?));
+            }
+        }
+        self.read_any()
+    }
+
+    fn read_any(&mut self) -> Result<Value<'b>, Malformed> {
         let start = self.position;
         let marker = Marker::from_u8(self.u8(start)?);
         let value = match marker {

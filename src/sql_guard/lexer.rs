@@ -15,7 +15,9 @@
 //! - `'...'` strings use `''` for a quote and keep backslashes (DuckDB's standard-conforming
 //!   strings). `E'...'` strings also take backslash escapes, so `\'` does not end them. A prefix
 //!   such as `X'..'`, `B'..'`, `N'..'` or `U&'..'` is lexed as an identifier (or `U` and `&`)
-//!   followed by a plain string: DuckDB ends those strings at the same quote characters.
+//!   followed by a plain string. DuckDB may split such a literal differently (`X'a''b'` is two
+//!   adjacent literals to it, one here), but never disagrees on which characters are inside a
+//!   literal, and that is what matters.
 //! - `$tag$...$tag$` and `$$...$$` strings have ASCII tags. `$1`, `$name` and `?` are prepared
 //!   statement parameters, which the query API never binds, so they are refused.
 //! - Numbers follow DuckDB's grammar (`1_000`, `1.5`, `.5`, `1e-3`); a number running straight

@@ -245,7 +245,9 @@ impl<'a> Rewriter<'a> {
                 continue;
             }
             let name = self.identifier(index);
-            if token.kind == TokenKind::Word && is_one_of(&name, &KEYWORDS_REFUSED) {
+            // After a dot a word is a name part (`race.load`), never a statement keyword.
+            let qualified = index > 0 && self.is_punctuation(index - 1, end, b'.');
+            if token.kind == TokenKind::Word && !qualified && is_one_of(&name, &KEYWORDS_REFUSED) {
                 return Err(GuardError::KeywordNotAllowed {
                     keyword: name.to_ascii_uppercase(),
                 });

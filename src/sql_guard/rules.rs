@@ -236,9 +236,7 @@ const RESERVED: [&str; 110] = [
 
 /// Whether an unquoted word is a keyword that cannot name a table, CTE or alias.
 pub(super) fn is_reserved(word: &str) -> bool {
-    RESERVED
-        .iter()
-        .any(|reserved| word.eq_ignore_ascii_case(reserved))
+    is_one_of(word, &RESERVED)
 }
 
 /// Words that may precede `JOIN` in a join: `LEFT OUTER JOIN`, `NATURAL JOIN`, `ASOF LEFT JOIN`.
@@ -311,9 +309,17 @@ pub(super) const QUERY_STARTS: [&str; 12] = [
     "WITH",
 ];
 
-/// Whether `word` equals one of `list`, ignoring ASCII case.
+/// Whether `word` equals one of `list`, ignoring ASCII case. `list` must be sorted and upper case
+/// (the keyword lists here are, and a test keeps them so): this runs for most tokens of a query,
+/// so it is a binary search that upper-cases `word` on the fly instead of allocating.
 pub(super) fn is_one_of(word: &str, list: &[&str]) -> bool {
-    list.iter().any(|entry| word.eq_ignore_ascii_case(entry))
+    debug_assert!(list.windows(2).all(|pair| pair[0] < pair[1]), "{list:?}");
+    list.binary_search_by(|entry| {
+        entry
+            .bytes()
+            .cmp(word.bytes().map(|byte| byte.to_ascii_uppercase()))
+    })
+    .is_ok()
 }
 
 #[cfg(test)]

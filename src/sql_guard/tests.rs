@@ -1093,27 +1093,3 @@ proptest! {
         }
     }
 }
-
-// TEMPORARY differential dump (removed before hand-off).
-#[test]
-fn tmp_dump() {
-    let Ok(input) = std::env::var("SQL_GUARD_DUMP_IN") else {
-        return;
-    };
-    let output = std::env::var("SQL_GUARD_DUMP_OUT").unwrap();
-    let cases: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(input).unwrap()).unwrap();
-    let mut results = Vec::new();
-    for case in cases {
-        let sql = case["sql"].as_str().unwrap();
-        let db = case["db"].as_str();
-        let result = match check(sql, db, &limits()) {
-            Ok(c) => {
-                serde_json::json!({"ok": true, "sql": c.sql, "tables": c.tables.iter().map(|(p, t)| vec![p.clone(), t.database.clone(), t.measurement.clone()]).collect::<Vec<_>>()})
-            }
-            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
-        };
-        results.push(result);
-    }
-    std::fs::write(output, serde_json::to_string(&results).unwrap()).unwrap();
-}
