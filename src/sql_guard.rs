@@ -19,10 +19,11 @@
 //! 3. The statement starts with `SELECT`, `WITH`, `FROM` (DuckDB's FROM-first form), `(`, or
 //!    `DESCRIBE`/`DESC`/`SUMMARIZE` followed by a query or one table name. Anything else is
 //!    refused with [`GuardError::StatementNotAllowed`] naming the first word.
-//! 4. Anywhere in the statement, as unquoted words: `ALTER ATTACH CALL COPY CREATE DELETE DETACH
-//!    DROP EXPORT IMPORT INSERT INSTALL INTO LOAD PRAGMA SET SHOW TABLE UPDATE PIVOT_WIDER
+//! 4. Anywhere in the statement, as unquoted words not right after a dot (where DuckDB's grammar
+//!    only allows a name, as in `race.load`): `ALTER ATTACH CALL COPY CREATE DELETE DETACH DROP
+//!    EXPORT IMPORT INSERT INSTALL INTO LOAD PRAGMA SET SHOW TABLE UPDATE PIVOT_WIDER
 //!    PIVOT_LONGER` are refused ([`GuardError::KeywordNotAllowed`]); a column with such a name
-//!    must be double-quoted. Any call (a name, or the last part of a dotted name, before `(`,
+//!    must be double-quoted or qualified. Any call (a name, or the last part of a dotted name, before `(`,
 //!    whatever comments or whitespace lie between) of a file, network, catalog, settings or
 //!    SQL-string function is refused ([`GuardError::FunctionNotAllowed`]): `read_*`, `*_scan`,
 //!    `parquet_*`, `duckdb_*`, `pragma_*`, `glob`, `query`, `query_table`, `getenv`,
@@ -61,7 +62,7 @@
 //!   schema-qualified table functions and prepared-statement parameters are refused. Standard
 //!   `PIVOT (...)`/`UNPIVOT (...)` after a FROM item is accepted.
 //! - Unquoted columns named like a refused keyword (`set`, `load`, `update`, `table`, ...) must be
-//!   double-quoted. `x GLOB ('pattern')` with parentheses reads as a call of `glob` and is
+//!   double-quoted or qualified (`cpu.load`). `x GLOB ('pattern')` with parentheses reads as a call of `glob` and is
 //!   refused; write `x GLOB 'pattern'`.
 //! - A `DESCRIBE`/`SUMMARIZE` target is always a table, never a CTE.
 //!

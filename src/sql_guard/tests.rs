@@ -618,8 +618,21 @@ fn keywords_inside_queries() {
             "{sql}"
         );
     }
-    // Quoted, such a word is an ordinary column name.
+    // Quoted, or after a dot (where DuckDB's grammar only allows a name), such a word is an
+    // ordinary column or table name.
     must_check("SELECT \"set\", \"load\" FROM metrics.system", None);
+    assert_rewrite(
+        "SELECT race.load, race . update FROM metrics.race",
+        None,
+        "SELECT race.load, race . update FROM \"__shale_t0\" AS \"race\"",
+        &[("metrics", "race")],
+    );
+    assert_rewrite(
+        "SELECT * FROM metrics.copy",
+        None,
+        "SELECT * FROM \"__shale_t0\" AS \"copy\"",
+        &[("metrics", "copy")],
+    );
 }
 
 // More than one statement is refused; one trailing semicolon is not.
