@@ -523,7 +523,11 @@ impl Shard {
             self.refresh_wal_metrics();
             let stopping = shutdown.is_raised();
             for key in self.due_tables(stopping) {
-                self.flush_table(&key).await;
+                if !self.flush_table(&key, stopping).await {
+                    // Shutting down with the manifest unreachable: the rows stay in the WAL
+                    // and are replayed at the next start.
+                    return;
+                }
             }
             if stopping {
                 break;
@@ -568,15 +572,18 @@ impl Shard {
     /// Freezes one buffer and makes its rows durable in the manifest, retrying until it does.
     /// Only one flush runs per shard at a time, so a table's files commit in LSN order (replay
     /// relies on that: everything at or below a committed file's last LSN is in files).
-    async fn flush_table(self: &Rc<Self>, key: &TableKey) {
+    ///
+    /// Returns false only when `stopping` and the flush kept failing: shutdown must not hang on
+    /// an unreachable manifest, and the WAL still holds the rows.
+    async fn flush_table(self: &Rc<Self>, key: &TableKey, stopping: bool) -> bool {
         let frozen = {
             let mut buffers = self.buffers.borrow_mut();
             let Some(buffer) = buffers.get_mut(&key.0).and_then(|t| t.get_mut(&key.1)) else {
-                return;
+                return true;
             };
             match buffer.freeze() {
                 Some(frozen) => frozen,
-                None => return,
+                None => return true,
             }
         };
         let started = Instant::now();
@@ -610,6 +617,13 @@ impl Shard {
                         error = %format!("{error:#}"),
                         "flush failed; retrying"
                     );
+                    if stopping && attempt >= 3 {
+                        tracing::warn!(
+                            shard_id = self.shard_id,
+                            "giving up the flush at shutdown; the WAL keeps its rows for replay"
+                        );
+                        return false;
+                    }
                     let backoff = Duration::from_millis(
                         (self.config.manifest.registration_retry_ms << attempt.min(6)).min(30_000),
                     );
@@ -633,6 +647,7 @@ impl Shard {
             .sum();
         self.metrics.buffer_rows.set(rows_left as u64);
         self.release_wal().await;
+        true
     }
 
     /// Encode, publish, journal, register. Idempotent: a retry after any failure converges.
