@@ -372,6 +372,7 @@ impl Api {
     fn metrics(&self) -> Response<Body> {
         self.shard.refresh_wal_metrics();
         let manifest = self.node.manifest.metrics();
+        let engine = &self.node.query.metrics;
         let version = self.node.manifest.current();
         let text = NodeMetrics::render(
             &self.node.metrics,
@@ -400,6 +401,36 @@ impl Api {
                     "shale_ready_shards",
                     "Shards that finished WAL recovery.",
                     self.node.ready_shards() as f64,
+                ),
+                (
+                    "shale_queries_total",
+                    "Queries run by the DuckDB workers.",
+                    engine.queries.get() as f64,
+                ),
+                (
+                    "shale_query_errors_total",
+                    "Queries that failed (timeouts included).",
+                    engine.query_errors.get() as f64,
+                ),
+                (
+                    "shale_query_timeouts_total",
+                    "Queries interrupted at query.timeout_ms.",
+                    engine.query_timeouts.get() as f64,
+                ),
+                (
+                    "shale_query_files_read_total",
+                    "Parquet files queries read.",
+                    engine.files_read.get() as f64,
+                ),
+                (
+                    "shale_query_files_pruned_total",
+                    "Files skipped by the manifest's time ranges.",
+                    engine.files_pruned.get() as f64,
+                ),
+                (
+                    "shale_query_buffer_pieces_total",
+                    "Unflushed buffer pieces queries read.",
+                    engine.buffer_pieces.get() as f64,
                 ),
             ],
         );

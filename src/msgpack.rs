@@ -39,17 +39,20 @@
 //! - **Value types**: a field column's type is set by its first non-nil value (Arc's rule);
 //!   integers are then accepted into a float column and converted. Nil means "no value in this
 //!   row" and is left out of the line. Binary, extension, nested arrays and maps are refused.
-//! - **Compression** is gzip or zstd, recognised by Arc from the body's magic bytes rather than
-//!   from `Content-Encoding`; see [`detect_compression`]. Decompressing is the caller's job.
+//! - **Compression** is gzip or zstd, recognised by Arc from the body's magic bytes even without
+//!   `Content-Encoding` (Telegraf's Arc output gzips by default). Decompressing is the caller's
+//!   job: [`crate::ingest::detect_encoding`] sniffs the same magic bytes. The sniffing is
+//!   unambiguous, since a valid body starts with a map or array marker, never with 0x1f or 0x28.
 //! - **Database**: never in the body; it comes from the `x-arc-database` header.
 //!
 //! # Where shale is stricter than Arc, and why
 //!
 //! Arc skips bad items of a batch with a log line and stores the rest; here any bad record
 //! rejects the request, because the durability contract is all or nothing. Arc also truncates a
-//! float written into an integer column (2.5 becomes 2), silently ignores non-array columns and
-//! unknown mixes such as `columns` with `fields`, replaces invalid UTF-8, and wraps unsigned times
-//! above `i64::MAX`; each of those is an error here, since each silently changes what is stored.
+//! float written into an integer column (2.5 becomes 2), silently ignores non-array columns,
+//! mixes such as `columns` with `fields`, repeated keys and bytes after the body's value,
+//! replaces invalid UTF-8, and wraps unsigned times above `i64::MAX`; each of those is an error
+//! here, since each silently changes what is stored. Unknown keys are skipped, as in Arc.
 //! Arc adds the tag `host=unknown` to every row record without `h`; shale adds nothing. Arc
 //! refuses integers above `i64::MAX`; shale stores a column holding one as unsigned (`u`), and a
 //! float time keeps its fraction (rounded to the microsecond) where Arc truncates it.
@@ -66,6 +69,14 @@
 //!
 //! Record indexes count records (not batch wrappers) from 0 in body order; row indexes count
 //! from 0 within a columnar record's arrays, i.e. they are the array positions the client used.
+//!
+//! # Performance
+//!
+//! A columnar record is read twice and copied never: the first pass checks every column and
+//! settles its type, the second walks one cursor per column in step and writes the rows. Strings
+//! stay slices of the body, and nothing is allocated per value. Measured in release on the 2-core
+//! VM, 10,000-row records: 13 columns (3 tags, 10 integers) about 1.7M rows/s, Arc's narrow
+//! shape (1 tag, 3 floats) about 2.5M rows/s; the parser then reads the output at 4-7M rows/s.
 //!
 //! Threading: a pure function, run on the shard thread that received the request.
 
@@ -253,27 +264,6 @@ pub enum MsgpackError {
         here: &'static str,
         earlier: &'static str,
     },
-}
-
-/// A body's compression, judged from its first bytes as Arc does (it ignores
-/// `Content-Encoding`). Unambiguous for valid bodies: an uncompressed body starts with a map or
-/// array marker, never with 0x1f or 0x28 (positive integers).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Gzip,
-    Zstd,
-}
-
-/// Recognises gzip (`1f 8b`) and zstd (`28 b5 2f fd`) bodies by their magic bytes.
-pub fn detect_compression(body: &[u8]) -> Compression {
-    if body.starts_with(&[0x1f, 0x8b]) {
-        Compression::Gzip
-    } else if body.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Compression::Zstd
-    } else {
-        Compression::None
-    }
 }
 
 /// Decodes one request body (already decompressed) into canonical line protocol appended to

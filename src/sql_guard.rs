@@ -78,6 +78,7 @@
 mod lexer;
 mod rewriter;
 mod rules;
+pub mod time_bounds;
 
 use std::fmt;
 

@@ -94,6 +94,18 @@ pub struct QueryEngine {
 pub struct QueryClient {
     jobs: flume::Sender<Message>,
     queue_depth_max: usize,
+    pub metrics: Arc<EngineMetrics>,
+}
+
+/// Counters of the engine, written by the workers, read by `/metrics`.
+#[derive(Default)]
+pub struct EngineMetrics {
+    pub queries: crate::metrics::Counter,
+    pub query_errors: crate::metrics::Counter,
+    pub query_timeouts: crate::metrics::Counter,
+    pub files_read: crate::metrics::Counter,
+    pub files_pruned: crate::metrics::Counter,
+    pub buffer_pieces: crate::metrics::Counter,
 }
 
 enum Message {
@@ -112,22 +124,27 @@ impl QueryEngine {
         quiet_stream_panics();
         let (jobs, receiver) = flume::bounded::<Message>(config.queue_depth_max.max(1));
         let shards = Arc::new(shards);
+        let metrics = Arc::new(EngineMetrics::default());
         let mut workers = Vec::with_capacity(config.workers);
         for index in 0..config.workers.max(1) {
             let connection = open_sandboxed(&config, data_dir)
                 .with_context(|| format!("open DuckDB for query worker {index}"))?;
             let (receiver, shards, config) = (receiver.clone(), shards.clone(), config.clone());
+            let metrics = metrics.clone();
             let data_dir = data_dir.to_path_buf();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("shale-query-{index}"))
-                    .spawn(move || Worker::new(connection, config, data_dir, shards).run(receiver))
+                    .spawn(move || {
+                        Worker::new(connection, config, data_dir, shards, metrics).run(receiver)
+                    })
                     .context("start query worker")?,
             );
         }
         let client = QueryClient {
             jobs: jobs.clone(),
             queue_depth_max: config.queue_depth_max,
+            metrics,
         };
         Ok((QueryEngine { jobs, workers }, client))
     }
@@ -212,6 +229,7 @@ struct Worker {
     shards: Arc<Vec<flume::Sender<SnapshotRequest>>>,
     watchdog: flume::Sender<WatchdogMessage>,
     timed_out: Arc<AtomicBool>,
+    metrics: Arc<EngineMetrics>,
 }
 
 enum WatchdogMessage {
@@ -225,6 +243,7 @@ impl Worker {
         config: QueryConfig,
         data_dir: PathBuf,
         shards: Arc<Vec<flume::Sender<SnapshotRequest>>>,
+        metrics: Arc<EngineMetrics>,
     ) -> Worker {
         let (watchdog, messages) = flume::unbounded::<WatchdogMessage>();
         let interrupt = connection.interrupt_handle();
@@ -262,6 +281,7 @@ impl Worker {
             shards,
             watchdog,
             timed_out,
+            metrics,
         }
     }
 
@@ -275,7 +295,16 @@ impl Worker {
             let _ = self.watchdog.send(WatchdogMessage::Start(deadline));
             let started = Instant::now();
             let mut created = Vec::new();
-            let result = self.execute(&job, &mut created, started);
+            // One transaction per query: `now()` in time bounds and in the query is the same
+            // instant, and rolling back drops every temporary object the query made.
+            let result = self
+                .connection
+                .execute_batch("BEGIN TRANSACTION")
+                .map_err(|e| QueryError::Internal(format!("begin query transaction: {e}")))
+                .and_then(|()| self.execute(&job, &mut created, started));
+            if let Err(error) = self.connection.execute_batch("ROLLBACK") {
+                tracing::debug!(%error, "end query transaction");
+            }
             let _ = self.watchdog.send(WatchdogMessage::Done);
             for object in created.iter().rev() {
                 // Temporary objects of this query only; failure to drop is harmless (the next
@@ -284,10 +313,13 @@ impl Worker {
                     tracing::debug!(%error, "drop temporary query object");
                 }
             }
+            self.metrics.queries.increment();
             let event = match result {
                 Ok(()) => QueryEvent::End,
                 Err(error) => {
+                    self.metrics.query_errors.increment();
                     let error = if self.timed_out.load(Ordering::SeqCst) {
+                        self.metrics.query_timeouts.increment();
                         QueryError::Timeout(self.config.timeout_ms)
                     } else {
                         error
@@ -327,11 +359,43 @@ impl Worker {
         tables.sort();
         tables.dedup();
         let (version, pieces) = self.snapshot(tables)?;
+        let ranges = self.time_ranges(&checked.sql);
 
         for (index, (placeholder, table)) in checked.tables.iter().enumerate() {
-            let files: Vec<String> = version
+            let (lower, upper) = ranges
+                .iter()
+                .find(|(name, _, _)| name == placeholder)
+                .map_or((i64::MIN, i64::MAX), |(_, lower, upper)| (*lower, *upper));
+            let mut entries: Vec<_> = version
                 .manifest
                 .files_for(&table.database, &table.measurement)
+                .collect();
+            let total = entries.len();
+            entries.retain(|f| f.time_max_us >= lower && f.time_min_us <= upper);
+            if entries.is_empty() && total > 0 {
+                // Keep one file so the view has the table's columns; the query's own WHERE
+                // filters its rows.
+                entries = version
+                    .manifest
+                    .files_for(&table.database, &table.measurement)
+                    .take(1)
+                    .collect();
+            }
+            self.metrics.files_read.add(entries.len() as u64);
+            self.metrics
+                .files_pruned
+                .add((total - entries.len()) as u64);
+            self.metrics
+                .buffer_pieces
+                .add(table_pieces_count(&pieces, table) as u64);
+            tracing::debug!(
+                table = %format!("{}.{}", table.database, table.measurement),
+                files = entries.len(),
+                files_pruned = total - entries.len(),
+                "query files"
+            );
+            let files: Vec<String> = entries
+                .into_iter()
                 .map(|f| {
                     format!(
                         "'{}'",
@@ -405,6 +469,43 @@ impl Worker {
             }
         }
         sink.finish(started.elapsed().as_secs_f64() * 1000.0)
+    }
+
+    /// The time range each placeholder's rows are provably in, evaluated in this transaction;
+    /// a bound that is not a constant timestamp is ignored (the range stays open there).
+    fn time_ranges(&self, sql: &str) -> Vec<(String, i64, i64)> {
+        use crate::sql_guard::time_bounds::{time_bounds, Bound};
+        let evaluate = |expression: &str| -> Option<i64> {
+            self.connection
+                .query_row(
+                    &format!("SELECT epoch_us(CAST(({expression}) AS TIMESTAMPTZ))"),
+                    [],
+                    |row| row.get::<_, Option<i64>>(0),
+                )
+                .ok()
+                .flatten()
+        };
+        time_bounds(sql)
+            .into_iter()
+            .map(|table| {
+                let (mut lower, mut upper) = (i64::MIN, i64::MAX);
+                for bound in &table.bounds {
+                    match bound {
+                        Bound::Lower(e) => {
+                            if let Some(value) = evaluate(e) {
+                                lower = lower.max(value);
+                            }
+                        }
+                        Bound::Upper(e) => {
+                            if let Some(value) = evaluate(e) {
+                                upper = upper.min(value);
+                            }
+                        }
+                    }
+                }
+                (table.placeholder, lower, upper)
+            })
+            .collect()
     }
 
     /// Asks every shard for its unflushed rows of `tables` and reconciles the answers.
@@ -504,6 +605,13 @@ impl Worker {
         appender.flush().map_err(|e| internal(&e))?;
         Ok(())
     }
+}
+
+fn table_pieces_count(pieces: &[BufferPiece], table: &sql_guard::TableRef) -> usize {
+    pieces
+        .iter()
+        .filter(|p| p.table.database == table.database && p.table.measurement == table.measurement)
+        .count()
 }
 
 fn sql_type(data_type: &DataType) -> &'static str {
