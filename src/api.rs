@@ -221,7 +221,27 @@ impl Api {
             let mut lines = String::with_capacity(body.len() * 2);
             let limits = crate::msgpack::MsgpackLimits::default();
             if let Err(e) = crate::msgpack::to_line_protocol(&body, now_us, &limits, &mut lines) {
-                return error(StatusCode::BAD_REQUEST, &e.to_string());
+                let status = match e {
+                    crate::msgpack::MsgpackError::TooManyRows { .. }
+                    | crate::msgpack::MsgpackError::TooManyColumns { .. } => {
+                        StatusCode::PAYLOAD_TOO_LARGE
+                    }
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                return error(status, &e.to_string());
+            }
+            // Column names repeat on every line, so the translation can be far larger than
+            // the body: it must still fit the WAL record limit.
+            let bytes_max = self.node.config.ingest.decompressed_bytes_max;
+            if lines.len() > bytes_max {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!(
+                        "body expands to {} bytes of rows, more than ingest.decompressed_bytes_max ({})",
+                        lines.len(),
+                        bytes_max
+                    ),
+                );
             }
             (Precision::Microseconds, Bytes::from(lines))
         } else {
