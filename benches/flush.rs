@@ -4,7 +4,7 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use shale::buffer::{MeasurementBuffer, Value};
 use shale::config::Config;
-use shale::line_protocol::{parse, FieldValue, ParseLimits, Precision};
+use shale::line_protocol::{parse, ParseLimits, Precision};
 use shale::storage::{encode, FileOrigin};
 use shale::workload::{Generator, Shape};
 
@@ -24,18 +24,7 @@ fn filled_buffer(body: &str) -> MeasurementBuffer {
             1,
             line.time_us(),
             line.tags(),
-            line.fields().map(|(key, value)| {
-                (
-                    key,
-                    match value {
-                        FieldValue::Float(v) => Value::Float(v),
-                        FieldValue::Integer(v) => Value::Integer(v),
-                        FieldValue::Unsigned(v) => Value::Unsigned(v),
-                        FieldValue::Boolean(v) => Value::Boolean(v),
-                        FieldValue::String(v) => Value::String(v),
-                    },
-                )
-            }),
+            line.fields().map(|(key, value)| (key, Value::from(value))),
         );
     }
     buffer

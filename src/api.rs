@@ -325,20 +325,7 @@ impl Api {
     /// Databases are what the manifest knows: tables with files or declared columns.
     fn databases(&self) -> Response<Body> {
         let version = self.node.manifest.current();
-        let mut names: Vec<&str> = version
-            .manifest
-            .tables()
-            .keys()
-            .map(|(database, _)| database.as_str())
-            .chain(
-                version
-                    .manifest
-                    .files()
-                    .values()
-                    .map(|f| f.database.as_str()),
-            )
-            .collect();
-        names.sort_unstable();
+        let mut names: Vec<&str> = known_tables(&version).map(|(d, _)| d).collect();
         names.dedup();
         let body = serde_json::json!({ "success": true, "count": names.len(), "databases": names });
         json(StatusCode::OK, body.to_string())
@@ -346,23 +333,10 @@ impl Api {
 
     fn measurements(&self, database: &str) -> Response<Body> {
         let version = self.node.manifest.current();
-        let mut names: Vec<&str> = version
-            .manifest
-            .tables()
-            .keys()
-            .filter(|(d, _)| d == database)
-            .map(|(_, m)| m.as_str())
-            .chain(
-                version
-                    .manifest
-                    .files()
-                    .values()
-                    .filter(|f| f.database == database)
-                    .map(|f| f.measurement.as_str()),
-            )
+        let names: Vec<&str> = known_tables(&version)
+            .filter(|(d, _)| *d == database)
+            .map(|(_, m)| m)
             .collect();
-        names.sort_unstable();
-        names.dedup();
         if names.is_empty() {
             return error(
                 StatusCode::NOT_FOUND,
@@ -499,6 +473,25 @@ impl hyper::service::Service<Request<Incoming>> for Api {
             Ok(response)
         })
     }
+}
+
+/// Every (database, measurement) the manifest knows, sorted, each once.
+fn known_tables(
+    version: &shale_replication::ManifestVersion,
+) -> impl Iterator<Item = (&str, &str)> {
+    let manifest = &version.manifest;
+    let tables: std::collections::BTreeSet<(&str, &str)> = manifest
+        .tables()
+        .keys()
+        .map(|(d, m)| (d.as_str(), m.as_str()))
+        .chain(
+            manifest
+                .files()
+                .values()
+                .map(|f| (f.database.as_str(), f.measurement.as_str())),
+        )
+        .collect();
+    tables.into_iter()
 }
 
 fn query_error(e: QueryError) -> Response<Body> {

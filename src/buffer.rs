@@ -89,6 +89,19 @@ impl Value<'_> {
     }
 }
 
+impl<'a> From<crate::line_protocol::FieldValue<'a>> for Value<'a> {
+    fn from(value: crate::line_protocol::FieldValue<'a>) -> Value<'a> {
+        use crate::line_protocol::FieldValue;
+        match value {
+            FieldValue::Float(v) => Value::Float(v),
+            FieldValue::Integer(v) => Value::Integer(v),
+            FieldValue::Unsigned(v) => Value::Unsigned(v),
+            FieldValue::Boolean(v) => Value::Boolean(v),
+            FieldValue::String(v) => Value::String(v),
+        }
+    }
+}
+
 /// Name of the timestamp column in every table.
 pub const TIME_COLUMN: &str = "time";
 

@@ -28,6 +28,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
+/// The `[query]` section: DuckDB workers and the limits of one query.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueryConfig {
@@ -42,23 +43,6 @@ pub struct QueryConfig {
     pub json_stream_after_bytes: usize,
     pub snapshot_timeout_ms: u64,
     pub request_bytes_max: usize,
-}
-
-impl QueryConfig {
-    pub fn engine(&self) -> crate::query::engine::QueryConfig {
-        crate::query::engine::QueryConfig {
-            workers: self.workers,
-            duckdb_threads: self.duckdb_threads,
-            duckdb_memory_bytes_max: self.duckdb_memory_bytes_max,
-            timeout_ms: self.timeout_ms,
-            queue_depth_max: self.queue_depth_max,
-            sql_bytes_max: self.sql_bytes_max,
-            json_rows_max: self.json_rows_max,
-            json_bytes_max: self.json_bytes_max,
-            json_stream_after_bytes: self.json_stream_after_bytes,
-            snapshot_timeout_ms: self.snapshot_timeout_ms,
-        }
-    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

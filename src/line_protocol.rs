@@ -757,6 +757,16 @@ pub fn write_line(out: &mut String, line: &LineView<'_>) {
     let _ = writeln!(out, " {}", line.time_us());
 }
 
+/// Appends a tag key, tag value or field key with line protocol's escapes (`,` `=` space).
+pub fn escape_key(out: &mut String, text: &str) {
+    write_escaped(out, text, &KEY_ESCAPES);
+}
+
+/// Appends the inside of a string field value with its escapes (`"` and `\`).
+pub fn escape_string(out: &mut String, text: &str) {
+    write_escaped(out, text, &STRING_ESCAPES);
+}
+
 fn write_escaped(out: &mut String, text: &str, escapes: &ByteTable) {
     let mut run_start = 0;
     for (index, byte) in text.bytes().enumerate() {

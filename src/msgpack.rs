@@ -86,7 +86,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 
-use crate::line_protocol::FieldType;
+use crate::line_protocol::{self, FieldType};
 use crate::names::{self, NameError, TIME_COLUMN};
 
 use reader::{Reader, Value};
@@ -696,7 +696,7 @@ impl<'b> Decoder<'b, '_> {
             if column.is_tag {
                 column.prefix.push(',');
             }
-            push_escaped(&mut column.prefix, column.name, &KEY_ESCAPES);
+            line_protocol::escape_key(&mut column.prefix, column.name);
             column.prefix.push('=');
         }
         columns.sort_by(|left, right| {
@@ -970,13 +970,13 @@ impl<'b> Decoder<'b, '_> {
         out.push_str(measurement);
         for (key, value) in &row_tags {
             out.push(',');
-            push_escaped(out, key, &KEY_ESCAPES);
+            line_protocol::escape_key(out, key);
             out.push('=');
             push_tag_text(out, value);
         }
         for (index, (key, value)) in row_fields.iter().enumerate() {
             out.push(if index == 0 { ' ' } else { ',' });
-            push_escaped(out, key, &KEY_ESCAPES);
+            line_protocol::escape_key(out, key);
             out.push('=');
             push_scalar(out, *value);
         }
@@ -1596,40 +1596,9 @@ fn to_micros(value: Value<'_>, unit: TimeUnit) -> Result<i64, &'static str> {
 // ------------------------------------------------------------------------------------------------
 // Writing line protocol.
 
-type ByteTable = [bool; 256];
-
-const fn byte_table(bytes: &[u8]) -> ByteTable {
-    let mut table = [false; 256];
-    let mut index = 0;
-    while index < bytes.len() {
-        table[bytes[index] as usize] = true;
-        index += 1;
-    }
-    table
-}
-
-/// Bytes a backslash escapes in tag keys, tag values and field keys.
-static KEY_ESCAPES: ByteTable = byte_table(b",= ");
-/// Bytes a backslash escapes in a string field value.
-static STRING_ESCAPES: ByteTable = byte_table(b"\"\\");
-
-/// Appends `text` with a backslash before every byte in `escapes` (all ASCII, so the runs
-/// between them are whole UTF-8 sequences).
-fn push_escaped(out: &mut String, text: &str, escapes: &ByteTable) {
-    let mut run_start = 0;
-    for (index, byte) in text.bytes().enumerate() {
-        if escapes[byte as usize] {
-            out.push_str(&text[run_start..index]);
-            out.push('\\');
-            run_start = index;
-        }
-    }
-    out.push_str(&text[run_start..]);
-}
-
 fn push_tag_text(out: &mut String, text: &TagText<'_>) {
     match text {
-        TagText::Text(text) => push_escaped(out, text, &KEY_ESCAPES),
+        TagText::Text(text) => line_protocol::escape_key(out, text),
         TagText::Integer(integer) => push_integer(out, *integer),
         TagText::Unsigned(integer) => push_unsigned(out, *integer),
         TagText::Boolean(boolean) => out.push_str(if *boolean { "true" } else { "false" }),
@@ -1655,7 +1624,7 @@ fn push_scalar(out: &mut String, scalar: Scalar<'_>) {
         Scalar::Boolean(boolean) => out.push_str(if boolean { "true" } else { "false" }),
         Scalar::String(text) => {
             out.push('"');
-            push_escaped(out, text, &STRING_ESCAPES);
+            line_protocol::escape_string(out, text);
             out.push('"');
         }
     }

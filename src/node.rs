@@ -94,7 +94,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         .map(|_| flume::bounded::<SnapshotRequest>(64))
         .unzip();
     let (query_engine, query) =
-        QueryEngine::start(config.query.engine(), data_dir, snapshot_senders)
+        QueryEngine::start(config.query.clone(), data_dir, snapshot_senders)
             .context("start the query engine")?;
     let shared = Arc::new(NodeShared {
         config: config.clone(),

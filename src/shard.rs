@@ -468,7 +468,7 @@ impl Shard {
             lsn,
             line.time_us(),
             line.tags(),
-            line.fields().map(|(key, value)| (key, to_value(value))),
+            line.fields().map(|(key, value)| (key, Value::from(value))),
         );
         if new_columns {
             let mut kinds = self.kinds.borrow_mut();
@@ -940,16 +940,6 @@ fn field_kind(value: &FieldValue<'_>) -> ColumnKind {
         FieldValue::Unsigned(_) => ColumnKind::Unsigned,
         FieldValue::Boolean(_) => ColumnKind::Boolean,
         FieldValue::String(_) => ColumnKind::String,
-    }
-}
-
-fn to_value(value: FieldValue<'_>) -> Value<'_> {
-    match value {
-        FieldValue::Float(v) => Value::Float(v),
-        FieldValue::Integer(v) => Value::Integer(v),
-        FieldValue::Unsigned(v) => Value::Unsigned(v),
-        FieldValue::Boolean(v) => Value::Boolean(v),
-        FieldValue::String(v) => Value::String(v),
     }
 }
 

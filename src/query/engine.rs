@@ -18,24 +18,8 @@ use bytes::Bytes;
 
 use super::encode::{ArrowEncoder, JsonEncoder};
 use super::snapshot::{reconcile, BufferPiece, ShardSnapshot, SnapshotRequest, TableName};
+use crate::config::QueryConfig;
 use crate::sql_guard::{self, GuardLimits};
-
-/// Limits and sizes of the engine (the `[query]` configuration section).
-#[derive(Clone, Debug)]
-pub struct QueryConfig {
-    pub workers: usize,
-    pub duckdb_threads: usize,
-    pub duckdb_memory_bytes_max: u64,
-    pub timeout_ms: u64,
-    pub queue_depth_max: usize,
-    pub sql_bytes_max: usize,
-    pub json_rows_max: u64,
-    pub json_bytes_max: usize,
-    /// JSON is buffered up to this size so that an error or limit before it is a clean HTTP
-    /// error; past it the response streams.
-    pub json_stream_after_bytes: usize,
-    pub snapshot_timeout_ms: u64,
-}
 
 /// The answer format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

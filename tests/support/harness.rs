@@ -292,18 +292,7 @@ pub fn free_port() -> u16 {
 }
 
 #[allow(unused_imports)]
-pub use shale::http_client::{Client, Response};
-
-/// One HTTP/1.1 request on a fresh connection.
-pub fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> std::io::Result<Response> {
-    shale::http_client::request(addr, method, path, headers, body)
-}
+pub use shale::http_client::{request, Client, Response};
 
 /// Parses a response body as JSON, failing the test with the body if it is not.
 pub fn json(response: &Response) -> serde_json::Value {
