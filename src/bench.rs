@@ -1,9 +1,18 @@
-//! `shale bench ingest`: a line-protocol load generator that measures any server accepting
-//! InfluxDB line protocol on `/write` (shale, VictoriaMetrics, InfluxDB 1.x) the same way.
+//! `shale bench`: load generators that measure a server from the outside.
 //!
-//! Batches are generated before the clock starts; each worker thread keeps one connection
-//! alive and sends one batch at a time, waiting for the acknowledgement (so latency is the
-//! server's durable-ack latency). Threads: one per worker plus a progress reporter.
+//! `shale bench ingest` is a line-protocol load that measures any server accepting InfluxDB line
+//! protocol on `/write` (shale, VictoriaMetrics, InfluxDB 1.x) the same way. Batches are
+//! generated before the clock starts; each worker thread keeps one connection alive and sends one
+//! batch at a time, waiting for the acknowledgement (so latency is the server's durable-ack
+//! latency). `shale bench query` ([`query`]) times dashboard queries the same way.
+//!
+//! Threads: one per worker plus the calling thread, which prints a progress line each second.
+//! Every worker records its completions into its own [`timeline::Timeline`]; the merged
+//! timelines give the per-second `series` of the report, which [`plot`] draws as an SVG chart.
+
+pub mod plot;
+pub mod query;
+pub mod timeline;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +23,7 @@ use serde::Serialize;
 
 use crate::http_client::{self, Client};
 use crate::workload::{Generator, Shape};
+use timeline::{SeriesPoint, Timeline};
 
 /// Settings of one ingest run.
 #[derive(Clone, Debug)]
@@ -53,6 +63,41 @@ pub struct IngestReport {
     /// Deltas of the server's own counters over the run, when it exposes shale's /metrics.
     pub server: Vec<(String, f64)>,
     pub first_error: Option<String>,
+    /// One point per second of the run: rows/s and the latency of the requests completed in it.
+    pub series: Vec<SeriesPoint>,
+}
+
+/// Latency percentiles of a set of requests, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct LatencySummary {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl LatencySummary {
+    /// From latencies in microseconds, sorted ascending; all zero when there are none.
+    pub fn from_sorted_us(sorted_us: &[u32]) -> LatencySummary {
+        LatencySummary {
+            p50: percentile_ms(sorted_us, 0.50),
+            p99: percentile_ms(sorted_us, 0.99),
+            p999: percentile_ms(sorted_us, 0.999),
+            max: sorted_us.last().map_or(0.0, |&v| v as f64 / 1000.0),
+        }
+    }
+}
+
+/// The nearest-rank percentile `p` (0 < p <= 1) of latencies in microseconds, sorted ascending,
+/// in milliseconds: the smallest value that at least `p` of the values are at or below. Zero for
+/// no values.
+pub fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
+    debug_assert!(sorted_us.windows(2).all(|w| w[0] <= w[1]), "not sorted");
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted_us.len() as f64 * p).ceil() as usize).clamp(1, sorted_us.len());
+    sorted_us[rank - 1] as f64 / 1000.0
 }
 
 /// Server counters reported next to the client-side figures.
@@ -101,11 +146,12 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
             path.clone(),
         );
         let (rows_max, batch_lines) = (options.rows_max, options.batch_lines as u64);
-        handles.push(std::thread::spawn(move || -> Vec<u32> {
-            let mut latencies_us = Vec::with_capacity(1 << 16);
+        handles.push(std::thread::spawn(move || -> Timeline {
+            let mut timeline = Timeline::new();
             let mut client = None;
             let mut index = worker;
-            let note_error = |message: String| {
+            let note_error = |timeline: &mut Timeline, message: String| {
+                timeline.record_error(started.elapsed());
                 errors.fetch_add(1, Ordering::Relaxed);
                 first_error.lock().unwrap().get_or_insert(message);
             };
@@ -118,7 +164,7 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
                     match Client::connect(addr) {
                         Ok(c) => client = Some(c),
                         Err(e) => {
-                            note_error(format!("connect: {e}"));
+                            note_error(&mut timeline, format!("connect: {e}"));
                             std::thread::sleep(Duration::from_millis(100));
                             continue;
                         }
@@ -134,65 +180,52 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
                 let latency = sent.elapsed();
                 match result {
                     Ok(response) if (200..300).contains(&response.status) => {
-                        latencies_us.push(latency.as_micros().min(u32::MAX as u128) as u32);
+                        timeline.record(started.elapsed(), latency, batch_lines);
                         rows.fetch_add(batch_lines, Ordering::Relaxed);
                         bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
                     }
                     Ok(response) => {
-                        note_error(format!("HTTP {}: {}", response.status, response.text()));
+                        note_error(
+                            &mut timeline,
+                            format!("HTTP {}: {}", response.status, response.text()),
+                        );
                         if response.status == 503 {
                             std::thread::sleep(Duration::from_millis(50));
                         }
                     }
                     Err(e) => {
-                        note_error(format!("request: {e}"));
+                        note_error(&mut timeline, format!("request: {e}"));
                         client = None;
                     }
                 }
             }
-            latencies_us
+            timeline
         }));
     }
 
-    let mut last = (Instant::now(), 0u64);
+    let mut progress = Progress::new(started, "rows");
     while started.elapsed() < options.duration && !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100).min(options.duration));
-        if options.progress && last.0.elapsed() >= Duration::from_secs(1) {
-            let now_rows = rows.load(Ordering::Relaxed);
-            let rate = (now_rows - last.1) as f64 / last.0.elapsed().as_secs_f64();
-            eprint!(
-                "\r{:>6.1}s  {:>12} rows  {:>12.0} rows/s now  {:>12.0} rows/s overall  {} errors   ",
-                started.elapsed().as_secs_f64(),
-                now_rows,
-                rate,
-                now_rows as f64 / started.elapsed().as_secs_f64(),
-                errors.load(Ordering::Relaxed)
-            );
-            last = (Instant::now(), now_rows);
+        if options.progress {
+            progress.tick(rows.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let mut latencies: Vec<u32> = Vec::new();
+    let mut timeline = Timeline::new();
     for handle in handles {
-        latencies.extend(
+        timeline.merge(
             handle
                 .join()
                 .map_err(|_| anyhow::anyhow!("worker panicked"))?,
         );
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
     if options.progress {
-        eprintln!();
+        progress.finish();
     }
     let after = scrape_counters(addr);
-    latencies.sort_unstable();
-    let percentile = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let index = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[index] as f64 / 1000.0
-    };
+    let latencies = timeline.latencies_us_sorted();
+    let latency = LatencySummary::from_sorted_us(&latencies);
     let rows = rows.load(Ordering::Relaxed);
     let bytes = bytes.load(Ordering::Relaxed);
     let server = match (before, after) {
@@ -204,25 +237,70 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
         _ => Vec::new(),
     };
     let first_error = first_error.lock().unwrap().clone();
+    let elapsed_seconds = elapsed.as_secs_f64();
     Ok(IngestReport {
         target: options.target.clone(),
         shape: options.shape.name(),
         workers: options.workers,
         batch_lines: options.batch_lines,
-        elapsed_seconds: elapsed,
+        elapsed_seconds,
         rows,
         bytes,
         requests: latencies.len() as u64,
         errors: errors.load(Ordering::Relaxed),
-        rows_per_second: rows as f64 / elapsed,
-        megabytes_per_second: bytes as f64 / elapsed / 1e6,
-        latency_ms_p50: percentile(0.50),
-        latency_ms_p99: percentile(0.99),
-        latency_ms_p999: percentile(0.999),
-        latency_ms_max: latencies.last().map_or(0.0, |&v| v as f64 / 1000.0),
+        rows_per_second: rows as f64 / elapsed_seconds,
+        megabytes_per_second: bytes as f64 / elapsed_seconds / 1e6,
+        latency_ms_p50: latency.p50,
+        latency_ms_p99: latency.p99,
+        latency_ms_p999: latency.p999,
+        latency_ms_max: latency.max,
         server,
         first_error,
+        series: timeline.series(elapsed),
     })
+}
+
+/// The live progress line on stderr, rewritten about once a second.
+struct Progress {
+    started: Instant,
+    unit: &'static str,
+    last: (Instant, u64),
+    printed: bool,
+}
+
+impl Progress {
+    fn new(started: Instant, unit: &'static str) -> Progress {
+        Progress {
+            started,
+            unit,
+            last: (started, 0),
+            printed: false,
+        }
+    }
+
+    /// Prints the line if a second has passed since the last one; `count` is the running total.
+    fn tick(&mut self, count: u64, errors: u64) {
+        let since_last = self.last.0.elapsed();
+        if since_last < Duration::from_secs(1) {
+            return;
+        }
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let unit = self.unit;
+        eprint!(
+            "\r{elapsed:>6.1}s  {count:>12} {unit}  {:>12.0} {unit}/s now  {:>12.0} {unit}/s overall  \
+             {errors} errors   ",
+            count.saturating_sub(self.last.1) as f64 / since_last.as_secs_f64(),
+            count as f64 / elapsed,
+        );
+        self.last = (Instant::now(), count);
+        self.printed = true;
+    }
+
+    fn finish(&self) {
+        if self.printed {
+            eprintln!();
+        }
+    }
 }
 
 /// Sums shale's counters over shards; None if the target has no shale `/metrics`.
@@ -270,6 +348,13 @@ impl IngestReport {
             self.latency_ms_p999,
             self.latency_ms_max,
         );
+        if let Some(spread) = Spread::of(timeline::plotted(&self.series).map(|p| p.rows_per_second))
+        {
+            text.push_str(&format!(
+                "per second        rows/s min {:.0}  median {:.0}  max {:.0} ({} s)\n",
+                spread.min, spread.median, spread.max, spread.count
+            ));
+        }
         for (name, delta) in &self.server {
             text.push_str(&format!("server {name:<28} +{delta}\n"));
         }
@@ -277,6 +362,54 @@ impl IngestReport {
             text.push_str(&format!("first error       {error}\n"));
         }
         text
+    }
+
+    /// The run as a self-contained SVG chart: rows/s and latency p50/p99 per second.
+    pub fn svg(&self) -> String {
+        plot::render(&plot::Chart {
+            title: format!(
+                "shale bench ingest: {} \u{2192} {}, {} workers, {} lines/request",
+                self.shape, self.target, self.workers, self.batch_lines
+            ),
+            subtitle: format!(
+                "{:.0} rows/s overall, latency p50 {:.2} ms, p99 {:.2} ms, {:.1} s, {} errors",
+                self.rows_per_second,
+                self.latency_ms_p50,
+                self.latency_ms_p99,
+                self.elapsed_seconds,
+                self.errors
+            ),
+            throughput_label: "rows/s",
+            throughput: |point| point.rows_per_second,
+            series: &self.series,
+            elapsed_seconds: self.elapsed_seconds,
+        })
+    }
+}
+
+/// Minimum, median and maximum of a set of per-second figures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+    pub count: usize,
+}
+
+impl Spread {
+    /// None for no values.
+    pub fn of(values: impl Iterator<Item = f64>) -> Option<Spread> {
+        let mut values: Vec<f64> = values.collect();
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        Some(Spread {
+            min: values[0],
+            median: values[(values.len() - 1) / 2],
+            max: values[values.len() - 1],
+            count: values.len(),
+        })
     }
 }
 
@@ -312,5 +445,47 @@ mod tests {
         assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
         assert!(parse_duration("5 fortnights").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    // Checks the nearest-rank percentile: the smallest value with at least p of the values at or
+    // below it, in milliseconds, on small sets where the rank is easy to count by hand.
+    #[test]
+    fn percentiles() {
+        let hundred: Vec<u32> = (1..=100).map(|v| v * 1000).collect();
+        assert_eq!(percentile_ms(&hundred, 0.50), 50.0);
+        assert_eq!(percentile_ms(&hundred, 0.99), 99.0);
+        assert_eq!(percentile_ms(&hundred, 0.999), 100.0);
+        assert_eq!(percentile_ms(&hundred, 0.001), 1.0);
+        assert_eq!(percentile_ms(&hundred, 1.0), 100.0);
+        assert_eq!(percentile_ms(&[], 0.5), 0.0);
+        assert_eq!(percentile_ms(&[1500], 0.5), 1.5);
+        assert_eq!(percentile_ms(&[1500], 0.999), 1.5);
+        // With ten values p99 and p999 are both the largest; p50 is the 5th, not an average.
+        let ten: Vec<u32> = (1..=10).map(|v| v * 100).collect();
+        assert_eq!(percentile_ms(&ten, 0.50), 0.5);
+        assert_eq!(percentile_ms(&ten, 0.99), 1.0);
+        let summary = LatencySummary::from_sorted_us(&ten);
+        assert_eq!(
+            summary,
+            LatencySummary {
+                p50: 0.5,
+                p99: 1.0,
+                p999: 1.0,
+                max: 1.0
+            }
+        );
+        assert_eq!(
+            LatencySummary::from_sorted_us(&[]),
+            LatencySummary::default()
+        );
+    }
+
+    // Checks the per-second spread used in the text reports.
+    #[test]
+    fn spreads() {
+        assert_eq!(Spread::of(std::iter::empty()), None);
+        let spread = Spread::of([3.0, 1.0, 2.0, 10.0].into_iter()).unwrap();
+        assert_eq!((spread.min, spread.median, spread.max), (1.0, 2.0, 10.0));
+        assert_eq!(spread.count, 4);
     }
 }

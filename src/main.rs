@@ -1,4 +1,5 @@
-//! The `shale` command: run a node, or print the configuration it would run with.
+//! The `shale` command: run a node, measure a server (`shale bench`), or print the configuration
+//! a node would run with.
 
 use std::path::PathBuf;
 
@@ -31,7 +32,8 @@ enum Command {
         #[arg(long, short, env = "SHALE_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Measure a server with a line-protocol load (shale, VictoriaMetrics, InfluxDB 1.x).
+    /// Measure a server from the outside: line-protocol ingest (shale, VictoriaMetrics, InfluxDB
+    /// 1.x) or SQL dashboard queries (shale, Arc).
     Bench {
         #[command(subcommand)]
         mode: BenchMode,
@@ -76,9 +78,50 @@ enum BenchMode {
         /// Database written to (the `db` query parameter).
         #[arg(long, default_value = "bench")]
         database: String,
-        /// Print the report as JSON.
+        /// Print the report as JSON (with a per-second `series`).
         #[arg(long)]
         json: bool,
+        /// Also write an SVG chart of rows/s and latency p50/p99 per second to this file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+    },
+    /// Run typical dashboard queries repeatedly over POST /api/v1/query (each worker cycles
+    /// through the set) and report count, errors, latency percentiles and mean rows returned per
+    /// query. Meant for data written by `shale bench ingest` with the same --shape and --database.
+    Query {
+        /// Base URL of the server, e.g. http://127.0.0.1:8000.
+        #[arg(long, default_value = "http://127.0.0.1:8000")]
+        target: String,
+        /// Database queried (tables are <database>.cpu).
+        #[arg(long, default_value = "bench")]
+        database: String,
+        /// Shape of the data, which decides tag and field names: tsbs-cpu or arc-narrow.
+        #[arg(long, default_value = "arc-narrow")]
+        shape: String,
+        /// Concurrent connections, each with one query in flight.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// How long to run: 30s, 2m, 500ms.
+        #[arg(long, default_value = "30s")]
+        duration: String,
+        /// Comma-separated queries of the set to run (default: all).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_parser = clap::builder::PossibleValuesParser::new(shale::bench::query::query_names()),
+            conflicts_with = "sql"
+        )]
+        queries: Vec<String>,
+        /// Time this one SQL query instead of the set, e.g. "SELECT count(*) FROM bench.cpu".
+        /// `{end}` in it becomes the latest timestamp in <database>.cpu, as in the set.
+        #[arg(long)]
+        sql: Option<String>,
+        /// Print the report as JSON (with a per-second `series`).
+        #[arg(long)]
+        json: bool,
+        /// Also write an SVG chart of queries/s and latency p50/p99 per second to this file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
 }
 
@@ -128,10 +171,9 @@ fn bench(mode: BenchMode) -> anyhow::Result<()> {
             hosts,
             database,
             json,
+            plot,
         } => {
-            let shape = shale::workload::Shape::parse(&shape).ok_or_else(|| {
-                anyhow::anyhow!("unknown shape {shape:?}: use tsbs-cpu or arc-narrow")
-            })?;
+            let shape = parse_shape(&shape)?;
             let options = shale::bench::IngestOptions {
                 target,
                 shape,
@@ -145,6 +187,48 @@ fn bench(mode: BenchMode) -> anyhow::Result<()> {
                 progress: !json,
             };
             let report = shale::bench::run_ingest(&options)?;
+            if let Some(path) = plot {
+                write_plot(&path, &report.svg())?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }
+        BenchMode::Query {
+            target,
+            database,
+            shape,
+            workers,
+            duration,
+            queries,
+            sql,
+            json,
+            plot,
+        } => {
+            let shape = parse_shape(&shape)?;
+            let queries = match sql {
+                Some(sql) => vec![shale::bench::query::Query {
+                    name: shale::bench::query::CUSTOM_QUERY_NAME.to_string(),
+                    sql,
+                }],
+                None => shale::bench::query::select(shape, &database, &queries)?,
+            };
+            let options = shale::bench::query::QueryOptions {
+                target,
+                database,
+                shape,
+                workers,
+                duration: shale::bench::parse_duration(&duration)?,
+                queries,
+                progress: !json,
+            };
+            let report = shale::bench::query::run_query(&options)?;
+            if let Some(path) = plot {
+                write_plot(&path, &report.svg())?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -153,4 +237,14 @@ fn bench(mode: BenchMode) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn parse_shape(shape: &str) -> anyhow::Result<shale::workload::Shape> {
+    shale::workload::Shape::parse(shape)
+        .ok_or_else(|| anyhow::anyhow!("unknown shape {shape:?}: use tsbs-cpu or arc-narrow"))
+}
+
+fn write_plot(path: &std::path::Path, svg: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::write(path, svg).with_context(|| format!("write chart {}", path.display()))
 }
