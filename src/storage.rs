@@ -93,13 +93,14 @@ pub fn encode(
 
     let mut files = Vec::with_capacity(parts.len());
     for (hour, part) in parts {
-        let sorted = sort_by_tags_then_time(&part, &frozen.tag_columns)?;
+        let tag_order = tags_by_cardinality(&part, &frozen.tag_columns);
+        let sorted = sort_by_tags_then_time(&part, &tag_order)?;
         let time = sorted.column(0).as_primitive::<TimestampMicrosecondType>();
         let (time_min_us, time_max_us) = time
             .values()
             .iter()
             .fold((i64::MAX, i64::MIN), |(lo, hi), &t| (lo.min(t), hi.max(t)));
-        let bytes = write_parquet(&sorted, &frozen.tag_columns, config)?;
+        let bytes = write_parquet(&sorted, &tag_order, config)?;
         files.push(EncodedFile {
             relative_path: file_path(origin, hour, frozen.lsn_first, frozen.lsn_last),
             bytes,
@@ -109,6 +110,32 @@ pub fn encode(
         });
     }
     Ok(files)
+}
+
+/// The tag columns ordered by distinct values, most first (ties by name). Sorting by the most
+/// selective tag first keeps each row group's range of that tag narrow, so a filter on one
+/// series (one host, say) can skip row groups by their statistics; every order keeps a
+/// series' rows together.
+fn tags_by_cardinality(batch: &RecordBatch, tag_columns: &[String]) -> Vec<String> {
+    let schema = batch.schema();
+    let mut counted: Vec<(usize, &String)> = tag_columns
+        .iter()
+        .map(|tag| {
+            let distinct = schema
+                .index_of(tag)
+                .ok()
+                .and_then(|i| {
+                    batch
+                        .column(i)
+                        .as_any_dictionary_opt()
+                        .map(|d| d.values().len())
+                })
+                .unwrap_or(0);
+            (distinct, tag)
+        })
+        .collect();
+    counted.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    counted.into_iter().map(|(_, tag)| tag.clone()).collect()
 }
 
 fn sort_by_tags_then_time(
@@ -218,6 +245,39 @@ mod tests {
         // 2024-02-29T13:00:00Z = 1709211600 s.
         assert_eq!(civil_hour(1_709_211_600 / 3600), (2024, 2, 29, 13));
         assert_eq!(civil_hour(-1), (1969, 12, 31, 23));
+    }
+
+    // Checks that the most selective tag leads the sort (and the recorded tag order), so that
+    // one host's rows form a narrow range for row-group statistics.
+    #[test]
+    fn most_distinct_tag_sorts_first() {
+        let mut buffer = MeasurementBuffer::new();
+        for (i, host) in ["c", "a", "b", "a"].iter().enumerate() {
+            buffer.append_row(
+                1,
+                i as i64,
+                [("host", *host), ("az", "z")],
+                [("v", Value::Float(i as f64))],
+            );
+        }
+        let frozen = buffer.freeze().unwrap();
+        assert_eq!(frozen.tag_columns, ["az", "host"]);
+        assert_eq!(
+            tags_by_cardinality(&frozen.batch, &frozen.tag_columns),
+            ["host", "az"]
+        );
+        let origin = FileOrigin {
+            database: "db",
+            measurement: "m",
+            node: 1,
+            shard: 0,
+        };
+        let files = encode(&frozen, &origin, &crate::config::Config::default().parquet).unwrap();
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(files[0].bytes.clone()))
+                .unwrap();
+        let tags = tags_from_metadata(reader.metadata().file_metadata().key_value_metadata());
+        assert_eq!(tags, ["host", "az"]);
     }
 
     // Checks that a buffer spanning two hours becomes two files in the right hour folders,
