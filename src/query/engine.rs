@@ -172,6 +172,7 @@ fn open_sandboxed(config: &QueryConfig, data_dir: &Path) -> duckdb::Result<duckd
         "SET threads = {threads};
          SET memory_limit = '{memory}B';
          SET TimeZone = 'UTC';
+         SET parquet_metadata_cache = true;
          SET autoinstall_known_extensions = false;
          SET autoload_known_extensions = false;
          SET allowed_directories = ['{allowed}/'];
