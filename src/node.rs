@@ -69,6 +69,15 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         );
     }
 
+    // Shards share the port through SO_REUSEPORT, which would also let a second process on the
+    // same port silently take half of the connections: refuse to start if anyone listens.
+    std::net::TcpListener::bind(config.http.addr).with_context(|| {
+        format!(
+            "listen on {}: the address is in use (another shale or other server?)",
+            config.http.addr
+        )
+    })?;
+
     // Signals are blocked before any thread starts so every thread inherits the mask and only
     // the signal thread receives them.
     let signals = block_stop_signals();

@@ -422,3 +422,21 @@ fn second_process_on_a_data_dir_is_refused() {
     );
     assert_eq!(node.must_get("/ready").status, 200);
 }
+
+// Shards share their port with SO_REUSEPORT; a second node started on the same port must not
+// join in and take half of the connections: it refuses to start and says why.
+#[test]
+fn second_node_on_the_same_port_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("one"), NodeOptions::default());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_shale"))
+        .arg("serve")
+        .env("SHALE_NODE_DATA_DIR", dir.path().join("two"))
+        .env("SHALE_HTTP_ADDR", node.addr.to_string())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("address is in use"), "{stderr}");
+    assert_eq!(node.must_get("/ready").status, 200);
+}

@@ -5,13 +5,13 @@
 //! DuckDB. A worker blocks on DuckDB and on the shards' snapshot answers. Each worker has a
 //! watchdog thread that interrupts its connection when a query passes its deadline.
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{new_null_array, ArrayRef};
+use arrow::array::ArrayRef;
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
@@ -215,6 +215,9 @@ struct Worker {
     watchdog: flume::Sender<WatchdogMessage>,
     timed_out: Arc<AtomicBool>,
     metrics: Arc<EngineMetrics>,
+    /// Copies of unflushed rows kept across queries (see `refresh_piece_cache`).
+    piece_cache: std::cell::RefCell<HashMap<PieceKey, CachedPiece>>,
+    cache_sequence: std::cell::Cell<u64>,
 }
 
 enum WatchdogMessage {
@@ -267,6 +270,8 @@ impl Worker {
             watchdog,
             timed_out,
             metrics,
+            piece_cache: std::cell::RefCell::new(HashMap::new()),
+            cache_sequence: std::cell::Cell::new(0),
         }
     }
 
@@ -280,13 +285,8 @@ impl Worker {
             let _ = self.watchdog.send(WatchdogMessage::Start(deadline));
             let started = Instant::now();
             let mut created = Vec::new();
-            // One transaction per query: `now()` in time bounds and in the query is the same
-            // instant, and rolling back drops every temporary object the query made.
-            let result = self
-                .connection
-                .execute_batch("BEGIN TRANSACTION")
-                .map_err(|e| QueryError::Internal(format!("begin query transaction: {e}")))
-                .and_then(|()| self.execute(&job, &mut created, started));
+            let result = self.execute(&job, &mut created, started);
+            // Ends the query's transaction (begun in `execute`), dropping its views.
             if let Err(error) = self.connection.execute_batch("ROLLBACK") {
                 tracing::debug!(%error, "end query transaction");
             }
@@ -343,10 +343,16 @@ impl Worker {
             .collect();
         tables.sort();
         tables.dedup();
-        let (version, pieces) = self.snapshot(tables)?;
+        let (version, pieces, current) = self.snapshot(tables)?;
+        let cached = self.refresh_piece_cache(&pieces, &current)?;
+        // One transaction per query from here: `now()` in time bounds and in the query is the
+        // same instant, and rolling back drops the views the query made.
+        self.connection
+            .execute_batch("BEGIN TRANSACTION")
+            .map_err(|e| QueryError::Internal(format!("begin query transaction: {e}")))?;
         let ranges = self.time_ranges(&checked.sql);
 
-        for (index, (placeholder, table)) in checked.tables.iter().enumerate() {
+        for (placeholder, table) in &checked.tables {
             let (lower, upper) = ranges
                 .iter()
                 .find(|(name, _, _)| name == placeholder)
@@ -411,10 +417,9 @@ impl Worker {
                     files.join(", ")
                 ));
             }
-            if !table_pieces.is_empty() {
-                let buffer = format!("__shale_b{index}");
-                self.load_pieces(&buffer, &table_pieces, created)?;
-                parts.push(format!("SELECT * FROM \"{buffer}\""));
+            for piece in &table_pieces {
+                let name = &cached[&piece_key(piece)];
+                parts.push(format!("SELECT * FROM \"{name}\""));
             }
             let view = format!(
                 "CREATE OR REPLACE TEMP VIEW \"{placeholder}\" AS {}",
@@ -494,10 +499,19 @@ impl Worker {
     }
 
     /// Asks every shard for its unflushed rows of `tables` and reconciles the answers.
+    /// Also returns the keys of every piece the shards still hold for these tables, kept or
+    /// not, so the cache can drop the rest.
     fn snapshot(
         &self,
         tables: Vec<TableName>,
-    ) -> Result<(Arc<shale_replication::ManifestVersion>, Vec<BufferPiece>), QueryError> {
+    ) -> Result<
+        (
+            Arc<shale_replication::ManifestVersion>,
+            Vec<BufferPiece>,
+            HashSet<PieceKey>,
+        ),
+        QueryError,
+    > {
         let (reply, answers) = flume::bounded::<ShardSnapshot>(self.shards.len());
         for shard in self.shards.iter() {
             shard
@@ -520,76 +534,162 @@ impl Worker {
                 }
             }
         }
-        reconcile(snapshots).ok_or_else(|| QueryError::Internal("no shard answered".into()))
+        let current: HashSet<PieceKey> = snapshots
+            .iter()
+            .flat_map(|s| s.pieces.iter().map(piece_key))
+            .collect();
+        let (version, pieces) =
+            reconcile(snapshots).ok_or_else(|| QueryError::Internal("no shard answered".into()))?;
+        Ok((version, pieces, current))
     }
 
-    /// Loads unflushed pieces into a temporary table with the union of their columns.
-    fn load_pieces(
+    /// Brings the cached copy of every kept piece up to date and returns each piece's table.
+    ///
+    /// A shard's buffer only grows until it is frozen, and a new buffer starts at a new first
+    /// LSN, so a piece (node, shard, table, first LSN) extends its earlier copies: only the rows
+    /// past the cached count are appended. A piece the shards no longer hold for a table this
+    /// query asked about is dropped. Runs outside the query's transaction so copies persist.
+    fn refresh_piece_cache(
         &self,
-        name: &str,
-        pieces: &[&BufferPiece],
-        created: &mut Vec<String>,
-    ) -> Result<(), QueryError> {
+        pieces: &[BufferPiece],
+        current: &HashSet<PieceKey>,
+    ) -> Result<HashMap<PieceKey, String>, QueryError> {
         let internal =
             |e: &dyn std::fmt::Display| QueryError::Internal(format!("load unflushed rows: {e}"));
-        let mut columns: BTreeMap<String, DataType> = BTreeMap::new();
-        let mut order: Vec<String> = Vec::new();
+        let mut cache = self.piece_cache.borrow_mut();
+        let asked: HashSet<&TableName> = pieces.iter().map(|p| &p.table).collect();
+        let stale: Vec<PieceKey> = cache
+            .keys()
+            .filter(|key| asked.contains(&key.table) && !current.contains(*key))
+            .cloned()
+            .collect();
+        for key in stale {
+            if let Some(entry) = cache.remove(&key) {
+                self.drop_cached(&entry.name);
+            }
+        }
+        let mut names = HashMap::with_capacity(pieces.len());
         for piece in pieces {
-            for field in piece.batch.schema().fields() {
-                let data_type = match field.data_type() {
+            let key = piece_key(piece);
+            let schema = normalized_schema(&piece.batch.schema());
+            let rows = piece.batch.num_rows();
+            let reusable = cache
+                .get(&key)
+                .is_some_and(|entry| entry.schema == schema && entry.rows <= rows);
+            if !reusable {
+                if let Some(entry) = cache.remove(&key) {
+                    self.drop_cached(&entry.name);
+                }
+                let name = format!("__shale_c{}", self.cache_sequence.get());
+                self.cache_sequence.set(self.cache_sequence.get() + 1);
+                let definitions: Vec<String> = schema
+                    .fields()
+                    .iter()
+                    .map(|f| {
+                        format!(
+                            "\"{}\" {}",
+                            f.name().replace('"', "\"\""),
+                            sql_type(f.data_type())
+                        )
+                    })
+                    .collect();
+                self.connection
+                    .execute_batch(&format!(
+                        "CREATE TEMP TABLE \"{name}\" ({})",
+                        definitions.join(", ")
+                    ))
+                    .map_err(|e| internal(&e))?;
+                cache.insert(
+                    key.clone(),
+                    CachedPiece {
+                        name,
+                        schema: schema.clone(),
+                        rows: 0,
+                    },
+                );
+            }
+            let entry = cache.get_mut(&key).expect("inserted above");
+            if entry.rows < rows {
+                let fresh = piece.batch.slice(entry.rows, rows - entry.rows);
+                let arrays: Vec<ArrayRef> = fresh
+                    .columns()
+                    .iter()
+                    .zip(schema.fields())
+                    .map(
+                        |(array, field)| match array.data_type() == field.data_type() {
+                            true => Ok(array.clone()),
+                            false => arrow::compute::cast(array, field.data_type()),
+                        },
+                    )
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| internal(&e))?;
+                let batch =
+                    RecordBatch::try_new(schema.clone(), arrays).map_err(|e| internal(&e))?;
+                let mut appender = self
+                    .connection
+                    .appender(&entry.name)
+                    .map_err(|e| internal(&e))?;
+                appender
+                    .append_record_batch(batch)
+                    .map_err(|e| internal(&e))?;
+                appender.flush().map_err(|e| internal(&e))?;
+                entry.rows = rows;
+            }
+            names.insert(key, entry.name.clone());
+        }
+        Ok(names)
+    }
+
+    fn drop_cached(&self, name: &str) {
+        if let Err(error) = self
+            .connection
+            .execute_batch(&format!("DROP TABLE IF EXISTS \"{name}\""))
+        {
+            tracing::debug!(%error, "drop cached unflushed rows");
+        }
+    }
+}
+
+/// Identifies one shard buffer generation of one table.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PieceKey {
+    origin_node: u64,
+    shard: u32,
+    table: TableName,
+    lsn_first: u64,
+}
+
+fn piece_key(piece: &BufferPiece) -> PieceKey {
+    PieceKey {
+        origin_node: piece.origin_node,
+        shard: piece.shard,
+        table: piece.table.clone(),
+        lsn_first: piece.lsn_first,
+    }
+}
+
+/// A piece's rows already loaded into a DuckDB temp table of this worker.
+struct CachedPiece {
+    name: String,
+    schema: Arc<Schema>,
+    rows: usize,
+}
+
+/// The schema DuckDB tables get: dictionary columns become their value type.
+fn normalized_schema(schema: &Schema) -> Arc<Schema> {
+    Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| {
+                let data_type = match f.data_type() {
                     DataType::Dictionary(_, value) => value.as_ref().clone(),
                     other => other.clone(),
                 };
-                if columns.insert(field.name().clone(), data_type).is_none() {
-                    order.push(field.name().clone());
-                }
-            }
-        }
-        let definitions: Vec<String> = order
-            .iter()
-            .map(|column| {
-                format!(
-                    "\"{}\" {}",
-                    column.replace('"', "\"\""),
-                    sql_type(&columns[column])
-                )
+                Field::new(f.name(), data_type, true)
             })
-            .collect();
-        self.connection
-            .execute_batch(&format!(
-                "CREATE OR REPLACE TEMP TABLE \"{name}\" ({})",
-                definitions.join(", ")
-            ))
-            .map_err(|e| internal(&e))?;
-        created.push(format!("DROP TABLE IF EXISTS \"{name}\""));
-        let schema = Arc::new(Schema::new(
-            order
-                .iter()
-                .map(|c| Field::new(c, columns[c].clone(), true))
-                .collect::<Vec<_>>(),
-        ));
-        let mut appender = self.connection.appender(name).map_err(|e| internal(&e))?;
-        for piece in pieces {
-            let rows = piece.batch.num_rows();
-            let arrays: Vec<ArrayRef> = order
-                .iter()
-                .map(|column| match piece.batch.column_by_name(column) {
-                    Some(array) if array.data_type() != &columns[column] => {
-                        arrow::compute::cast(array, &columns[column])
-                    }
-                    Some(array) => Ok(array.clone()),
-                    None => Ok(new_null_array(&columns[column], rows)),
-                })
-                .collect::<Result<_, _>>()
-                .map_err(|e| internal(&e))?;
-            let batch = RecordBatch::try_new(schema.clone(), arrays).map_err(|e| internal(&e))?;
-            appender
-                .append_record_batch(batch)
-                .map_err(|e| internal(&e))?;
-        }
-        appender.flush().map_err(|e| internal(&e))?;
-        Ok(())
-    }
+            .collect::<Vec<_>>(),
+    ))
 }
 
 fn table_pieces_count(pieces: &[BufferPiece], table: &sql_guard::TableRef) -> usize {
