@@ -70,13 +70,10 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     }
 
     // Shards share the port through SO_REUSEPORT, which would also let a second process on the
-    // same port silently take half of the connections: refuse to start if anyone listens.
-    std::net::TcpListener::bind(config.http.addr).with_context(|| {
-        format!(
-            "listen on {}: the address is in use (another shale or other server?)",
-            config.http.addr
-        )
-    })?;
+    // same port silently take half of the connections: refuse to start if anyone listens. (A
+    // probe connection, not a bind: after a kill -9 the dead process's connections still hold
+    // the port for a plain bind, though nothing listens.)
+    refuse_if_listening(config.http.addr)?;
 
     // Signals are blocked before any thread starts so every thread inherits the mask and only
     // the signal thread receives them.
@@ -267,6 +264,22 @@ async fn run_shard(
         None => http.await,
     }
     shard.close().await;
+}
+
+fn refuse_if_listening(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let mut probe = addr;
+    if addr.ip().is_unspecified() {
+        probe.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    match std::net::TcpStream::connect_timeout(&probe, std::time::Duration::from_millis(500)) {
+        Ok(_) => anyhow::bail!(
+            "listen on {addr}: the address is in use (another shale or other server is listening)"
+        ),
+        Err(_) => Ok(()),
+    }
 }
 
 /// Takes an exclusive advisory lock on the data directory for the life of the returned file.
