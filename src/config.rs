@@ -43,6 +43,7 @@ pub struct QueryConfig {
     pub json_stream_after_bytes: usize,
     pub snapshot_timeout_ms: u64,
     pub request_bytes_max: usize,
+    pub buffer_cache_rows_max: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

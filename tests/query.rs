@@ -540,3 +540,36 @@ fn query_limits() {
     let answer = must_query(&node, "SELECT 42", &[]);
     assert_eq!(data(&answer), vec![vec![json!(42)]]);
 }
+
+// With the workers' copy cache capped at one row, every query evicts the other table's copy
+// and later reloads it: answers stay exact across alternating tables and new writes.
+#[test]
+fn capped_copy_cache_keeps_answers_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            extra_env: vec![("SHALE_QUERY_BUFFER_CACHE_ROWS_MAX".into(), "1".into())],
+            ..NodeOptions::default()
+        },
+    );
+    for round in 1..=4i64 {
+        node.must_write(
+            "cache",
+            &format!("a,host=h v={round} {round}000\nb,host=h v={round} {round}000\n"),
+        );
+        for table in ["a", "b", "a"] {
+            let answer = must_query(
+                &node,
+                &format!("SELECT count(*), sum(v) FROM cache.{table}"),
+                &[],
+            );
+            let sum: i64 = (1..=round).sum();
+            assert_eq!(
+                data(&answer),
+                vec![vec![json!(round), json!(sum as f64)]],
+                "{table} in round {round}"
+            );
+        }
+    }
+}

@@ -637,6 +637,21 @@ impl Worker {
             }
             names.insert(key, entry.name.clone());
         }
+        // Copies of tables no query asks for again are never dropped by the rule above; keep
+        // memory bounded by dropping every copy this query does not use once over the limit.
+        let cached_rows: usize = cache.values().map(|entry| entry.rows).sum();
+        if cached_rows > self.config.buffer_cache_rows_max {
+            let unused: Vec<PieceKey> = cache
+                .keys()
+                .filter(|key| !names.contains_key(*key))
+                .cloned()
+                .collect();
+            for key in unused {
+                if let Some(entry) = cache.remove(&key) {
+                    self.drop_cached(&entry.name);
+                }
+            }
+        }
         Ok(names)
     }
 
