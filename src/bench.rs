@@ -148,7 +148,7 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
         let (rows_max, batch_lines) = (options.rows_max, options.batch_lines as u64);
         handles.push(std::thread::spawn(move || -> Timeline {
             let mut timeline = Timeline::new();
-            let mut client = None;
+            let mut connection = Connection::new(addr);
             let mut index = worker;
             let note_error = |timeline: &mut Timeline, message: String| {
                 timeline.record_error(started.elapsed());
@@ -160,43 +160,15 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
                     stop.store(true, Ordering::Relaxed);
                     break;
                 }
-                if client.is_none() {
-                    match Client::connect(addr) {
-                        Ok(c) => client = Some(c),
-                        Err(e) => {
-                            note_error(&mut timeline, format!("connect: {e}"));
-                            std::thread::sleep(Duration::from_millis(100));
-                            continue;
-                        }
-                    }
-                }
                 let body = &batches[index % batches.len()];
                 index += 1;
-                let sent = Instant::now();
-                let result = client
-                    .as_mut()
-                    .expect("connected")
-                    .request("POST", &path, &[], body);
-                let latency = sent.elapsed();
-                match result {
-                    Ok(response) if (200..300).contains(&response.status) => {
+                match connection.send(&path, &[], body) {
+                    Ok((_, latency)) => {
                         timeline.record(started.elapsed(), latency, batch_lines);
                         rows.fetch_add(batch_lines, Ordering::Relaxed);
                         bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
                     }
-                    Ok(response) => {
-                        note_error(
-                            &mut timeline,
-                            format!("HTTP {}: {}", response.status, response.text()),
-                        );
-                        if response.status == 503 {
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                    }
-                    Err(e) => {
-                        note_error(&mut timeline, format!("request: {e}"));
-                        client = None;
-                    }
+                    Err(message) => note_error(&mut timeline, message),
                 }
             }
             timeline
@@ -410,6 +382,57 @@ impl Spread {
             max: values[values.len() - 1],
             count: values.len(),
         })
+    }
+}
+
+/// A load worker's keep-alive connection: reconnects after a failure and backs off when the
+/// server refuses (connect failure, 503), the same way in every load mode.
+pub(crate) struct Connection {
+    addr: std::net::SocketAddr,
+    client: Option<Client>,
+}
+
+impl Connection {
+    pub(crate) fn new(addr: std::net::SocketAddr) -> Connection {
+        Connection { addr, client: None }
+    }
+
+    /// One request; a 2xx response with its latency, or the error message to count.
+    pub(crate) fn send(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(http_client::Response, Duration), String> {
+        if self.client.is_none() {
+            match Client::connect(self.addr) {
+                Ok(client) => self.client = Some(client),
+                Err(e) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    return Err(format!("connect: {e}"));
+                }
+            }
+        }
+        let sent = Instant::now();
+        let result = self
+            .client
+            .as_mut()
+            .expect("connected")
+            .request("POST", path, headers, body);
+        let latency = sent.elapsed();
+        match result {
+            Ok(response) if (200..300).contains(&response.status) => Ok((response, latency)),
+            Ok(response) => {
+                if response.status == 503 {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(format!("HTTP {}: {}", response.status, response.text()))
+            }
+            Err(e) => {
+                self.client = None;
+                Err(format!("request: {e}"))
+            }
+        }
     }
 }
 

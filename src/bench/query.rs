@@ -14,8 +14,8 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use super::timeline::{self, SeriesPoint, Timeline};
-use super::{plot, LatencySummary, Progress, Spread};
-use crate::http_client::{self, Client};
+use super::{plot, Connection, LatencySummary, Progress, Spread};
+use crate::http_client;
 use crate::workload::Shape;
 
 /// One query of the set, as SQL templates per shape. `{db}` stands for the database, written as
@@ -296,7 +296,7 @@ pub fn run_query(options: &QueryOptions) -> anyhow::Result<QueryReport> {
         handles.push(std::thread::spawn(move || -> (Vec<Tally>, Timeline) {
             let mut tallies: Vec<Tally> = (0..bodies.len()).map(|_| Tally::default()).collect();
             let mut timeline = Timeline::new();
-            let mut client = None;
+            let mut connection = Connection::new(addr);
             let mut index = worker;
             while !stop.load(Ordering::Relaxed) {
                 let query = index % bodies.len();
@@ -309,51 +309,24 @@ pub fn run_query(options: &QueryOptions) -> anyhow::Result<QueryReport> {
                         .first_error
                         .get_or_insert_with(|| truncate(message, ERROR_BYTES_MAX));
                 };
-                if client.is_none() {
-                    match Client::connect(addr) {
-                        Ok(c) => client = Some(c),
-                        Err(e) => {
-                            note_error(&mut timeline, format!("connect: {e}"));
-                            std::thread::sleep(Duration::from_millis(100));
-                            continue;
-                        }
-                    }
-                }
                 index += 1;
-                let sent = Instant::now();
-                let result = client.as_mut().expect("connected").request(
-                    "POST",
+                let sent = connection.send(
                     "/api/v1/query",
                     &[("content-type", "application/json")],
                     &bodies[query],
                 );
-                let latency = sent.elapsed();
-                match result {
-                    Ok(response) if response.status == 200 => match row_count(&response.body) {
-                        Ok(rows) => {
-                            timeline.record(started.elapsed(), latency, rows);
-                            let tally = &mut tallies[query];
-                            tally
-                                .latencies_us
-                                .push(latency.as_micros().min(u32::MAX as u128) as u32);
-                            tally.rows += rows;
-                            completed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(message) => note_error(&mut timeline, message),
-                    },
-                    Ok(response) => {
-                        note_error(
-                            &mut timeline,
-                            format!("HTTP {}: {}", response.status, response.text()),
-                        );
-                        if response.status == 503 {
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
+                match sent.and_then(|(response, latency)| Ok((row_count(&response.body)?, latency)))
+                {
+                    Ok((rows, latency)) => {
+                        timeline.record(started.elapsed(), latency, rows);
+                        let tally = &mut tallies[query];
+                        tally
+                            .latencies_us
+                            .push(latency.as_micros().min(u32::MAX as u128) as u32);
+                        tally.rows += rows;
+                        completed.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(e) => {
-                        note_error(&mut timeline, format!("request: {e}"));
-                        client = None;
-                    }
+                    Err(message) => note_error(&mut timeline, message),
                 }
             }
             (tallies, timeline)
