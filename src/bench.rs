@@ -39,6 +39,10 @@ pub struct IngestOptions {
     pub database: String,
     /// Pre-generated batches cycled through by the workers.
     pub batches_pregenerated: usize,
+    /// Generate every batch while running instead, each worker its own slice of the hosts, so
+    /// that every row is a distinct (series, time) and the data ends about now: for loading a
+    /// dataset to query (`rows_max` is required). Costs the loader CPU.
+    pub unique: bool,
     pub progress: bool,
 }
 
@@ -115,16 +119,52 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
     }
     let addr = http_client::resolve(&options.target)
         .with_context(|| format!("resolve {}", options.target))?;
-    let start_ns = std::time::SystemTime::now()
+    let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
-        .as_nanos() as i64
-        - 3_600_000_000_000;
-    let mut generator = Generator::new(options.shape, options.hosts, 42, start_ns);
-    let batches: Arc<Vec<Vec<u8>>> = Arc::new(
-        (0..options.batches_pregenerated.max(1))
-            .map(|_| generator.batch(options.batch_lines).into_bytes())
-            .collect(),
-    );
+        .as_nanos() as i64;
+    let sources: Vec<Source> = if options.unique {
+        let Some(rows_max) = options.rows_max else {
+            bail!("--unique needs --rows (the dataset's size decides its time span)");
+        };
+        if options.hosts < options.workers {
+            bail!("--unique needs at least as many --hosts as --workers");
+        }
+        // Each worker writes its hosts' rounds up to now: steps = rows / hosts.
+        let step_ns = Generator::new(options.shape, 1, 0, 0).step_ns();
+        let steps = rows_max.div_ceil(options.hosts as u64) as i64;
+        let start_ns = now_ns - steps * step_ns;
+        (0..options.workers)
+            .map(|worker| {
+                let hosts = options.hosts * worker / options.workers
+                    ..options.hosts * (worker + 1) / options.workers;
+                let quota = rows_max * hosts.len() as u64 / options.hosts as u64;
+                Source::Live {
+                    generator: Generator::for_hosts(
+                        options.shape,
+                        hosts,
+                        42 + worker as u64,
+                        start_ns,
+                    ),
+                    remaining: quota,
+                    body: Vec::with_capacity(options.batch_lines * 400),
+                }
+            })
+            .collect()
+    } else {
+        let mut generator =
+            Generator::new(options.shape, options.hosts, 42, now_ns - 3_600_000_000_000);
+        let batches: Arc<Vec<Vec<u8>>> = Arc::new(
+            (0..options.batches_pregenerated.max(1))
+                .map(|_| generator.batch(options.batch_lines).into_bytes())
+                .collect(),
+        );
+        (0..options.workers)
+            .map(|worker| Source::Cycle {
+                batches: batches.clone(),
+                index: worker,
+            })
+            .collect()
+    };
     let path = format!("/write?db={}&precision=ns", options.database);
     let before = scrape_counters(addr);
 
@@ -135,21 +175,19 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
     let first_error = Arc::new(Mutex::new(None::<String>));
     let started = Instant::now();
     let mut handles = Vec::with_capacity(options.workers);
-    for worker in 0..options.workers {
-        let (stop, rows, bytes, errors, first_error, batches, path) = (
+    for mut source in sources {
+        let (stop, rows, bytes, errors, first_error, path) = (
             stop.clone(),
             rows.clone(),
             bytes.clone(),
             errors.clone(),
             first_error.clone(),
-            batches.clone(),
             path.clone(),
         );
         let (rows_max, batch_lines) = (options.rows_max, options.batch_lines as u64);
         handles.push(std::thread::spawn(move || -> Timeline {
             let mut timeline = Timeline::new();
             let mut connection = Connection::new(addr);
-            let mut index = worker;
             let note_error = |timeline: &mut Timeline, message: String| {
                 timeline.record_error(started.elapsed());
                 errors.fetch_add(1, Ordering::Relaxed);
@@ -160,12 +198,13 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
                     stop.store(true, Ordering::Relaxed);
                     break;
                 }
-                let body = &batches[index % batches.len()];
-                index += 1;
+                let Some((body, lines)) = source.next(batch_lines) else {
+                    break;
+                };
                 match connection.send(&path, &[], body) {
                     Ok((_, latency)) => {
-                        timeline.record(started.elapsed(), latency, batch_lines);
-                        rows.fetch_add(batch_lines, Ordering::Relaxed);
+                        timeline.record(started.elapsed(), latency, lines);
+                        rows.fetch_add(lines, Ordering::Relaxed);
                         bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
                     }
                     Err(message) => note_error(&mut timeline, message),
@@ -176,7 +215,10 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
     }
 
     let mut progress = Progress::new(started, "rows");
-    while started.elapsed() < options.duration && !stop.load(Ordering::Relaxed) {
+    while started.elapsed() < options.duration
+        && !stop.load(Ordering::Relaxed)
+        && !handles.iter().all(|h| h.is_finished())
+    {
         std::thread::sleep(Duration::from_millis(100).min(options.duration));
         if options.progress {
             progress.tick(rows.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
@@ -230,6 +272,51 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
         first_error,
         series: timeline.series(elapsed),
     })
+}
+
+/// Where a worker's request bodies come from.
+enum Source {
+    /// Pre-generated batches, cycled through from `index`.
+    Cycle {
+        batches: Arc<Vec<Vec<u8>>>,
+        index: usize,
+    },
+    /// Generated on the fly, `remaining` rows in all (a live batch is not retried on error, so
+    /// a failed request's rows are missing from the dataset and counted as errors).
+    Live {
+        generator: Generator,
+        remaining: u64,
+        body: Vec<u8>,
+    },
+}
+
+impl Source {
+    /// The next body and its line count; `None` once a live source has written its rows.
+    fn next(&mut self, batch_lines: u64) -> Option<(&[u8], u64)> {
+        match self {
+            Source::Cycle { batches, index } => {
+                let body = &batches[*index % batches.len()];
+                *index += 1;
+                Some((body, batch_lines))
+            }
+            Source::Live {
+                generator,
+                remaining,
+                body,
+            } => {
+                let lines = batch_lines.min(*remaining);
+                if lines == 0 {
+                    return None;
+                }
+                *remaining -= lines;
+                let mut text = String::from_utf8(std::mem::take(body)).unwrap_or_default();
+                text.clear();
+                generator.fill(&mut text, lines as usize);
+                *body = text.into_bytes();
+                Some((body, lines))
+            }
+        }
+    }
 }
 
 /// The live progress line on stderr, rewritten about once a second.

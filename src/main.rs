@@ -78,6 +78,12 @@ enum BenchMode {
         /// Database written to (the `db` query parameter).
         #[arg(long, default_value = "bench")]
         database: String,
+        /// Load a dataset: generate every row while running (each worker its own hosts), so
+        /// every (series, time) is distinct and the newest rows are about now. Needs --rows.
+        /// Without it, workers cycle through 64 pre-generated batches (measures the server,
+        /// not the loader's formatting).
+        #[arg(long, requires = "rows")]
+        unique: bool,
         /// Print the report as JSON (with a per-second `series`).
         #[arg(long)]
         json: bool,
@@ -170,6 +176,7 @@ fn bench(mode: BenchMode) -> anyhow::Result<()> {
             batch_lines,
             hosts,
             database,
+            unique,
             json,
             plot,
         } => {
@@ -184,6 +191,7 @@ fn bench(mode: BenchMode) -> anyhow::Result<()> {
                 hosts,
                 database,
                 batches_pregenerated: 64,
+                unique,
                 progress: !json,
             };
             let report = shale::bench::run_ingest(&options)?;

@@ -76,6 +76,8 @@ impl Random {
 /// Generates batches of one shape: `hosts` series, one line per host per step.
 pub struct Generator {
     shape: Shape,
+    /// The first host's number; a generator may own a slice of the hosts (`for_hosts`).
+    first_host: usize,
     hosts: usize,
     random: Random,
     /// Per host and field, the random walk's current value.
@@ -89,6 +91,19 @@ impl Generator {
     /// `start_ns` is the first timestamp; every full round over the hosts advances by 10 s
     /// (TSBS) or 1 s (narrow).
     pub fn new(shape: Shape, hosts: usize, seed: u64, start_ns: i64) -> Generator {
+        Generator::for_hosts(shape, 0..hosts, seed, start_ns)
+    }
+
+    /// A generator of the hosts numbered `hosts` only, so that generators of disjoint ranges
+    /// write disjoint series (the seed should differ per range).
+    pub fn for_hosts(
+        shape: Shape,
+        hosts: std::ops::Range<usize>,
+        seed: u64,
+        start_ns: i64,
+    ) -> Generator {
+        let first_host = hosts.start;
+        let hosts = hosts.len().max(1);
         let fields = match shape {
             Shape::TsbsCpu => TSBS_FIELDS.len(),
             Shape::ArcNarrow => 3,
@@ -99,7 +114,8 @@ impl Generator {
             .collect();
         Generator {
             shape,
-            hosts: hosts.max(1),
+            first_host,
+            hosts,
             random,
             walks,
             time_ns: start_ns,
@@ -111,13 +127,18 @@ impl Generator {
         }
     }
 
+    /// The time between two rounds over the hosts.
+    pub fn step_ns(&self) -> i64 {
+        self.step_ns
+    }
+
     /// Appends `lines` lines to `out`.
     pub fn fill(&mut self, out: &mut String, lines: usize) {
         for _ in 0..lines {
-            let host = self.next_host;
+            let local = self.next_host;
             match self.shape {
-                Shape::TsbsCpu => self.tsbs_line(out, host),
-                Shape::ArcNarrow => self.narrow_line(out, host),
+                Shape::TsbsCpu => self.tsbs_line(out, local),
+                Shape::ArcNarrow => self.narrow_line(out, local),
             }
             self.next_host += 1;
             if self.next_host == self.hosts {
@@ -140,8 +161,10 @@ impl Generator {
         value
     }
 
-    fn tsbs_line(&mut self, out: &mut String, host: usize) {
+    /// `local` indexes this generator's hosts; names use the global host number.
+    fn tsbs_line(&mut self, out: &mut String, local: usize) {
         use std::fmt::Write;
+        let host = self.first_host + local;
         let region = REGIONS[host % REGIONS.len()];
         let _ = write!(
             out,
@@ -158,18 +181,19 @@ impl Generator {
             environment = ["production", "staging", "test"][host % 3],
         );
         for (index, field) in TSBS_FIELDS.iter().enumerate() {
-            let value = self.step_walk(host * TSBS_FIELDS.len() + index) as i64;
+            let value = self.step_walk(local * TSBS_FIELDS.len() + index) as i64;
             let separator = if index == 0 { "" } else { "," };
             let _ = write!(out, "{separator}{field}={value}i");
         }
         let _ = writeln!(out, " {}", self.time_ns);
     }
 
-    fn narrow_line(&mut self, out: &mut String, host: usize) {
+    fn narrow_line(&mut self, out: &mut String, local: usize) {
         use std::fmt::Write;
-        let value = self.step_walk(host * 3);
-        let idle = self.step_walk(host * 3 + 1);
-        let user = self.step_walk(host * 3 + 2);
+        let host = self.first_host + local;
+        let value = self.step_walk(local * 3);
+        let idle = self.step_walk(local * 3 + 1);
+        let user = self.step_walk(local * 3 + 2);
         let _ = writeln!(
             out,
             "cpu,host=server{host:03} value={value:.2},cpu_idle={idle:.2},cpu_user={user:.2} {}",
@@ -213,5 +237,24 @@ mod tests {
             assert_eq!(line.tags().count(), tags);
             assert_eq!(line.fields().count(), fields);
         }
+    }
+
+    // Generators of disjoint host ranges write disjoint series, each host once per step.
+    #[test]
+    fn host_slices_are_disjoint_series() {
+        let mut seen = std::collections::HashSet::new();
+        for range in [0..3, 3..7] {
+            let seed = range.start as u64;
+            let mut generator = Generator::for_hosts(Shape::ArcNarrow, range.clone(), seed, 0);
+            let body = generator.batch(range.len() * 2);
+            for line in body.lines() {
+                let (series, rest) = line.split_once(' ').unwrap();
+                let time = rest.rsplit_once(' ').unwrap().1.to_string();
+                assert!(seen.insert((series.to_string(), time)), "{line}");
+            }
+        }
+        let hosts: std::collections::HashSet<_> = seen.iter().map(|(s, _)| s.clone()).collect();
+        assert_eq!(hosts.len(), 7);
+        assert_eq!(seen.len(), 14);
     }
 }
