@@ -719,6 +719,7 @@ impl Shard {
                 lsn_first: frozen.lsn_first,
                 lsn_last: frozen.lsn_last,
                 created_at_ms,
+                columns_fingerprint: file.columns_fingerprint,
             });
         }
         let journal = self.pending_dir.join(format!(

@@ -31,6 +31,8 @@ pub struct EncodedFile {
     pub rows: u64,
     pub time_min_us: i64,
     pub time_max_us: i64,
+    /// See `FileEntry::columns_fingerprint`.
+    pub columns_fingerprint: u64,
 }
 
 /// Identifies where a frozen buffer came from, for file names.
@@ -107,9 +109,32 @@ pub fn encode(
             rows: sorted.num_rows() as u64,
             time_min_us,
             time_max_us,
+            columns_fingerprint: columns_fingerprint(&sorted.schema()),
         });
     }
     Ok(files)
+}
+
+/// A non-zero fingerprint of a schema's set of (name, type) pairs, independent of their order:
+/// DuckDB matches columns of several files by name, so files with the same set can be read
+/// as one (and a file with extra columns must not be, or they would be dropped).
+pub fn columns_fingerprint(schema: &arrow::datatypes::Schema) -> u64 {
+    let mut columns: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            // A dictionary's key width is an encoding detail; readers see its values.
+            let data_type = match f.data_type() {
+                arrow::datatypes::DataType::Dictionary(_, values) => values.as_ref(),
+                other => other,
+            };
+            format!("{}\u{1f}{data_type}", f.name())
+        })
+        .collect();
+    columns.sort();
+    let hash = blake3::hash(columns.join("\u{1e}").as_bytes());
+    let value = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
+    value.max(1)
 }
 
 /// The tag columns ordered by distinct values, most first (ties by name). Sorting by the most
@@ -236,6 +261,46 @@ mod tests {
     use arrow::array::AsArray;
     use arrow::datatypes::Float64Type;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    // The fingerprint names the set of columns with their value types: order and dictionary
+    // key width do not matter, a missing or extra column or another type does.
+    #[test]
+    fn columns_fingerprint_names_the_column_set() {
+        use arrow::datatypes::{DataType, Field, Schema};
+        let field = |name: &str, data_type: DataType| Field::new(name, data_type, true);
+        let tag = |name: &str, key: DataType| {
+            field(
+                name,
+                DataType::Dictionary(Box::new(key), Box::new(DataType::Utf8)),
+            )
+        };
+        let base = Schema::new(vec![
+            field("time", DataType::Int64),
+            tag("host", DataType::Int32),
+            field("a", DataType::Float64),
+        ]);
+        let reordered = Schema::new(vec![
+            field("a", DataType::Float64),
+            tag("host", DataType::Int16),
+            field("time", DataType::Int64),
+        ]);
+        let wider = Schema::new(vec![
+            field("time", DataType::Int64),
+            tag("host", DataType::Int32),
+            field("a", DataType::Float64),
+            field("b", DataType::Int64),
+        ]);
+        let retyped = Schema::new(vec![
+            field("time", DataType::Int64),
+            tag("host", DataType::Int32),
+            field("a", DataType::Int64),
+        ]);
+        let fingerprint = columns_fingerprint(&base);
+        assert_ne!(fingerprint, 0);
+        assert_eq!(fingerprint, columns_fingerprint(&reordered));
+        assert_ne!(fingerprint, columns_fingerprint(&wider));
+        assert_ne!(fingerprint, columns_fingerprint(&retyped));
+    }
 
     // Checks the calendar arithmetic behind directory names on known instants, including a
     // leap day and times before the epoch.

@@ -513,6 +513,75 @@ fn time_bounds_prune_files() {
     assert_eq!(node.metric("shale_query_files_pruned_total") - before, 0.0);
 }
 
+// A table whose files have different columns (a field added later, columns first seen in
+// another order) reads every row of every file: files with the same columns are scanned
+// together, the groups are combined by name, and a column a file lacks reads as NULL. A file
+// with an extra column must never be read under a narrower schema, which would drop it.
+#[test]
+fn files_with_different_columns_are_all_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    let hour_us = 3_600_000_000i64;
+    let write = |node: &Node, body: String| {
+        let response = node.post("/write?db=wide&precision=us", &[], body.as_bytes());
+        assert_eq!(response.status, 204, "{}", response.text());
+    };
+    // Hour 0: fields a only. Hour 1: a and b. Hour 2: b before a, plus tag zone.
+    write(
+        &node,
+        (0..5)
+            .map(|i| format!("m,host=h a={i} {}\n", BASE_US + i))
+            .collect(),
+    );
+    node.stop();
+    node.restart();
+    write(
+        &node,
+        (0..5)
+            .map(|i| format!("m,host=h a={i},b={i}i {}\n", BASE_US + hour_us + i))
+            .collect(),
+    );
+    node.stop();
+    node.restart();
+    write(
+        &node,
+        (0..5)
+            .map(|i| {
+                format!(
+                    "m,zone=z,host=h b={i}i,a={i} {}\n",
+                    BASE_US + 2 * hour_us + i
+                )
+            })
+            .collect(),
+    );
+    node.stop();
+    node.restart();
+    assert_eq!(node.manifest_paths("wide", "m").len(), 3);
+    let answer = must_query(
+        &node,
+        "SELECT count(*), count(a), count(b), count(zone), sum(b) FROM wide.m",
+        &[],
+    );
+    assert_eq!(
+        data(&answer),
+        vec![vec![json!(15), json!(15), json!(10), json!(5), json!(20)]]
+    );
+    let answer = must_query(
+        &node,
+        "SELECT time_bucket(INTERVAL 1 hour, time) AS h, count(b), count(zone) FROM wide.m \
+         GROUP BY h ORDER BY h",
+        &[],
+    );
+    assert_eq!(
+        data(&answer),
+        vec![
+            vec![json!("2026-11-22T00:00:00.000000Z"), json!(0), json!(0)],
+            vec![json!("2026-11-22T01:00:00.000000Z"), json!(5), json!(0)],
+            vec![json!("2026-11-22T02:00:00.000000Z"), json!(5), json!(5)],
+        ]
+    );
+}
+
 // Limits answer cleanly: a query past query.timeout_ms is interrupted with a 408, and a JSON
 // answer over query.json_rows_max is a 413 that points to the Arrow endpoint.
 #[test]

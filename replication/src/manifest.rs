@@ -39,6 +39,11 @@ pub struct FileEntry {
     pub lsn_first: u64,
     pub lsn_last: u64,
     pub created_at_ms: i64,
+    /// Names the file's set of columns with their types: files of one table with the same
+    /// non-zero fingerprint have the same columns and can be scanned as one schema. 0 means
+    /// unknown (entries written before the field existed).
+    #[serde(default)]
+    pub columns_fingerprint: u64,
 }
 
 /// Lifecycle state of a cluster node, as recorded through Raft.
@@ -624,6 +629,7 @@ pub(crate) mod tests {
             lsn_first,
             lsn_last,
             created_at_ms: 1_700_000_000_000,
+            columns_fingerprint: 7,
         }
     }
 

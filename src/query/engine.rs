@@ -20,6 +20,7 @@ use super::encode::{ArrowEncoder, JsonEncoder};
 use super::snapshot::{reconcile, BufferPiece, ShardSnapshot, SnapshotRequest, TableName};
 use crate::config::QueryConfig;
 use crate::sql_guard::{self, GuardLimits};
+use shale_replication::manifest::FileEntry;
 
 /// The answer format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -343,14 +344,18 @@ impl Worker {
             .collect();
         tables.sort();
         tables.dedup();
+        let checked_at = started.elapsed();
         let (version, pieces, current) = self.snapshot(tables)?;
+        let snapshot_at = started.elapsed();
         let cached = self.refresh_piece_cache(&pieces, &current)?;
+        let cache_at = started.elapsed();
         // One transaction per query from here: `now()` in time bounds and in the query is the
         // same instant, and rolling back drops the views the query made.
         self.connection
             .execute_batch("BEGIN TRANSACTION")
             .map_err(|e| QueryError::Internal(format!("begin query transaction: {e}")))?;
         let ranges = self.time_ranges(&checked.sql);
+        let ranges_at = started.elapsed();
 
         for (placeholder, table) in &checked.tables {
             let (lower, upper) = ranges
@@ -385,38 +390,19 @@ impl Worker {
                 files_pruned = total - entries.len(),
                 "query files"
             );
-            let files: Vec<String> = entries
-                .into_iter()
-                .map(|f| {
-                    format!(
-                        "'{}'",
-                        self.data_dir
-                            .join(&f.path)
-                            .display()
-                            .to_string()
-                            .replace('\'', "''")
-                    )
-                })
-                .collect();
             let table_pieces: Vec<&BufferPiece> = pieces
                 .iter()
                 .filter(|p| {
                     p.table.database == table.database && p.table.measurement == table.measurement
                 })
                 .collect();
-            if files.is_empty() && table_pieces.is_empty() {
+            if entries.is_empty() && table_pieces.is_empty() {
                 return Err(QueryError::NotFound(format!(
                     "table {}.{} does not exist (no data has been written to it)",
                     table.database, table.measurement
                 )));
             }
-            let mut parts = Vec::with_capacity(2);
-            if !files.is_empty() {
-                parts.push(format!(
-                    "SELECT * FROM read_parquet([{}], union_by_name = true)",
-                    files.join(", ")
-                ));
-            }
+            let mut parts = file_scans(&self.data_dir, &entries);
             for piece in &table_pieces {
                 let name = &cached[&piece_key(piece)];
                 parts.push(format!("SELECT * FROM \"{name}\""));
@@ -434,13 +420,26 @@ impl Worker {
             created.push(format!("DROP VIEW IF EXISTS \"{placeholder}\""));
         }
 
+        let views_at = started.elapsed();
         let mut statement = self
             .connection
             .prepare(&checked.sql)
             .map_err(|e| QueryError::Sql(e.to_string()))?;
+        let prepared_at = started.elapsed();
         let mut stream = statement
             .stream_arrow([])
             .map_err(|e| QueryError::Sql(e.to_string()))?;
+        let streaming_at = started.elapsed();
+        tracing::debug!(
+            ?checked_at,
+            ?snapshot_at,
+            ?cache_at,
+            ?ranges_at,
+            ?views_at,
+            ?prepared_at,
+            ?streaming_at,
+            "query phases"
+        );
         let schema = stream.get_schema();
         let mut sink = Sink::new(&job.events, job.request.format, &self.config);
         sink.start(&schema)?;
@@ -672,6 +671,42 @@ struct PieceKey {
     shard: u32,
     table: TableName,
     lsn_first: u64,
+}
+
+/// One `SELECT` per set of files with the same columns (`FileEntry::columns_fingerprint`):
+/// DuckDB scans a list of files with one schema fastest, and `union_by_name` (which reads
+/// every file's schema) is needed only for files whose columns are unknown. The caller
+/// combines the parts by name.
+fn file_scans(data_dir: &Path, entries: &[&FileEntry]) -> Vec<String> {
+    let mut groups: Vec<(u64, Vec<String>)> = Vec::new();
+    for entry in entries {
+        let path = format!(
+            "'{}'",
+            data_dir
+                .join(&entry.path)
+                .display()
+                .to_string()
+                .replace('\'', "''")
+        );
+        match groups
+            .iter_mut()
+            .find(|(fingerprint, _)| *fingerprint == entry.columns_fingerprint)
+        {
+            Some((_, paths)) => paths.push(path),
+            None => groups.push((entry.columns_fingerprint, vec![path])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(fingerprint, paths)| {
+            let union = if fingerprint == 0 && paths.len() > 1 {
+                ", union_by_name = true"
+            } else {
+                ""
+            };
+            format!("SELECT * FROM read_parquet([{}]{union})", paths.join(", "))
+        })
+        .collect()
 }
 
 fn piece_key(piece: &BufferPiece) -> PieceKey {
