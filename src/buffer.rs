@@ -173,6 +173,9 @@ struct Column {
 pub struct MeasurementBuffer {
     columns: Vec<Column>,
     by_name: HashMap<String, usize>,
+    /// The column of each key position (tags, then fields) of the last row: lines of one
+    /// source usually repeat their keys in order, so a name comparison replaces a hash lookup.
+    hints: Vec<usize>,
     time: TimestampMicrosecondBuilder,
     rows: usize,
     bytes_estimate: usize,
@@ -217,6 +220,7 @@ impl MeasurementBuffer {
         MeasurementBuffer {
             columns: Vec::new(),
             by_name: HashMap::new(),
+            hints: Vec::new(),
             time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
             rows: 0,
             bytes_estimate: 0,
@@ -249,20 +253,23 @@ impl MeasurementBuffer {
         self.by_name.get(name).map(|&i| self.columns[i].kind)
     }
 
-    /// Adds one row. The caller has checked kinds with [`check_kind`] (a mismatch here is a
-    /// programmer error). Rows must arrive in LSN order.
+    /// Adds one row; returns whether it added a column. The caller has checked kinds with
+    /// [`check_kind`] (a mismatch here is a programmer error). Rows must arrive in LSN order.
     pub fn append_row<'a>(
         &mut self,
         lsn: u64,
         time_us: i64,
         tags: impl IntoIterator<Item = (&'a str, &'a str)>,
         fields: impl IntoIterator<Item = (&'a str, Value<'a>)>,
-    ) {
+    ) -> bool {
+        let columns_before = self.columns.len();
         debug_assert!(lsn >= self.lsn_last, "rows arrive in lsn order");
         let row = self.rows;
         let mut bytes = 8usize;
+        let mut position = 0;
         for (key, value) in tags {
-            let column = self.column_mut(key, ColumnKind::Tag, row);
+            let column = self.column_mut(position, key, ColumnKind::Tag, row);
+            position += 1;
             if column.filled > row {
                 // A repeated key within one line; the parser rejects these, keep the first.
                 continue;
@@ -276,7 +283,8 @@ impl MeasurementBuffer {
             bytes += 4 + value.len() / 8;
         }
         for (key, value) in fields {
-            let column = self.column_mut(key, value.kind(), row);
+            let column = self.column_mut(position, key, value.kind(), row);
+            position += 1;
             if column.filled > row {
                 continue;
             }
@@ -310,11 +318,24 @@ impl MeasurementBuffer {
         self.lsn_last = lsn;
         self.rows += 1;
         self.bytes_estimate += bytes;
+        self.columns.len() > columns_before
     }
 
-    fn column_mut(&mut self, name: &str, kind: ColumnKind, row: usize) -> &mut Column {
-        let index = match self.by_name.get(name) {
-            Some(&index) => index,
+    /// The column for the key at `position` of the row being added, created if new.
+    fn column_mut(
+        &mut self,
+        position: usize,
+        name: &str,
+        kind: ColumnKind,
+        row: usize,
+    ) -> &mut Column {
+        let hinted = self
+            .hints
+            .get(position)
+            .copied()
+            .filter(|&index| self.columns[index].name == name);
+        let index = match hinted.or_else(|| self.by_name.get(name).copied()) {
+            Some(index) => index,
             None => {
                 self.columns.push(Column {
                     name: name.to_string(),
@@ -327,6 +348,10 @@ impl MeasurementBuffer {
                 self.columns.len() - 1
             }
         };
+        match self.hints.get_mut(position) {
+            Some(hint) => *hint = index,
+            None => self.hints.push(index),
+        }
         let column = &mut self.columns[index];
         assert_eq!(
             column.kind, kind,
@@ -354,6 +379,7 @@ impl MeasurementBuffer {
         // Columns that saw no value are dropped so the next file's schema is what it holds.
         self.columns.clear();
         self.by_name.clear();
+        self.hints.clear();
         self.rows = 0;
         self.bytes_estimate = 0;
         self.time_min_us = i64::MAX;
@@ -428,6 +454,52 @@ mod tests {
     use super::*;
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::{Float64Type, TimestampMicrosecondType};
+
+    // Key positions are only hints: rows whose keys come in another order, skip a key, or add
+    // one in the middle still land in the right columns, also after a freeze empties the
+    // buffer; append_row reports exactly the rows that added a column.
+    #[test]
+    fn rows_with_shifting_key_orders_fill_the_right_columns() {
+        use arrow::datatypes::Int64Type;
+        let mut buffer = MeasurementBuffer::new();
+        let rows: [(&[(&str, &str)], &[(&str, i64)], bool); 5] = [
+            (&[("a", "1"), ("b", "1")], &[("x", 1), ("y", 1)], true),
+            (&[("b", "2"), ("a", "2")], &[("y", 2), ("x", 2)], false),
+            (&[("a", "3")], &[("z", 3), ("x", 3)], true),
+            (&[("a", "4"), ("c", "4"), ("b", "4")], &[("x", 4)], true),
+            (&[("a", "5"), ("b", "5")], &[("x", 5), ("y", 5)], false),
+        ];
+        for round in 0..2 {
+            for (index, (tags, fields, adds)) in rows.iter().enumerate() {
+                let added = buffer.append_row(
+                    round * 10 + index as u64 + 1,
+                    index as i64,
+                    tags.iter().copied(),
+                    fields.iter().map(|&(k, v)| (k, Value::Integer(v))),
+                );
+                assert_eq!(added, *adds, "round {round} row {index}");
+            }
+            let frozen = buffer.freeze().unwrap();
+            let batch = &frozen.batch;
+            let column = |name: &str| batch.column(batch.schema().index_of(name).unwrap()).clone();
+            for (index, (tags, fields, _)) in rows.iter().enumerate() {
+                for tag in ["a", "b", "c"] {
+                    let array = arrow::compute::cast(&column(tag), &DataType::Utf8).unwrap();
+                    let expected = tags.iter().find(|(k, _)| *k == tag).map(|(_, v)| *v);
+                    let actual = array.as_string::<i32>();
+                    let actual = (!actual.is_null(index)).then(|| actual.value(index));
+                    assert_eq!(actual, expected, "tag {tag} row {index}");
+                }
+                for field in ["x", "y", "z"] {
+                    let array = column(field);
+                    let array = array.as_primitive::<Int64Type>();
+                    let expected = fields.iter().find(|(k, _)| *k == field).map(|(_, v)| *v);
+                    let actual = (!array.is_null(index)).then(|| array.value(index));
+                    assert_eq!(actual, expected, "field {field} row {index}");
+                }
+            }
+        }
+    }
 
     // Checks that a column first seen mid-buffer reads null for earlier rows, a column missing
     // from a later row reads null there, and the frozen schema is time, tags, fields.

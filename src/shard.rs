@@ -355,8 +355,29 @@ impl Shard {
                 columns.push((column.to_string(), kind));
             }
         };
+        // Lines of one request usually share their measurement and keys: a line whose keys and
+        // kinds equal the previous line's (in order) needs no lookups.
+        let mut previous: Option<&str> = None;
+        let mut previous_keys: Vec<(&str, ColumnKind)> = Vec::new();
         for line in batch.lines() {
             let measurement = line.measurement();
+            if previous == Some(measurement) {
+                let mut keys = line
+                    .tags()
+                    .map(|(key, _)| (key, ColumnKind::Tag))
+                    .chain(line.fields().map(|(key, value)| (key, field_kind(&value))));
+                let same = previous_keys
+                    .iter()
+                    .all(|&expected| keys.next() == Some(expected))
+                    && keys.next().is_none();
+                if same {
+                    continue;
+                }
+            }
+            previous = Some(measurement);
+            previous_keys.clear();
+            previous_keys.extend(line.tags().map(|(key, _)| (key, ColumnKind::Tag)));
+            previous_keys.extend(line.fields().map(|(key, value)| (key, field_kind(&value))));
             if !tables.contains_key(measurement) {
                 let declared = self.declared_kinds(database, measurement);
                 tables.insert(measurement.to_string(), declared);
@@ -457,14 +478,7 @@ impl Shard {
             None => tables.entry(measurement.to_string()).or_default(),
         };
         let before = buffer.bytes_estimate();
-        let mut new_columns = false;
-        for (key, _) in line.tags() {
-            new_columns |= buffer.column_kind(key).is_none();
-        }
-        for (key, _) in line.fields() {
-            new_columns |= buffer.column_kind(key).is_none();
-        }
-        buffer.append_row(
+        let new_columns = buffer.append_row(
             lsn,
             line.time_us(),
             line.tags(),
