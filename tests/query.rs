@@ -502,6 +502,29 @@ fn time_bounds_prune_files() {
         vec![vec![json!(10), json!("2026-11-22T02:00:00.000000Z")]]
     );
     assert_eq!(node.metric("shale_query_files_pruned_total") - before, 2.0);
+    // Two bounds are evaluated together; a bound that is not a constant (it names a column)
+    // is ignored without losing the other one.
+    for (sql, count) in [
+        (
+            "SELECT count(*) FROM pruned.m WHERE time BETWEEN TIMESTAMPTZ '2026-11-22 01:00:00+00' \
+             AND TIMESTAMPTZ '2026-11-22 01:00:04+00'",
+            5,
+        ),
+        (
+            "SELECT count(*) FROM pruned.m WHERE time >= TIMESTAMPTZ '2026-11-22 02:00:00+00' \
+             AND time <= TIMESTAMPTZ '2026-11-22 02:00:00+00' + to_seconds(v)",
+            10,
+        ),
+    ] {
+        let before = node.metric("shale_query_files_pruned_total");
+        let answer = must_query(&node, sql, &[]);
+        assert_eq!(data(&answer), vec![vec![json!(count)]], "{sql}");
+        assert_eq!(
+            node.metric("shale_query_files_pruned_total") - before,
+            2.0,
+            "{sql}"
+        );
+    }
     // An OR makes the bound unprovable: every file is read, and the answer is still right.
     let before = node.metric("shale_query_files_pruned_total");
     let answer = must_query(

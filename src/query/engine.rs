@@ -287,18 +287,7 @@ impl Worker {
             let started = Instant::now();
             let mut created = Vec::new();
             let result = self.execute(&job, &mut created, started);
-            // Ends the query's transaction (begun in `execute`), dropping its views.
-            if let Err(error) = self.connection.execute_batch("ROLLBACK") {
-                tracing::debug!(%error, "end query transaction");
-            }
             let _ = self.watchdog.send(WatchdogMessage::Done);
-            for object in created.iter().rev() {
-                // Temporary objects of this query only; failure to drop is harmless (the next
-                // query replaces them) but worth a log line.
-                if let Err(error) = self.connection.execute_batch(object) {
-                    tracing::debug!(%error, "drop temporary query object");
-                }
-            }
             self.metrics.queries.increment();
             let event = match result {
                 Ok(()) => QueryEvent::End,
@@ -313,7 +302,20 @@ impl Worker {
                     QueryEvent::Failed(error)
                 }
             };
+            // The answer is complete: the client need not wait for the clean-up, and the next
+            // job starts only after it.
             let _ = job.events.send(event);
+            // Ends the query's transaction (begun in `execute`), dropping its views.
+            if let Err(error) = self.connection.execute_batch("ROLLBACK") {
+                tracing::debug!(%error, "end query transaction");
+            }
+            for object in created.iter().rev() {
+                // Temporary objects of this query only; failure to drop is harmless (the next
+                // query replaces them) but worth a log line.
+                if let Err(error) = self.connection.execute_batch(object) {
+                    tracing::debug!(%error, "drop temporary query object");
+                }
+            }
         }
     }
 
@@ -464,7 +466,37 @@ impl Worker {
     /// a bound that is not a constant timestamp is ignored (the range stays open there).
     fn time_ranges(&self, sql: &str) -> Vec<(String, i64, i64)> {
         use crate::sql_guard::time_bounds::{time_bounds, Bound};
-        let evaluate = |expression: &str| -> Option<i64> {
+        let tables = time_bounds(sql);
+        let expressions: Vec<&str> = tables
+            .iter()
+            .flat_map(|table| table.bounds.iter())
+            .map(|bound| match bound {
+                Bound::Lower(e) | Bound::Upper(e) => e.as_str(),
+            })
+            .collect();
+        let values = self.evaluate_times(&expressions);
+        let mut values = values.into_iter();
+        tables
+            .into_iter()
+            .map(|table| {
+                let (mut lower, mut upper) = (i64::MIN, i64::MAX);
+                for bound in &table.bounds {
+                    match (bound, values.next().flatten()) {
+                        (Bound::Lower(_), Some(value)) => lower = lower.max(value),
+                        (Bound::Upper(_), Some(value)) => upper = upper.min(value),
+                        (_, None) => {}
+                    }
+                }
+                (table.placeholder, lower, upper)
+            })
+            .collect()
+    }
+
+    /// Each expression as microseconds since the epoch, `None` where it is not a constant
+    /// timestamp. One statement for all of them (each statement costs DuckDB a parse, bind
+    /// and plan); one each only if that fails, so one bad expression spoils no other.
+    fn evaluate_times(&self, expressions: &[&str]) -> Vec<Option<i64>> {
+        let single = |expression: &str| -> Option<i64> {
             self.connection
                 .query_row(
                     &format!("SELECT epoch_us(CAST(({expression}) AS TIMESTAMPTZ))"),
@@ -474,27 +506,29 @@ impl Worker {
                 .ok()
                 .flatten()
         };
-        time_bounds(sql)
-            .into_iter()
-            .map(|table| {
-                let (mut lower, mut upper) = (i64::MIN, i64::MAX);
-                for bound in &table.bounds {
-                    match bound {
-                        Bound::Lower(e) => {
-                            if let Some(value) = evaluate(e) {
-                                lower = lower.max(value);
-                            }
-                        }
-                        Bound::Upper(e) => {
-                            if let Some(value) = evaluate(e) {
-                                upper = upper.min(value);
-                            }
-                        }
-                    }
+        match expressions {
+            [] => Vec::new(),
+            [one] => vec![single(one)],
+            many => {
+                let columns: Vec<String> = many
+                    .iter()
+                    .map(|e| format!("epoch_us(CAST(({e}) AS TIMESTAMPTZ))"))
+                    .collect();
+                let together = self.connection.query_row(
+                    &format!("SELECT {}", columns.join(", ")),
+                    [],
+                    |row| {
+                        (0..many.len())
+                            .map(|i| row.get::<_, Option<i64>>(i))
+                            .collect::<Result<Vec<_>, _>>()
+                    },
+                );
+                match together {
+                    Ok(values) => values,
+                    Err(_) => many.iter().map(|e| single(e)).collect(),
                 }
-                (table.placeholder, lower, upper)
-            })
-            .collect()
+            }
+        }
     }
 
     /// Asks every shard for its unflushed rows of `tables` and reconciles the answers.
