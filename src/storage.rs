@@ -20,6 +20,9 @@ use crate::config::{Compression, ParquetConfig};
 
 const MICROS_PER_HOUR: i64 = 3_600_000_000;
 
+/// A data page is cut when its encoded values pass this size.
+const DATA_PAGE_BYTES_MAX: usize = 8 << 20;
+
 /// Parquet key-value metadata key holding the tag column names, comma-separated.
 pub const TAGS_METADATA_KEY: &str = "shale.tags";
 
@@ -302,10 +305,15 @@ fn write_parquet(
         Compression::Snappy => ParquetCompression::SNAPPY,
         Compression::Zstd => ParquetCompression::ZSTD(ZstdLevel::try_new(config.zstd_level)?),
     };
+    // One data page per column chunk (up to DATA_PAGE_BYTES_MAX) and statistics per chunk,
+    // not per page: DuckDB reads whole chunks and skips by chunk statistics, and on TSBS data
+    // the default 20k-row pages plus a page index made full scans 10-20% slower.
     let properties = WriterProperties::builder()
         .set_compression(compression)
         .set_dictionary_enabled(true)
-        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_data_page_row_count_limit(usize::MAX)
+        .set_data_page_size_limit(DATA_PAGE_BYTES_MAX)
         .set_max_row_group_row_count(Some(config.row_group_rows_max))
         .set_key_value_metadata(Some(vec![KeyValue::new(
             TAGS_METADATA_KEY.to_string(),
