@@ -431,8 +431,8 @@ mod tests {
     use super::*;
     use crate::log_store::LogStore;
     use crate::manifest::tests::file;
-    use crate::manifest::ManifestCommand;
     use crate::manifest::NodeState;
+    use crate::manifest::{FileEntry, ManifestCommand};
 
     struct Builder;
 
@@ -569,7 +569,12 @@ mod tests {
             decode_snapshot(SNAPSHOT_V1_SAMPLE.as_bytes(), Path::new("sample")).expect("decode");
         assert_eq!(meta.last_log_id.map(|id| id.index), Some(4));
         assert_eq!(manifest.applied_index(), 4);
-        assert_eq!(manifest.file("a"), Some(&file("a", 1, 5)));
+        // The sample predates `columns_fingerprint`: it reads as 0, "columns unknown".
+        let expected = FileEntry {
+            columns_fingerprint: 0,
+            ..file("a", 1, 5)
+        };
+        assert_eq!(manifest.file("a"), Some(&expected));
         assert_eq!(
             manifest.node_states(),
             &BTreeMap::from([(1, NodeState::Active)])

@@ -904,3 +904,53 @@ impl<'a> Sink<'a> {
             .map_err(|_| QueryError::Internal("client went away".into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, columns_fingerprint: u64) -> FileEntry {
+        FileEntry {
+            path: path.to_owned(),
+            size_bytes: 1,
+            blake3_hex: "0".repeat(64),
+            rows: 1,
+            time_min_us: 0,
+            time_max_us: 0,
+            database: "db".to_owned(),
+            measurement: "m".to_owned(),
+            origin_node: 1,
+            shard: 0,
+            lsn_first: 1,
+            lsn_last: 1,
+            created_at_ms: 0,
+            columns_fingerprint,
+        }
+    }
+
+    // Files with one fingerprint share a scan; files without one (older entries) are read by
+    // name, and a lone file never needs union_by_name; quotes in paths are escaped.
+    #[test]
+    fn file_scans_group_by_columns() {
+        let entries = [
+            entry("a.parquet", 5),
+            entry("b.parquet", 9),
+            entry("c.parquet", 5),
+            entry("o'1.parquet", 0),
+            entry("o2.parquet", 0),
+        ];
+        let references: Vec<&FileEntry> = entries.iter().collect();
+        assert_eq!(
+            file_scans(Path::new("/d"), &references),
+            [
+                "SELECT * FROM read_parquet(['/d/a.parquet', '/d/c.parquet'])",
+                "SELECT * FROM read_parquet(['/d/b.parquet'])",
+                "SELECT * FROM read_parquet(['/d/o''1.parquet', '/d/o2.parquet'], union_by_name = true)",
+            ]
+        );
+        assert_eq!(
+            file_scans(Path::new("/d"), &references[3..4]),
+            ["SELECT * FROM read_parquet(['/d/o''1.parquet'])"]
+        );
+    }
+}
