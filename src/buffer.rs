@@ -462,7 +462,8 @@ mod tests {
     fn rows_with_shifting_key_orders_fill_the_right_columns() {
         use arrow::datatypes::Int64Type;
         let mut buffer = MeasurementBuffer::new();
-        let rows: [(&[(&str, &str)], &[(&str, i64)], bool); 5] = [
+        type Row<'a> = (&'a [(&'a str, &'a str)], &'a [(&'a str, i64)], bool);
+        let rows: [Row; 5] = [
             (&[("a", "1"), ("b", "1")], &[("x", 1), ("y", 1)], true),
             (&[("b", "2"), ("a", "2")], &[("y", 2), ("x", 2)], false),
             (&[("a", "3")], &[("z", 3), ("x", 3)], true),

@@ -177,6 +177,9 @@ fn sort_by_tags_then_time(
     take_record_batch(batch, &indices)
 }
 
+/// One tag column's rank per row, and the bits the largest rank needs.
+type TagRanks = (Vec<u32>, u32);
+
 /// Each tag column as one rank per row: 0 for null, then 1, 2, ... in the order of the tag's
 /// string values (equal strings share a rank). Ranking a dictionary's values once makes a row
 /// comparison a few integer comparisons instead of one string comparison per tag, which was
@@ -184,7 +187,7 @@ fn sort_by_tags_then_time(
 fn tag_ranks(
     batch: &RecordBatch,
     tag_columns: &[String],
-) -> Result<Option<Vec<(Vec<u32>, u32)>>, arrow::error::ArrowError> {
+) -> Result<Option<Vec<TagRanks>>, arrow::error::ArrowError> {
     use arrow::array::Array;
     use arrow::datatypes::Int32Type;
     let schema = batch.schema();
@@ -229,7 +232,7 @@ fn tag_ranks(
 
 /// Row indices ordered by the ranks (first column first), then time, then row index (so equal
 /// rows keep their order). The ranks are packed into as few u64 words per row as they fit.
-fn order_by_ranks_then_time(batch: &RecordBatch, ranks: &[(Vec<u32>, u32)]) -> Vec<u32> {
+fn order_by_ranks_then_time(batch: &RecordBatch, ranks: &[TagRanks]) -> Vec<u32> {
     let time = batch
         .column(0)
         .as_primitive::<TimestampMicrosecondType>()
@@ -416,11 +419,11 @@ mod tests {
         assert_ne!(fingerprint, columns_fingerprint(&retyped));
     }
 
+    /// A tag column as dictionary keys and dictionary values.
+    type TagColumn = (Vec<Option<i32>>, Vec<Option<String>>);
+
     /// A batch of `time` plus string-dictionary tags built from (keys, dictionary values).
-    fn tag_batch(
-        times: Vec<i64>,
-        tags: Vec<(Vec<Option<i32>>, Vec<Option<String>>)>,
-    ) -> RecordBatch {
+    fn tag_batch(times: Vec<i64>, tags: Vec<TagColumn>) -> RecordBatch {
         use arrow::array::{DictionaryArray, Int32Array, StringArray, TimestampMicrosecondArray};
         use arrow::datatypes::{Field, Int32Type, Schema};
         let mut fields = vec![Field::new(
@@ -477,7 +480,7 @@ mod tests {
                                 0 => random.next_u64() % size as u64,
                                 pick => (pick % 3) * (size as u64 / 3),
                             };
-                            (random.next_u64() % 9 != 0).then_some(key as i32)
+                            (!random.next_u64().is_multiple_of(9)).then_some(key as i32)
                         })
                         .collect();
                     (keys, values)

@@ -534,17 +534,7 @@ impl Worker {
     /// Asks every shard for its unflushed rows of `tables` and reconciles the answers.
     /// Also returns the keys of every piece the shards still hold for these tables, kept or
     /// not, so the cache can drop the rest.
-    fn snapshot(
-        &self,
-        tables: Vec<TableName>,
-    ) -> Result<
-        (
-            Arc<shale_replication::ManifestVersion>,
-            Vec<BufferPiece>,
-            HashSet<PieceKey>,
-        ),
-        QueryError,
-    > {
+    fn snapshot(&self, tables: Vec<TableName>) -> Result<Snapshot, QueryError> {
         let (reply, answers) = flume::bounded::<ShardSnapshot>(self.shards.len());
         for shard in self.shards.iter() {
             shard
@@ -742,6 +732,14 @@ fn file_scans(data_dir: &Path, entries: &[&FileEntry]) -> Vec<String> {
         })
         .collect()
 }
+
+/// What `Worker::snapshot` returns: the pinned version, the pieces it keeps, and the keys of
+/// every piece the shards hold for the tables asked about.
+type Snapshot = (
+    Arc<shale_replication::ManifestVersion>,
+    Vec<BufferPiece>,
+    HashSet<PieceKey>,
+);
 
 fn piece_key(piece: &BufferPiece) -> PieceKey {
     PieceKey {
