@@ -177,6 +177,12 @@ pub struct MeasurementBuffer {
     /// source usually repeat their keys in order, so a name comparison replaces a hash lookup.
     hints: Vec<usize>,
     time: TimestampMicrosecondBuilder,
+    /// Full chunks of earlier rows, immutable, in the current column order (see `sealed_stale`).
+    sealed: Vec<RecordBatch>,
+    sealed_rows: usize,
+    /// A column was added since the sealed chunks were last aligned to the columns.
+    sealed_stale: bool,
+    /// All rows: sealed plus those in the builders.
     rows: usize,
     bytes_estimate: usize,
     /// First and last WAL LSN with a row in this buffer.
@@ -198,15 +204,35 @@ pub enum SchemaConflict {
     },
 }
 
+/// Rows accumulate in Arrow builders until this many, then the builders are finished into an
+/// immutable chunk. Queries share the chunks (no copy) and copy only the rows still in the
+/// builders, so a query costs the shard at most this many rows' copy, not the whole buffer.
+pub const CHUNK_ROWS: usize = 65_536;
+
 /// A buffer's rows handed to a flush: the arrays plus what the manifest needs to know.
 pub struct FrozenBuffer {
-    pub batch: RecordBatch,
+    /// The rows in order, as chunks with one schema (ordered `time`, tags, fields).
+    pub chunks: Vec<RecordBatch>,
     pub tag_columns: Vec<String>,
     pub lsn_first: u64,
     pub lsn_last: u64,
     pub time_min_us: i64,
     pub time_max_us: i64,
     pub bytes_estimate: usize,
+}
+
+impl FrozenBuffer {
+    pub fn rows(&self) -> usize {
+        self.chunks.iter().map(RecordBatch::num_rows).sum()
+    }
+
+    /// The rows as one batch (a copy unless there is one chunk).
+    pub fn batch(&self) -> Result<RecordBatch, arrow::error::ArrowError> {
+        match self.chunks.as_slice() {
+            [one] => Ok(one.clone()),
+            chunks => arrow::compute::concat_batches(&chunks[0].schema(), chunks),
+        }
+    }
 }
 
 impl Default for MeasurementBuffer {
@@ -222,6 +248,9 @@ impl MeasurementBuffer {
             by_name: HashMap::new(),
             hints: Vec::new(),
             time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            sealed: Vec::new(),
+            sealed_rows: 0,
+            sealed_stale: false,
             rows: 0,
             bytes_estimate: 0,
             lsn_first: 0,
@@ -264,7 +293,8 @@ impl MeasurementBuffer {
     ) -> bool {
         let columns_before = self.columns.len();
         debug_assert!(lsn >= self.lsn_last, "rows arrive in lsn order");
-        let row = self.rows;
+        // The row's index in the builders.
+        let row = self.rows - self.sealed_rows;
         let mut bytes = 8usize;
         let mut position = 0;
         for (key, value) in tags {
@@ -318,7 +348,59 @@ impl MeasurementBuffer {
         self.lsn_last = lsn;
         self.rows += 1;
         self.bytes_estimate += bytes;
-        self.columns.len() > columns_before
+        let added = self.columns.len() > columns_before;
+        if added && !self.sealed.is_empty() {
+            self.sealed_stale = true;
+        }
+        if self.rows - self.sealed_rows >= CHUNK_ROWS {
+            self.seal();
+        }
+        added
+    }
+
+    /// Finishes the builders into an immutable chunk.
+    fn seal(&mut self) {
+        let (chunk, _) = self.active_batch(true);
+        self.align_sealed(&chunk.schema());
+        self.sealed_rows += chunk.num_rows();
+        self.sealed.push(chunk);
+    }
+
+    /// Gives every sealed chunk the columns of `schema` (the builders' current order): a column
+    /// added after a chunk was sealed reads null there.
+    fn align_sealed(&mut self, schema: &Arc<Schema>) {
+        if !self.sealed_stale {
+            return;
+        }
+        for chunk in &mut self.sealed {
+            let columns: Vec<ArrayRef> = schema
+                .fields()
+                .iter()
+                .map(|field| match chunk.schema().index_of(field.name()) {
+                    Ok(index) => chunk.column(index).clone(),
+                    Err(_) => arrow::array::new_null_array(field.data_type(), chunk.num_rows()),
+                })
+                .collect();
+            *chunk = RecordBatch::try_new(schema.clone(), columns)
+                .expect("aligned chunk has the buffer's columns and lengths");
+        }
+        self.sealed_stale = false;
+    }
+
+    /// The rows as chunks with one schema; `take` empties the buffer's builders and chunks.
+    fn chunks(&mut self, take: bool) -> (Vec<RecordBatch>, Vec<String>) {
+        let (active, tag_columns) = self.active_batch(take);
+        self.align_sealed(&active.schema());
+        let mut chunks = if take {
+            self.sealed_rows = 0;
+            std::mem::take(&mut self.sealed)
+        } else {
+            self.sealed.clone()
+        };
+        if active.num_rows() > 0 || chunks.is_empty() {
+            chunks.push(active);
+        }
+        (chunks, tag_columns)
     }
 
     /// The column for the key at `position` of the row being added, created if new.
@@ -366,9 +448,9 @@ impl MeasurementBuffer {
         if self.rows == 0 {
             return None;
         }
-        let (batch, tag_columns) = self.batch(true);
+        let (chunks, tag_columns) = self.chunks(true);
         let frozen = FrozenBuffer {
-            batch,
+            chunks,
             tag_columns,
             lsn_first: self.lsn_first,
             lsn_last: self.lsn_last,
@@ -388,17 +470,18 @@ impl MeasurementBuffer {
         Some(frozen)
     }
 
-    /// A copy of the rows for a query, leaving the buffer as it is: (batch, first LSN).
-    pub fn snapshot(&mut self) -> Option<(RecordBatch, u64)> {
+    /// The rows for a query, leaving the buffer as it is: (chunks with one schema, first
+    /// LSN). Sealed chunks are shared; only the rows still in the builders are copied.
+    pub fn snapshot(&mut self) -> Option<(Vec<RecordBatch>, u64)> {
         if self.rows == 0 {
             return None;
         }
-        Some((self.batch(false).0, self.lsn_first))
+        Some((self.chunks(false).0, self.lsn_first))
     }
 
-    /// The rows as a batch ordered `time`, tags by name, fields by name, and the tag names.
-    /// `take` empties the builders; otherwise their contents are copied.
-    fn batch(&mut self, take: bool) -> (RecordBatch, Vec<String>) {
+    /// The builders' rows as a batch ordered `time`, tags by name, fields by name, and the tag
+    /// names. `take` empties the builders; otherwise their contents are copied.
+    fn active_batch(&mut self, take: bool) -> (RecordBatch, Vec<String>) {
         let mut order: Vec<usize> = (0..self.columns.len()).collect();
         order.sort_by(|&a, &b| {
             let (a, b) = (&self.columns[a], &self.columns[b]);
@@ -481,7 +564,7 @@ mod tests {
                 assert_eq!(added, *adds, "round {round} row {index}");
             }
             let frozen = buffer.freeze().unwrap();
-            let batch = &frozen.batch;
+            let batch = &frozen.batch().unwrap();
             let column = |name: &str| batch.column(batch.schema().index_of(name).unwrap()).clone();
             for (index, (tags, fields, _)) in rows.iter().enumerate() {
                 for tag in ["a", "b", "c"] {
@@ -515,19 +598,17 @@ mod tests {
             [("free", Value::Integer(5))],
         );
         let frozen = buffer.freeze().unwrap();
-        let schema = frozen.batch.schema();
+        let batch = frozen.batch().unwrap();
+        let schema = batch.schema();
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         assert_eq!(names, ["time", "dc", "host", "free", "usage"]);
         assert_eq!((frozen.lsn_first, frozen.lsn_last), (1, 2));
         assert_eq!((frozen.time_min_us, frozen.time_max_us), (10, 20));
-        let usage = frozen.batch.column(4).as_primitive::<Float64Type>();
+        let usage = batch.column(4).as_primitive::<Float64Type>();
         assert_eq!(usage.value(0), 1.0);
         assert!(usage.is_null(1));
-        assert!(frozen.batch.column(1).is_null(0));
-        let time = frozen
-            .batch
-            .column(0)
-            .as_primitive::<TimestampMicrosecondType>();
+        assert!(batch.column(1).is_null(0));
+        let time = batch.column(0).as_primitive::<TimestampMicrosecondType>();
         assert_eq!(time.values(), &[10, 20]);
         assert_eq!(buffer.rows(), 0);
         assert!(buffer.freeze().is_none());
@@ -540,11 +621,55 @@ mod tests {
         let mut buffer = MeasurementBuffer::new();
         buffer.append_row(3, 10, [("host", "a")], [("v", Value::Float(1.0))]);
         let (copy, lsn_first) = buffer.snapshot().unwrap();
-        assert_eq!((copy.num_rows(), lsn_first), (1, 3));
+        assert_eq!((copy.len(), copy[0].num_rows(), lsn_first), (1, 1, 3));
         buffer.append_row(4, 20, [("host", "b")], [("v", Value::Float(2.0))]);
         let frozen = buffer.freeze().unwrap();
-        assert_eq!(frozen.batch.num_rows(), 2);
-        assert_eq!(copy.schema(), frozen.batch.schema());
+        assert_eq!(frozen.rows(), 2);
+        assert_eq!(copy[0].schema(), frozen.batch().unwrap().schema());
+    }
+
+    // Past CHUNK_ROWS the builders are sealed into chunks that snapshots share instead of
+    // copying; a column first seen after a seal reads null in the earlier chunk, and every
+    // snapshot and the frozen rows have one schema and every row in order.
+    #[test]
+    fn sealed_chunks_are_shared_and_aligned() {
+        use arrow::datatypes::Int64Type;
+        let mut buffer = MeasurementBuffer::new();
+        let total = CHUNK_ROWS + 10;
+        for row in 0..total {
+            let late = (row >= CHUNK_ROWS + 5).then_some(("late", Value::Integer(row as i64)));
+            buffer.append_row(
+                row as u64 + 1,
+                row as i64,
+                [("host", "a")],
+                [("v", Value::Integer(row as i64))].into_iter().chain(late),
+            );
+            if row == CHUNK_ROWS + 2 {
+                let (first, _) = buffer.snapshot().unwrap();
+                let (second, _) = buffer.snapshot().unwrap();
+                assert_eq!(first.len(), 2);
+                assert!(Arc::ptr_eq(first[0].column(1), second[0].column(1)));
+                assert_eq!(first[0].num_rows(), CHUNK_ROWS);
+                assert_eq!(first[1].num_rows(), 3);
+            }
+        }
+        let (chunks, _) = buffer.snapshot().unwrap();
+        assert!(chunks.iter().all(|c| c.schema() == chunks[0].schema()));
+        let frozen = buffer.freeze().unwrap();
+        assert_eq!(frozen.rows(), total);
+        let batch = frozen.batch().unwrap();
+        let column = |name: &str| batch.column(batch.schema().index_of(name).unwrap()).clone();
+        let time = column("time");
+        let time = time.as_primitive::<TimestampMicrosecondType>();
+        let v = column("v");
+        let v = v.as_primitive::<Int64Type>();
+        let late = column("late");
+        let late = late.as_primitive::<Int64Type>();
+        for row in 0..total {
+            assert_eq!(time.value(row), row as i64);
+            assert_eq!(v.value(row), row as i64);
+            assert_eq!(late.is_null(row), row < CHUNK_ROWS + 5, "row {row}");
+        }
     }
 
     // Checks that kind conflicts are named precisely.

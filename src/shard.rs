@@ -614,7 +614,7 @@ impl Shard {
                         database = %key.0,
                         measurement = %key.1,
                         files,
-                        rows = frozen.batch.num_rows(),
+                        rows = frozen.rows(),
                         lsn_last = frozen.lsn_last,
                         "flushed"
                     );
@@ -913,23 +913,23 @@ impl Shard {
         let mut buffers = self.buffers.borrow_mut();
         let flushing = self.flushing.borrow();
         for table in tables {
-            let piece = |lsn_first, batch| BufferPiece {
+            let piece = |lsn_first, chunks| BufferPiece {
                 table: table.clone(),
                 origin_node: self.node_id,
                 shard: self.shard_id,
                 lsn_first,
-                batch,
+                chunks,
             };
             if let Some((key, frozen)) = flushing.as_ref() {
                 if key.0 == table.database && key.1 == table.measurement {
-                    pieces.push(piece(frozen.lsn_first, frozen.batch.clone()));
+                    pieces.push(piece(frozen.lsn_first, frozen.chunks.clone()));
                 }
             }
             let buffer = buffers
                 .get_mut(&table.database)
                 .and_then(|tables| tables.get_mut(&table.measurement));
-            if let Some((batch, lsn_first)) = buffer.and_then(|b| b.snapshot()) {
-                pieces.push(piece(lsn_first, batch));
+            if let Some((chunks, lsn_first)) = buffer.and_then(|b| b.snapshot()) {
+                pieces.push(piece(lsn_first, chunks));
             }
         }
         ShardSnapshot { version, pieces }

@@ -68,7 +68,7 @@ pub fn encode(
     origin: &FileOrigin<'_>,
     config: &ParquetConfig,
 ) -> Result<Vec<EncodedFile>, parquet::errors::ParquetError> {
-    let batch = &frozen.batch;
+    let batch = &frozen.batch()?;
     let time = batch.column(0).as_primitive::<TimestampMicrosecondType>();
     let mut hours: Vec<i64> = time
         .values()
@@ -540,7 +540,7 @@ mod tests {
         let frozen = buffer.freeze().unwrap();
         assert_eq!(frozen.tag_columns, ["az", "host"]);
         assert_eq!(
-            tags_by_cardinality(&frozen.batch, &frozen.tag_columns),
+            tags_by_cardinality(&frozen.batch().unwrap(), &frozen.tag_columns),
             ["host", "az"]
         );
         let origin = FileOrigin {

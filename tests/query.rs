@@ -605,6 +605,72 @@ fn files_with_different_columns_are_all_read() {
     );
 }
 
+// Unflushed rows past one buffer chunk (65,536 rows): answers stay exact while the buffer
+// seals chunks, gains a column after a seal, and grows between queries (each query worker
+// copies only what it has not seen, or reloads when the columns changed).
+#[test]
+fn queries_over_many_unflushed_chunks_are_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            shards: 1,
+            ..NodeOptions::default()
+        },
+    );
+    let write = |range: std::ops::Range<i64>| {
+        let body: String = range
+            .map(|i| {
+                let late = if i >= 100_000 {
+                    format!(",late={i}i")
+                } else {
+                    String::new()
+                };
+                format!("m,host=h{} v={i}i{late} {}\n", i % 7, BASE_US + i)
+            })
+            .collect();
+        let response = node.post("/write?db=chunks&precision=us", &[], body.as_bytes());
+        assert_eq!(response.status, 204, "{}", response.text());
+    };
+    let check = |rows: i64| {
+        let late_rows = (rows - 100_000).max(0);
+        let late_sum: i64 = (100_000..rows.max(100_000)).sum();
+        // Column `late` exists only once a row has it.
+        let (sql, expected) = if rows > 100_000 {
+            (
+                "SELECT count(*), sum(v), count(late), sum(late) FROM chunks.m",
+                vec![
+                    json!(rows),
+                    json!((0..rows).sum::<i64>()),
+                    json!(late_rows),
+                    json!(late_sum),
+                ],
+            )
+        } else {
+            (
+                "SELECT count(*), sum(v) FROM chunks.m",
+                vec![json!(rows), json!((0..rows).sum::<i64>())],
+            )
+        };
+        for _ in 0..3 {
+            let answer = must_query(&node, sql, &[]);
+            assert_eq!(data(&answer), vec![expected.clone()], "after {rows} rows");
+        }
+    };
+    for step in [
+        (0, 70_000),
+        (70_000, 99_000),
+        (99_000, 140_000),
+        (140_000, 150_000),
+    ] {
+        for start in (step.0..step.1).step_by(10_000) {
+            write(start..(start + 10_000).min(step.1));
+        }
+        check(step.1);
+    }
+    assert_eq!(node.manifest_rows("chunks"), 0, "nothing was flushed");
+}
+
 // Limits answer cleanly: a query past query.timeout_ms is interrupted with a 408, and a JSON
 // answer over query.json_rows_max is a 413 that points to the Arrow endpoint.
 #[test]

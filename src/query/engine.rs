@@ -594,8 +594,8 @@ impl Worker {
         let mut names = HashMap::with_capacity(pieces.len());
         for piece in pieces {
             let key = piece_key(piece);
-            let schema = normalized_schema(&piece.batch.schema());
-            let rows = piece.batch.num_rows();
+            let schema = normalized_schema(&piece.schema());
+            let rows = piece.num_rows();
             let reusable = cache
                 .get(&key)
                 .is_some_and(|entry| entry.schema == schema && entry.rows <= rows);
@@ -633,28 +633,29 @@ impl Worker {
             }
             let entry = cache.get_mut(&key).expect("inserted above");
             if entry.rows < rows {
-                let fresh = piece.batch.slice(entry.rows, rows - entry.rows);
-                let arrays: Vec<ArrayRef> = fresh
-                    .columns()
-                    .iter()
-                    .zip(schema.fields())
-                    .map(
-                        |(array, field)| match array.data_type() == field.data_type() {
-                            true => Ok(array.clone()),
-                            false => arrow::compute::cast(array, field.data_type()),
-                        },
-                    )
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| internal(&e))?;
-                let batch =
-                    RecordBatch::try_new(schema.clone(), arrays).map_err(|e| internal(&e))?;
                 let mut appender = self
                     .connection
                     .appender(&entry.name)
                     .map_err(|e| internal(&e))?;
-                appender
-                    .append_record_batch(batch)
-                    .map_err(|e| internal(&e))?;
+                for fresh in piece.rows_from(entry.rows) {
+                    let arrays: Vec<ArrayRef> = fresh
+                        .columns()
+                        .iter()
+                        .zip(schema.fields())
+                        .map(
+                            |(array, field)| match array.data_type() == field.data_type() {
+                                true => Ok(array.clone()),
+                                false => arrow::compute::cast(array, field.data_type()),
+                            },
+                        )
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| internal(&e))?;
+                    let batch =
+                        RecordBatch::try_new(schema.clone(), arrays).map_err(|e| internal(&e))?;
+                    appender
+                        .append_record_batch(batch)
+                        .map_err(|e| internal(&e))?;
+                }
                 appender.flush().map_err(|e| internal(&e))?;
                 entry.rows = rows;
             }

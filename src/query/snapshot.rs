@@ -26,7 +26,34 @@ pub struct BufferPiece {
     pub shard: u32,
     /// The first WAL LSN among the rows: decides whether a manifest version already has them.
     pub lsn_first: u64,
-    pub batch: RecordBatch,
+    /// The rows in order, as at least one chunk, all with one schema. Earlier chunks are shared
+    /// with the shard's buffer, not copies.
+    pub chunks: Vec<RecordBatch>,
+}
+
+impl BufferPiece {
+    pub fn schema(&self) -> arrow::datatypes::SchemaRef {
+        self.chunks[0].schema()
+    }
+
+    pub fn num_rows(&self) -> usize {
+        self.chunks.iter().map(RecordBatch::num_rows).sum()
+    }
+
+    /// The rows from `offset` on, as slices of the chunks (no copy).
+    pub fn rows_from(&self, offset: usize) -> Vec<RecordBatch> {
+        let mut skip = offset;
+        let mut rows = Vec::new();
+        for chunk in &self.chunks {
+            if skip >= chunk.num_rows() {
+                skip -= chunk.num_rows();
+                continue;
+            }
+            rows.push(chunk.slice(skip, chunk.num_rows() - skip));
+            skip = 0;
+        }
+        rows
+    }
 }
 
 /// One shard's answer.
@@ -63,4 +90,44 @@ pub fn reconcile(
         })
         .collect();
     Some((version, pieces))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{AsArray, Int64Array};
+    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+
+    fn chunk(values: std::ops::Range<i64>) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(values))]).unwrap()
+    }
+
+    // rows_from skips whole chunks, slices the one the offset falls in, and is empty at the end.
+    #[test]
+    fn rows_from_slices_across_chunks() {
+        let piece = BufferPiece {
+            table: TableName {
+                database: "db".into(),
+                measurement: "m".into(),
+            },
+            origin_node: 1,
+            shard: 0,
+            lsn_first: 1,
+            chunks: vec![chunk(0..3), chunk(3..7)],
+        };
+        assert_eq!(piece.num_rows(), 7);
+        for offset in 0..=7 {
+            let values: Vec<i64> = piece
+                .rows_from(offset)
+                .iter()
+                .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+                .collect();
+            assert_eq!(
+                values,
+                (offset as i64..7).collect::<Vec<_>>(),
+                "offset {offset}"
+            );
+        }
+    }
 }
