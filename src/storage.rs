@@ -256,6 +256,10 @@ fn order_by_ranks_then_time(batch: &RecordBatch, ranks: &[TagRanks]) -> Vec<u32>
             packed[row * words + word] |= u64::from(rank) << shift;
         }
     }
+    let key_bits: u32 = ranks.iter().map(|(_, bits)| bits).sum();
+    if words <= 1 && key_bits <= COUNTING_SORT_KEY_BITS_MAX {
+        return counting_order(&packed, key_bits, time);
+    }
     if words <= 1 {
         let mut keys: Vec<(u64, i64, u32)> = (0..rows)
             .map(|row| (packed.get(row).copied().unwrap_or(0), time[row], row as u32))
@@ -273,6 +277,48 @@ fn order_by_ranks_then_time(batch: &RecordBatch, ranks: &[TagRanks]) -> Vec<u32>
         });
         order
     }
+}
+
+/// Up to this many bits of packed tag ranks (a million series), rows are ordered by a
+/// counting sort on the key instead of a comparison sort.
+const COUNTING_SORT_KEY_BITS_MAX: u32 = 20;
+
+/// Row indices ordered by (key, time, row) where the key is the top `key_bits` of each row's
+/// single packed word. A stable counting sort groups rows by key in arrival order; rows
+/// usually arrive in time order, so a group is sorted by time only if it is not already.
+fn counting_order(packed: &[u64], key_bits: u32, time: &[i64]) -> Vec<u32> {
+    let rows = time.len();
+    let key = |row: usize| -> usize {
+        if key_bits == 0 {
+            0
+        } else {
+            (packed[row] >> (64 - key_bits)) as usize
+        }
+    };
+    let mut starts = vec![0u32; (1usize << key_bits) + 1];
+    for row in 0..rows {
+        starts[key(row) + 1] += 1;
+    }
+    for index in 1..starts.len() {
+        starts[index] += starts[index - 1];
+    }
+    let mut order = vec![0u32; rows];
+    let mut next = starts.clone();
+    for row in 0..rows {
+        let slot = &mut next[key(row)];
+        order[*slot as usize] = row as u32;
+        *slot += 1;
+    }
+    for group in starts.windows(2) {
+        let group = &mut order[group[0] as usize..group[1] as usize];
+        let in_order = group
+            .windows(2)
+            .all(|pair| time[pair[0] as usize] <= time[pair[1] as usize]);
+        if !in_order {
+            group.sort_unstable_by_key(|&row| (time[row as usize], row));
+        }
+    }
+    order
 }
 
 /// The general path: Arrow's lexicographic sort over the tag columns themselves.
