@@ -59,6 +59,7 @@ pub struct HttpConfig {
     pub addr: SocketAddr,
     pub connections_max_per_shard: usize,
     pub shutdown_grace_ms: u64,
+    pub header_read_timeout_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

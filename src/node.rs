@@ -227,6 +227,7 @@ async fn run_shard(
         shale_io::http::HttpServerConfig {
             connections_max: config.http.connections_max_per_shard,
             shutdown_grace_ms: config.http.shutdown_grace_ms,
+            header_read_timeout_ms: config.http.header_read_timeout_ms,
         },
         shutdown.clone(),
     ));

@@ -440,3 +440,47 @@ fn second_node_on_the_same_port_is_refused() {
     assert!(stderr.contains("address is in use"), "{stderr}");
     assert_eq!(node.must_get("/ready").status, 200);
 }
+
+// A client that starts a request head and stalls is disconnected once
+// http.header_read_timeout_ms passes, so stalled clients cannot hold connection slots; whole
+// requests on the same settings are still served.
+#[test]
+fn stalled_request_heads_are_disconnected() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            extra_env: vec![("SHALE_HTTP_HEADER_READ_TIMEOUT_MS".into(), "500".into())],
+            ..NodeOptions::default()
+        },
+    );
+    let mut stream = std::net::TcpStream::connect(node.addr).unwrap();
+    stream
+        .write_all(b"POST /write?db=stall HTTP/1.1\r\nHost: shale\r\n")
+        .unwrap();
+    // An upper bound only: the server must close well before it.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(error) => panic!("the stalled connection was not closed: {error}"),
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(400),
+        "closed after {elapsed:?}, before the timeout"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    node.must_write("stall", "m v=1 1\n");
+    assert_eq!(node.metric("shale_write_rows_total"), 1.0);
+}

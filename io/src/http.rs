@@ -29,6 +29,9 @@ pub struct HttpServerConfig {
     pub connections_max: usize,
     /// How long shutdown waits for in-flight requests before dropping connections.
     pub shutdown_grace_ms: u64,
+    /// A connection that has not sent a whole request head this long after it started one (or
+    /// after its previous response, when idle) is closed. 0 disables the limit.
+    pub header_read_timeout_ms: u64,
 }
 
 /// Binds `addr` with SO_REUSEPORT for this shard.
@@ -51,6 +54,7 @@ pub async fn serve<S, B>(
 {
     let open = Rc::new(Cell::new(0usize));
     let all_closed = crate::runtime::LocalNotify::new();
+    let header_read_timeout_ms = config.header_read_timeout_ms;
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shutdown.wait().await;
@@ -81,9 +85,14 @@ pub async fn serve<S, B>(
         let open = open.clone();
         let all_closed = all_closed.clone();
         glommio::spawn_local(async move {
-            let connection = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(GlommioIo(stream), service);
+            let mut builder = http1::Builder::new();
+            builder.keep_alive(true);
+            if header_read_timeout_ms > 0 {
+                builder
+                    .timer(ShardTimer)
+                    .header_read_timeout(Duration::from_millis(header_read_timeout_ms));
+            }
+            let connection = builder.serve_connection(GlommioIo(stream), service);
             let mut connection = std::pin::pin!(connection);
             let finished =
                 futures_lite::future::or(async { Some(connection.as_mut().await) }, async {
@@ -176,5 +185,68 @@ impl hyper::rt::Write for GlommioIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+/// hyper's timer for connections served on a shard. hyper asks for `Send + Sync` sleeps while
+/// glommio's timers belong to their thread, so a sleep is only an id and a deadline; its
+/// glommio timer lives in a thread-local table, is created when the sleep is first polled
+/// (a request head that arrives whole never arms one) and is dropped, which cancels it, with
+/// the sleep. hyper polls and drops a connection's sleeps on the shard that owns it.
+#[derive(Clone, Copy, Debug)]
+struct ShardTimer;
+
+impl hyper::rt::Timer for ShardTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(std::time::Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        let id = NEXT_SLEEP.with(|next| {
+            let id = next.get();
+            next.set(id + 1);
+            id
+        });
+        Box::pin(ShardSleep { id, deadline })
+    }
+}
+
+thread_local! {
+    static NEXT_SLEEP: Cell<u64> = const { Cell::new(0) };
+    static SLEEP_TIMERS: std::cell::RefCell<std::collections::HashMap<u64, glommio::timer::Timer>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+struct ShardSleep {
+    id: u64,
+    deadline: std::time::Instant,
+}
+
+impl std::future::Future for ShardSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let remaining = self
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        if remaining.is_zero() {
+            return Poll::Ready(());
+        }
+        SLEEP_TIMERS.with(|timers| {
+            let mut timers = timers.borrow_mut();
+            let timer = timers
+                .entry(self.id)
+                .or_insert_with(|| glommio::timer::Timer::new(remaining));
+            Pin::new(timer).poll(cx).map(|_| ())
+        })
+    }
+}
+
+impl hyper::rt::Sleep for ShardSleep {}
+
+impl Drop for ShardSleep {
+    fn drop(&mut self) {
+        // `try_with`: nothing to cancel if the thread is already tearing down its locals.
+        let _ = SLEEP_TIMERS.try_with(|timers| timers.borrow_mut().remove(&self.id));
     }
 }
