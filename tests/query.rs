@@ -549,36 +549,23 @@ fn files_with_different_columns_are_all_read() {
         let response = node.post("/write?db=wide&precision=us", &[], body.as_bytes());
         assert_eq!(response.status, 204, "{}", response.text());
     };
-    // Hour 0: fields a only. Hour 1: a and b. Hour 2: b before a, plus tag zone.
-    write(
-        &node,
-        (0..5)
-            .map(|i| format!("m,host=h a={i} {}\n", BASE_US + i))
-            .collect(),
-    );
-    node.stop();
-    node.restart();
-    write(
-        &node,
-        (0..5)
-            .map(|i| format!("m,host=h a={i},b={i}i {}\n", BASE_US + hour_us + i))
-            .collect(),
-    );
-    node.stop();
-    node.restart();
-    write(
-        &node,
-        (0..5)
-            .map(|i| {
-                format!(
-                    "m,zone=z,host=h b={i}i,a={i} {}\n",
-                    BASE_US + 2 * hour_us + i
-                )
-            })
-            .collect(),
-    );
-    node.stop();
-    node.restart();
+    // Hour 0: fields a only. Hour 1: a and b. Hour 2: b before a, plus tag zone. Each hour is
+    // flushed (a graceful restart flushes) before the next is written.
+    let lines: [fn(i64, i64) -> String; 3] = [
+        |i, t| format!("m,host=h a={i} {t}\n"),
+        |i, t| format!("m,host=h a={i},b={i}i {t}\n"),
+        |i, t| format!("m,zone=z,host=h b={i}i,a={i} {t}\n"),
+    ];
+    for (hour, line) in lines.iter().enumerate() {
+        write(
+            &node,
+            (0..5)
+                .map(|i| line(i, BASE_US + hour as i64 * hour_us + i))
+                .collect(),
+        );
+        node.stop();
+        node.restart();
+    }
     assert_eq!(node.manifest_paths("wide", "m").len(), 3);
     let answer = must_query(
         &node,
