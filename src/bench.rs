@@ -146,7 +146,7 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
                         start_ns,
                     ),
                     remaining: quota,
-                    body: Vec::with_capacity(options.batch_lines * 400),
+                    body: String::with_capacity(options.batch_lines * 400),
                 }
             })
             .collect()
@@ -286,7 +286,7 @@ enum Source {
     Live {
         generator: Generator,
         remaining: u64,
-        body: Vec<u8>,
+        body: String,
     },
 }
 
@@ -309,11 +309,9 @@ impl Source {
                     return None;
                 }
                 *remaining -= lines;
-                let mut text = String::from_utf8(std::mem::take(body)).unwrap_or_default();
-                text.clear();
-                generator.fill(&mut text, lines as usize);
-                *body = text.into_bytes();
-                Some((body, lines))
+                body.clear();
+                generator.fill(body, lines as usize);
+                Some((body.as_bytes(), lines))
             }
         }
     }

@@ -277,11 +277,6 @@ impl MeasurementBuffer {
         self.oldest_row_at
     }
 
-    /// The kind of a column if this buffer has it.
-    pub fn column_kind(&self, name: &str) -> Option<ColumnKind> {
-        self.by_name.get(name).map(|&i| self.columns[i].kind)
-    }
-
     /// Adds one row; returns whether it added a column. The caller has checked kinds with
     /// [`check_kind`] (a mismatch here is a programmer error). Rows must arrive in LSN order.
     pub fn append_row<'a>(

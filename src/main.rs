@@ -195,15 +195,7 @@ fn bench(mode: BenchMode) -> anyhow::Result<()> {
                 progress: !json,
             };
             let report = shale::bench::run_ingest(&options)?;
-            if let Some(path) = plot {
-                write_plot(&path, &report.svg())?;
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.to_text());
-            }
-            Ok(())
+            emit(&report, report.svg(), report.to_text(), json, plot)
         }
         BenchMode::Query {
             target,
@@ -234,17 +226,28 @@ fn bench(mode: BenchMode) -> anyhow::Result<()> {
                 progress: !json,
             };
             let report = shale::bench::query::run_query(&options)?;
-            if let Some(path) = plot {
-                write_plot(&path, &report.svg())?;
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.to_text());
-            }
-            Ok(())
+            emit(&report, report.svg(), report.to_text(), json, plot)
         }
     }
+}
+
+/// Writes the chart if asked for, then prints the report as JSON or as text.
+fn emit(
+    report: &impl serde::Serialize,
+    svg: String,
+    text: String,
+    json: bool,
+    plot: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    if let Some(path) = plot {
+        write_plot(&path, &svg)?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{text}");
+    }
+    Ok(())
 }
 
 fn parse_shape(shape: &str) -> anyhow::Result<shale::workload::Shape> {

@@ -262,7 +262,7 @@ fn order_by_ranks_then_time(batch: &RecordBatch, ranks: &[TagRanks]) -> Vec<u32>
     }
     if words <= 1 {
         let mut keys: Vec<(u64, i64, u32)> = (0..rows)
-            .map(|row| (packed.get(row).copied().unwrap_or(0), time[row], row as u32))
+            .map(|row| (packed[row], time[row], row as u32))
             .collect();
         keys.sort_unstable();
         keys.into_iter().map(|(_, _, row)| row).collect()

@@ -122,6 +122,24 @@ fn frame_offsets(data: &[u8]) -> Vec<(usize, usize)> {
     frames
 }
 
+/// Appends `lsns` to an open WAL, closes it, reopens it replaying from `replay_from`, and
+/// checks that it holds exactly `replay_from..=` the last appended LSN with no torn tail: the
+/// log goes on after whatever recovery did.
+async fn must_continue(
+    wal: Wal,
+    dir: &Path,
+    lsns: std::ops::RangeInclusive<u64>,
+    replay_from: u64,
+) {
+    let end = *lsns.end();
+    must_append(&wal, lsns).await;
+    wal.close().await.unwrap();
+    let (wal, report, replayed) = must_open(small_config(dir), replay_from).await;
+    assert_records(&replayed, replay_from..=end);
+    assert!(report.torn_tail.is_none());
+    wal.close().await.unwrap();
+}
+
 fn assert_records(replayed: &[WalRecord], lsns: std::ops::RangeInclusive<u64>) {
     let expected: Vec<WalRecord> = lsns.map(expected_record).collect();
     assert_eq!(replayed.len(), expected.len(), "number of replayed records");
@@ -298,12 +316,7 @@ fn torn_tail_mid_record_is_truncated() {
             last_offset as u64
         );
 
-        must_append(&wal, 5..=8).await;
-        wal.close().await.unwrap();
-        let (wal, report, replayed) = must_open(small_config(dir.path()), 1).await;
-        assert_records(&replayed, 1..=8);
-        assert!(report.torn_tail.is_none());
-        wal.close().await.unwrap();
+        must_continue(wal, dir.path(), 5..=8, 1).await;
     });
 }
 
@@ -333,12 +346,7 @@ fn garbage_after_last_record_is_truncated() {
             report.torn_tail.as_ref().map(|torn| torn.offset),
             Some(data_end as u64)
         );
-        must_append(&wal, 6..=9).await;
-        wal.close().await.unwrap();
-        let (wal, report, replayed) = must_open(small_config(dir.path()), 1).await;
-        assert_records(&replayed, 1..=9);
-        assert!(report.torn_tail.is_none());
-        wal.close().await.unwrap();
+        must_continue(wal, dir.path(), 6..=9, 1).await;
     });
 }
 
@@ -680,13 +688,7 @@ fn skip_ahead_after_torn_tail_reopens_cleanly() {
             (4, 100, 2)
         );
         assert!(report.torn_tail.is_some());
-        must_append(&wal, 100..=102).await;
-        wal.close().await.unwrap();
-
-        let (wal, report, replayed) = must_open(small_config(dir.path()), 100).await;
-        assert_records(&replayed, 100..=102);
-        assert!(report.torn_tail.is_none());
-        wal.close().await.unwrap();
+        must_continue(wal, dir.path(), 100..=102, 100).await;
     });
 }
 
