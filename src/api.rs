@@ -10,7 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -82,78 +82,64 @@ impl Api {
     }
 
     async fn route(&self, request: Request<Incoming>) -> (Endpoint, Response<Body>) {
-        let path = request.uri().path().to_string();
-        match (request.method(), path.as_str()) {
-            (
-                &Method::POST,
-                "/write"
-                | "/api/v2/write"
-                | "/api/v1/write/line-protocol"
-                | "/api/v1/write/msgpack",
-            ) => (Endpoint::Write, self.write(request).await),
-            (&Method::GET, "/health") => (
-                Endpoint::Other,
-                json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
-            ),
-            (&Method::GET, "/ready") => (Endpoint::Other, self.ready()),
-            (&Method::GET, "/metrics") => (Endpoint::Other, self.metrics()),
-            (&Method::GET, "/api/v1/cluster/files") => (Endpoint::Other, self.files(&request)),
-            (&Method::POST, "/api/v1/query") => {
-                (Endpoint::Query, self.query(request, Format::Json).await)
-            }
-            (&Method::POST, "/api/v1/query/arrow") => {
-                (Endpoint::Query, self.query(request, Format::Arrow).await)
-            }
-            (&Method::GET, "/api/v1/databases") => (Endpoint::Other, self.databases()),
-            (&Method::GET, p)
-                if p.starts_with("/api/v1/databases/") && p.ends_with("/measurements") =>
-            {
-                let database = &p["/api/v1/databases/".len()..p.len() - "/measurements".len()];
-                (
-                    Endpoint::Other,
-                    self.measurements(&percent_decode(database)),
-                )
-            }
-            (
-                _,
-                "/write"
-                | "/api/v2/write"
-                | "/api/v1/write/line-protocol"
-                | "/health"
-                | "/ready"
-                | "/metrics"
-                | "/api/v1/cluster/files",
-            ) => (
-                Endpoint::Other,
-                error(
+        let (route, parameter) = match find_route(request.method(), request.uri().path()) {
+            RouteMatch::Found { route, parameter } => (route, parameter),
+            RouteMatch::WrongMethod { allowed } => {
+                let allow = allowed
+                    .iter()
+                    .map(Method::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let mut response = error(
                     StatusCode::METHOD_NOT_ALLOWED,
-                    &format!("method {} is not allowed on {path}", request.method()),
-                ),
-            ),
-            _ => (
+                    &format!(
+                        "method {} is not allowed on {}; allowed: {allow}",
+                        request.method(),
+                        request.uri().path()
+                    ),
+                );
+                if let Ok(value) = header::HeaderValue::from_str(&allow) {
+                    response.headers_mut().insert(header::ALLOW, value);
+                }
+                return (Endpoint::Other, response);
+            }
+            RouteMatch::NotFound => {
+                let message = format!("no such endpoint: {}", request.uri().path());
+                return (Endpoint::Other, error(StatusCode::NOT_FOUND, &message));
+            }
+        };
+        match route.handler {
+            Handler::Write(flavor) => (Endpoint::Write, self.write(request, flavor).await),
+            Handler::Query(format) => (Endpoint::Query, self.query(request, format).await),
+            Handler::Health => (Endpoint::Other, self.health()),
+            Handler::Ready => (Endpoint::Other, self.ready()),
+            Handler::Metrics => (Endpoint::Other, self.metrics()),
+            Handler::Ping => (Endpoint::Other, ping(&request)),
+            Handler::Files => (Endpoint::Other, self.files(&request)),
+            Handler::Databases => (Endpoint::Other, self.databases()),
+            Handler::Measurements => (
                 Endpoint::Other,
-                error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+                self.measurements(parameter.as_deref().unwrap_or_default()),
             ),
         }
     }
 
-    async fn write(&self, request: Request<Incoming>) -> Response<Body> {
+    async fn write(&self, request: Request<Incoming>, flavor: WriteFlavor) -> Response<Body> {
         let query = query_pairs(request.uri().query());
-        let path = request.uri().path().to_string();
-        let database = match path.as_str() {
-            "/api/v2/write" => query.get("bucket").cloned(),
-            "/api/v1/write/line-protocol" | "/api/v1/write/msgpack" => {
+        let database = match flavor {
+            WriteFlavor::Influx1 => query.get("db").cloned(),
+            WriteFlavor::Influx2 => query.get("bucket").cloned(),
+            WriteFlavor::ArcLineProtocol | WriteFlavor::ArcMsgpack => {
                 header_value(&request, "x-arc-database").or_else(|| query.get("db").cloned())
             }
-            _ => query.get("db").cloned(),
         };
         let Some(database) = database.filter(|d| !d.is_empty()) else {
-            let what = match path.as_str() {
-                "/api/v2/write" => "the bucket query parameter",
-                "/api/v1/write/line-protocol" | "/api/v1/write/msgpack" => {
+            let what = match flavor {
+                WriteFlavor::Influx1 => "the db query parameter",
+                WriteFlavor::Influx2 => "the bucket query parameter",
+                WriteFlavor::ArcLineProtocol | WriteFlavor::ArcMsgpack => {
                     "the x-arc-database header"
                 }
-                _ => "the db query parameter",
             };
             return error(
                 StatusCode::BAD_REQUEST,
@@ -168,36 +154,13 @@ impl Api {
             },
         };
         let limits = &self.node.config.ingest;
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limits.body_bytes_max as u64) {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!(
-                    "request body is larger than body_bytes_max ({} bytes)",
-                    limits.body_bytes_max
-                ),
-            );
-        }
         let content_encoding = header_value(&request, "content-encoding");
-        let body = match Limited::new(request.into_body(), limits.body_bytes_max)
-            .collect()
+        let body = match self
+            .read_body(request, limits.body_bytes_max, "ingest.body_bytes_max")
             .await
         {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!(
-                        "request body is larger than body_bytes_max ({} bytes)",
-                        limits.body_bytes_max
-                    ),
-                )
-            }
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("read request body: {e}")),
+            Ok(body) => body,
+            Err(response) => return response,
         };
         let decoded = detect_encoding(content_encoding.as_deref(), &body)
             .and_then(|encoding| decompress(encoding, body, limits.decompressed_bytes_max));
@@ -211,7 +174,7 @@ impl Api {
             }
             Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
         };
-        let (precision, body) = if path == "/api/v1/write/msgpack" {
+        let (precision, body) = if flavor == WriteFlavor::ArcMsgpack {
             // Arc's MessagePack becomes canonical line protocol (microseconds), so the WAL,
             // replay and buffers have one format to handle.
             let now_us = std::time::SystemTime::now()
@@ -265,17 +228,12 @@ impl Api {
         }
         let default_database = header_value(&request, "x-arc-database").filter(|d| !d.is_empty());
         let limit = self.node.config.query.request_bytes_max;
-        let body = match Limited::new(request.into_body(), limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!(
-                        "query request is larger than query.request_bytes_max ({limit} bytes)"
-                    ),
-                )
-            }
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("read request body: {e}")),
+        let body = match self
+            .read_body(request, limit, "query.request_bytes_max")
+            .await
+        {
+            Ok(body) => body,
+            Err(response) => return response,
         };
         #[derive(serde::Deserialize)]
         struct QueryBody {
@@ -322,6 +280,70 @@ impl Api {
             .expect("static response")
     }
 
+    /// Reads a whole request body of at most `limit` bytes (`limit_name` is the setting named
+    /// in the 413) within `http.body_read_timeout_ms`. A body that arrives too slowly answers
+    /// 408 and closes the connection, so trickling clients hold no slot or buffer for long.
+    async fn read_body(
+        &self,
+        request: Request<Incoming>,
+        limit: usize,
+        limit_name: &str,
+    ) -> Result<Bytes, Response<Body>> {
+        let too_large = || {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body is larger than {limit_name} ({limit} bytes)"),
+            )
+        };
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(close_connection(too_large()));
+        }
+        let collect = Limited::new(request.into_body(), limit).collect();
+        let timeout_ms = self.node.config.http.body_read_timeout_ms;
+        let collected = if timeout_ms == 0 {
+            Some(collect.await)
+        } else {
+            futures_lite::future::or(async { Some(collect.await) }, async {
+                glommio::timer::sleep(Duration::from_millis(timeout_ms)).await;
+                None
+            })
+            .await
+        };
+        match collected {
+            Some(Ok(collected)) => Ok(collected.to_bytes()),
+            Some(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(close_connection(too_large()))
+            }
+            Some(Err(e)) => Err(error(
+                StatusCode::BAD_REQUEST,
+                &format!("read request body: {e}"),
+            )),
+            None => {
+                self.shard.metrics.body_read_timeouts.increment();
+                Err(close_connection(error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &format!(
+                        "request body did not arrive within http.body_read_timeout_ms ({timeout_ms} ms)"
+                    ),
+                )))
+            }
+        }
+    }
+
+    /// Liveness: 200 while every shard's heartbeat is recent and the manifest service runs;
+    /// otherwise 503 naming what is stuck.
+    fn health(&self) -> Response<Body> {
+        match self.node.health() {
+            Ok(()) => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+            Err(problem) => error(StatusCode::SERVICE_UNAVAILABLE, &problem),
+        }
+    }
+
     /// Databases are what the manifest knows: tables with files or declared columns.
     fn databases(&self) -> Response<Body> {
         let version = self.node.manifest.current();
@@ -353,6 +375,9 @@ impl Api {
     }
 
     fn ready(&self) -> Response<Body> {
+        if let Err(problem) = self.node.health() {
+            return error(StatusCode::SERVICE_UNAVAILABLE, &problem);
+        }
         if self.node.is_ready() {
             json(StatusCode::OK, r#"{"status":"ready"}"#.into())
         } else {
@@ -464,14 +489,40 @@ impl hyper::service::Service<Request<Incoming>> for Api {
         let api = self.clone();
         Box::pin(async move {
             let started = Instant::now();
-            let (endpoint, response) = api.route(request).await;
+            if crate::failpoint::armed("request-header") {
+                inject_request_fault(&request);
+            }
+            let (endpoint, mut response) = api.route(request).await;
             api.shard.metrics.record_request(
                 endpoint,
                 response.status().as_u16(),
                 started.elapsed(),
             );
+            // Which shard answered: operators and tests can see connections spread over
+            // shards (and tests can pin a connection to each shard).
+            response.headers_mut().insert(
+                "x-shale-shard",
+                header::HeaderValue::from(api.shard.shard_id),
+            );
             Ok(response)
         })
+    }
+}
+
+/// The `request-header` failpoint (tests only): `x-shale-failpoint: panic` panics this shard,
+/// `stall-ms=N` blocks its thread for N ms, as a bug or a blocking call would.
+fn inject_request_fault(request: &Request<Incoming>) {
+    let Some(fault) = header_value(request, "x-shale-failpoint") else {
+        return;
+    };
+    if fault == "panic" {
+        panic!("failpoint: request panic");
+    }
+    if let Some(ms) = fault
+        .strip_prefix("stall-ms=")
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
     }
 }
 
@@ -542,38 +593,207 @@ fn header_value(request: &Request<Incoming>, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Decodes `a=b&c=d` with percent-decoding; later duplicates win.
+/// Decodes `a=b&c=d` (`application/x-www-form-urlencoded`, as URLs carry it); later duplicates
+/// win. Malformed escapes stay as they are, invalid UTF-8 becomes U+FFFD: never an error.
 fn query_pairs(query: Option<&str>) -> HashMap<String, String> {
-    let mut pairs = HashMap::new();
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        pairs.insert(percent_decode(key), percent_decode(value));
-    }
-    pairs
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .collect()
 }
 
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
+/// What a route does; `Api::route` dispatches on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handler {
+    Write(WriteFlavor),
+    Query(Format),
+    Health,
+    Ready,
+    Metrics,
+    Ping,
+    Files,
+    Databases,
+    Measurements,
+}
+
+/// The write endpoints differ in where the database name comes from and in body format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WriteFlavor {
+    Influx1,
+    Influx2,
+    ArcLineProtocol,
+    ArcMsgpack,
+}
+
+/// One endpoint: a path pattern (a `{}` segment matches one non-empty path segment, handed to
+/// the handler percent-decoded), the methods it answers, and its handler.
+struct Route {
+    pattern: &'static str,
+    methods: &'static [Method],
+    handler: Handler,
+}
+
+/// Every endpoint of the node, in one place: matching, 405s and the `Allow` header all come
+/// from this table.
+static ROUTES: [Route; 13] = [
+    Route {
+        pattern: "/write",
+        methods: &[Method::POST],
+        handler: Handler::Write(WriteFlavor::Influx1),
+    },
+    Route {
+        pattern: "/api/v2/write",
+        methods: &[Method::POST],
+        handler: Handler::Write(WriteFlavor::Influx2),
+    },
+    Route {
+        pattern: "/api/v1/write/line-protocol",
+        methods: &[Method::POST],
+        handler: Handler::Write(WriteFlavor::ArcLineProtocol),
+    },
+    Route {
+        pattern: "/api/v1/write/msgpack",
+        methods: &[Method::POST],
+        handler: Handler::Write(WriteFlavor::ArcMsgpack),
+    },
+    Route {
+        pattern: "/api/v1/query",
+        methods: &[Method::POST],
+        handler: Handler::Query(Format::Json),
+    },
+    Route {
+        pattern: "/api/v1/query/arrow",
+        methods: &[Method::POST],
+        handler: Handler::Query(Format::Arrow),
+    },
+    Route {
+        pattern: "/health",
+        methods: &[Method::GET],
+        handler: Handler::Health,
+    },
+    Route {
+        pattern: "/ready",
+        methods: &[Method::GET],
+        handler: Handler::Ready,
+    },
+    Route {
+        pattern: "/metrics",
+        methods: &[Method::GET],
+        handler: Handler::Metrics,
+    },
+    Route {
+        pattern: "/ping",
+        methods: &[Method::GET, Method::HEAD],
+        handler: Handler::Ping,
+    },
+    Route {
+        pattern: "/api/v1/cluster/files",
+        methods: &[Method::GET],
+        handler: Handler::Files,
+    },
+    Route {
+        pattern: "/api/v1/databases",
+        methods: &[Method::GET],
+        handler: Handler::Databases,
+    },
+    Route {
+        pattern: "/api/v1/databases/{}/measurements",
+        methods: &[Method::GET],
+        handler: Handler::Measurements,
+    },
+];
+
+#[derive(Debug)]
+enum RouteMatch {
+    Found {
+        route: &'static Route,
+        /// The `{}` segment, percent-decoded, when the pattern has one.
+        parameter: Option<String>,
+    },
+    WrongMethod {
+        allowed: Vec<Method>,
+    },
+    NotFound,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.pattern)
     }
-    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Finds the route for a request. Pure and total: any method and path give an answer.
+fn find_route(method: &Method, path: &str) -> RouteMatch {
+    let mut allowed = Vec::new();
+    for route in &ROUTES {
+        let Some(parameter) = match_pattern(route.pattern, path) else {
+            continue;
+        };
+        if route.methods.contains(method) {
+            return RouteMatch::Found { route, parameter };
+        }
+        allowed.extend(route.methods.iter().cloned());
+    }
+    if allowed.is_empty() {
+        RouteMatch::NotFound
+    } else {
+        RouteMatch::WrongMethod { allowed }
+    }
+}
+
+/// `Some(parameter)` when `path` matches `pattern` segment by segment.
+fn match_pattern(pattern: &str, path: &str) -> Option<Option<String>> {
+    let mut parameter = None;
+    let mut segments = path.split('/');
+    for expected in pattern.split('/') {
+        let segment = segments.next()?;
+        if expected == "{}" {
+            let decoded = percent_encoding::percent_decode_str(segment)
+                .decode_utf8_lossy()
+                .into_owned();
+            if decoded.is_empty() {
+                return None;
+            }
+            parameter = Some(decoded);
+        } else if expected != segment {
+            return None;
+        }
+    }
+    match segments.next() {
+        None => Some(parameter),
+        Some(_) => None,
+    }
+}
+
+/// `GET|HEAD /ping`: the health check InfluxDB clients and Telegraf send before writing.
+fn ping(request: &Request<Incoming>) -> Response<Body> {
+    let verbose = query_pairs(request.uri().query())
+        .get("verbose")
+        .is_some_and(|v| v == "true");
+    let (status, body) = if verbose && request.method() == Method::GET {
+        let version = format!(r#"{{"version":"{INFLUXDB_COMPATIBLE_VERSION}"}}"#);
+        (StatusCode::OK, Bytes::from(version))
+    } else {
+        (StatusCode::NO_CONTENT, Bytes::new())
+    };
+    Response::builder()
+        .status(status)
+        .header("X-Influxdb-Version", INFLUXDB_COMPATIBLE_VERSION)
+        .header("X-Influxdb-Build", "OSS")
+        .header("X-Shale-Version", env!("CARGO_PKG_VERSION"))
+        .body(Body::new(body))
+        .expect("static response")
+}
+
+/// The InfluxDB 1.x version whose write API shale answers like; clients read it from `/ping`.
+const INFLUXDB_COMPATIBLE_VERSION: &str = "1.8.10";
+
+/// Asks hyper to close the connection after this response (the request body was not read).
+fn close_connection(mut response: Response<Body>) -> Response<Body> {
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 fn json(status: StatusCode, body: String) -> Response<Body> {
@@ -594,15 +814,91 @@ pub fn error(status: StatusCode, message: &str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
-    // Checks query-string decoding, including percent escapes and a malformed escape.
+    // Checks query-string decoding, including percent escapes and malformed escapes, which
+    // stay as sent rather than failing the request.
     #[test]
     fn query_strings_decode() {
-        let pairs = query_pairs(Some("db=my%2Ddb&precision=ms&x=a+b&bad=%zz&t=%4"));
+        let pairs = query_pairs(Some("db=my%2Ddb&precision=ms&x=a+b&bad=%zz&t=%4&u=%ff"));
         assert_eq!(pairs["db"], "my-db");
         assert_eq!(pairs["precision"], "ms");
         assert_eq!(pairs["x"], "a b");
         assert_eq!(pairs["bad"], "%zz");
         assert_eq!(pairs["t"], "%4");
+        assert_eq!(pairs["u"], "\u{fffd}");
+    }
+
+    // Checks the route table: every route is found by its own method, other methods get a 405
+    // with the route's methods, and the paths that used to panic (a database segment
+    // overlapping the prefix and suffix) are plain 404s.
+    #[test]
+    fn routes_match_methods_and_paths() {
+        for route in &ROUTES {
+            let path = route.pattern.replace("{}", "db%201");
+            match find_route(&route.methods[0], &path) {
+                RouteMatch::Found {
+                    route: found,
+                    parameter,
+                } => {
+                    assert_eq!(found.pattern, route.pattern);
+                    assert_eq!(parameter.is_some(), route.pattern.contains("{}"));
+                }
+                other => panic!("{path}: {other:?}"),
+            }
+            match find_route(&Method::DELETE, &path) {
+                RouteMatch::WrongMethod { allowed } => assert_eq!(allowed, route.methods),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        match find_route(&Method::GET, "/api/v1/databases/db%201/measurements") {
+            RouteMatch::Found { parameter, .. } => assert_eq!(parameter.as_deref(), Some("db 1")),
+            other => panic!("{other:?}"),
+        }
+        for path in [
+            "/api/v1/databases/measurements",
+            "/api/v1/databases//measurements",
+            "/api/v1/databases/a/b/measurements",
+            "/write/",
+            "",
+            "//",
+            "/nope",
+        ] {
+            assert!(
+                matches!(find_route(&Method::GET, path), RouteMatch::NotFound),
+                "{path}"
+            );
+        }
+        assert!(matches!(
+            find_route(&Method::HEAD, "/ping"),
+            RouteMatch::Found { .. }
+        ));
+    }
+
+    proptest! {
+        // Drives routing and query-string decoding with arbitrary paths, methods and query
+        // strings: both are total (no panic), and a match really fits its pattern.
+        #[test]
+        fn routing_and_decoding_never_panic(
+            path in "(/[a-z0-9%/.{}]{0,12}){0,6}",
+            raw in proptest::collection::vec(any::<u8>(), 0..64),
+            method in "[A-Z]{1,8}",
+            query in ".{0,40}",
+        ) {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let raw_path = String::from_utf8_lossy(&raw).into_owned();
+            for candidate in [path.as_str(), raw_path.as_str()] {
+                if let RouteMatch::Found { route, parameter } = find_route(&method, candidate) {
+                    prop_assert!(route.methods.contains(&method));
+                    prop_assert_eq!(
+                        candidate.split('/').count(),
+                        route.pattern.split('/').count()
+                    );
+                    prop_assert_eq!(parameter.is_some(), route.pattern.contains("{}"));
+                }
+            }
+            let _ = query_pairs(Some(&query));
+            let _ = query_pairs(Some(&raw_path));
+        }
     }
 }

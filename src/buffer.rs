@@ -167,6 +167,8 @@ struct Column {
     builder: Builder,
     /// Rows this column holds a value or null for; behind `rows` while a row is being added.
     filled: usize,
+    /// Distinct values in a tag column's dictionary builder (for the bytes estimate).
+    dictionary_values: usize,
 }
 
 /// Rows of one (database, measurement), columnar.
@@ -191,6 +193,10 @@ pub struct MeasurementBuffer {
     time_min_us: i64,
     time_max_us: i64,
     oldest_row_at: Option<Instant>,
+    /// UTC hours (since the epoch) the rows fall in: a flush writes one file per hour.
+    hours: std::collections::HashSet<i64>,
+    /// The hour of the last row, so rows of one hour in a row skip the set.
+    last_hour: Option<i64>,
 }
 
 /// Why a value cannot go into a buffer.
@@ -208,6 +214,9 @@ pub enum SchemaConflict {
 /// immutable chunk. Queries share the chunks (no copy) and copy only the rows still in the
 /// builders, so a query costs the shard at most this many rows' copy, not the whole buffer.
 pub const CHUNK_ROWS: usize = 65_536;
+
+/// Microseconds in an hour: files hold the rows of one UTC hour.
+pub const MICROS_PER_HOUR: i64 = 3_600_000_000;
 
 /// A buffer's rows handed to a flush: the arrays plus what the manifest needs to know.
 pub struct FrozenBuffer {
@@ -258,6 +267,8 @@ impl MeasurementBuffer {
             time_min_us: i64::MAX,
             time_max_us: i64::MIN,
             oldest_row_at: None,
+            hours: Default::default(),
+            last_hour: None,
         }
     }
 
@@ -267,6 +278,16 @@ impl MeasurementBuffer {
 
     pub fn bytes_estimate(&self) -> usize {
         self.bytes_estimate
+    }
+
+    /// Distinct UTC hours the buffered rows fall in (the files a flush would write).
+    pub fn hours(&self) -> usize {
+        self.hours.len()
+    }
+
+    /// Whether a buffered row falls in `hour` (hours since the epoch, UTC).
+    pub fn has_hour(&self, hour: i64) -> bool {
+        self.hours.contains(&hour)
     }
 
     pub fn lsn_first(&self) -> Option<u64> {
@@ -300,12 +321,18 @@ impl MeasurementBuffer {
                 continue;
             }
             if let Builder::Tag(b) = &mut column.builder {
-                b.append_value(value);
+                // Builders are finished every CHUNK_ROWS rows, so keys stay far below i32::MAX.
+                let key = b.append(value).expect("dictionary key fits i32") as usize;
+                // A dictionary stores each distinct value once: count its bytes when it is new.
+                if key >= column.dictionary_values {
+                    column.dictionary_values = key + 1;
+                    bytes += value.len();
+                }
             } else {
                 unreachable!("tag column {key} has builder of another kind");
             }
             column.filled = row + 1;
-            bytes += 4 + value.len() / 8;
+            bytes += 4;
         }
         for (key, value) in fields {
             let column = self.column_mut(position, key, value.kind(), row);
@@ -334,6 +361,11 @@ impl MeasurementBuffer {
             }
         }
         self.time.append_value(time_us);
+        let hour = time_us.div_euclid(MICROS_PER_HOUR);
+        if self.last_hour != Some(hour) {
+            self.hours.insert(hour);
+            self.last_hour = Some(hour);
+        }
         self.time_min_us = self.time_min_us.min(time_us);
         self.time_max_us = self.time_max_us.max(time_us);
         if self.rows == 0 {
@@ -419,6 +451,7 @@ impl MeasurementBuffer {
                     kind,
                     builder: Builder::new(kind, row),
                     filled: row,
+                    dictionary_values: 0,
                 });
                 self.by_name
                     .insert(name.to_string(), self.columns.len() - 1);
@@ -462,6 +495,8 @@ impl MeasurementBuffer {
         self.time_min_us = i64::MAX;
         self.time_max_us = i64::MIN;
         self.oldest_row_at = None;
+        self.hours.clear();
+        self.last_hour = None;
         Some(frozen)
     }
 
@@ -500,6 +535,7 @@ impl MeasurementBuffer {
             arrays.push(column.builder.finish(take));
             if take {
                 column.filled = 0;
+                column.dictionary_values = 0;
             }
             if column.kind == ColumnKind::Tag {
                 tag_columns.push(column.name.clone());
@@ -676,5 +712,55 @@ mod tests {
             "column \"usage\" is float in stored data, not integer"
         );
         assert!(check_kind("usage", None, ColumnKind::Integer).is_ok());
+    }
+
+    // Checks that tag bytes count in full against the memory limits: each distinct value once
+    // per chunk (a dictionary stores it once), 4 bytes per row for the key. Before, a tag
+    // counted an eighth of its length per row, so unique 1 KiB tags used 8x their estimate.
+    #[test]
+    fn tag_bytes_count_once_per_distinct_value() {
+        let mut buffer = MeasurementBuffer::default();
+        let long: Vec<String> = (0..100).map(|i| format!("{i:0>1024}")).collect();
+        for (row, value) in long.iter().enumerate() {
+            buffer.append_row(
+                1,
+                row as i64,
+                [("t", value.as_str())],
+                [("v", Value::Float(1.0))],
+            );
+        }
+        let unique = buffer.bytes_estimate();
+        assert!(
+            unique >= 100 * 1024,
+            "estimate {unique} for 100 KiB of distinct tags"
+        );
+        let mut repeated = MeasurementBuffer::default();
+        for row in 0..100 {
+            repeated.append_row(
+                1,
+                row,
+                [("t", long[0].as_str())],
+                [("v", Value::Float(1.0))],
+            );
+        }
+        let repeated = repeated.bytes_estimate();
+        assert!(
+            repeated < 1024 + 100 * 32,
+            "estimate {repeated} for one repeated tag"
+        );
+    }
+
+    // Checks the hour bookkeeping the write path uses to bound a flush's file count.
+    #[test]
+    fn buffers_count_distinct_hours() {
+        let mut buffer = MeasurementBuffer::default();
+        for (row, hour) in [0i64, 0, 5, 0, -1, 5].into_iter().enumerate() {
+            let time_us = hour * MICROS_PER_HOUR + row as i64;
+            buffer.append_row(1, time_us, [("t", "a")], [("v", Value::Float(1.0))]);
+        }
+        assert_eq!(buffer.hours(), 3);
+        assert!(buffer.has_hour(-1) && buffer.has_hour(5) && !buffer.has_hour(1));
+        buffer.freeze();
+        assert_eq!(buffer.hours(), 0);
     }
 }

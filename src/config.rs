@@ -60,6 +60,7 @@ pub struct HttpConfig {
     pub connections_max_per_shard: usize,
     pub shutdown_grace_ms: u64,
     pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -76,6 +77,7 @@ pub struct RuntimeConfig {
     pub placement: Placement,
     pub io_memory_bytes: usize,
     pub ring_depth: usize,
+    pub shard_stall_ms_max: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -84,6 +86,7 @@ pub struct IngestConfig {
     pub body_bytes_max: usize,
     pub decompressed_bytes_max: usize,
     pub line_bytes_max: usize,
+    pub columns_per_table_max: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -104,6 +107,7 @@ pub struct BufferConfig {
     pub flush_age_ms_max: u64,
     pub shard_bytes_max: usize,
     pub flush_check_interval_ms: u64,
+    pub flush_hours_max: usize,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -198,6 +202,17 @@ impl Config {
                 self.wal.queue_bytes_max,
                 self.wal.record_bytes_max
             );
+        }
+        let items_max = shale_replication::manifest::COMMAND_ITEMS_MAX;
+        if self.buffer.flush_hours_max == 0 || self.buffer.flush_hours_max > items_max {
+            bail!(
+                "buffer.flush_hours_max ({}) must be between 1 and {items_max}: one flush \
+                 registers one file per hour in one manifest command",
+                self.buffer.flush_hours_max
+            );
+        }
+        if self.ingest.columns_per_table_max == 0 || self.ingest.columns_per_table_max > items_max {
+            bail!("ingest.columns_per_table_max must be between 1 and {items_max}");
         }
         if self.buffer.flush_rows_max == 0 || self.parquet.row_group_rows_max == 0 {
             bail!("buffer.flush_rows_max and parquet.row_group_rows_max must be greater than 0");

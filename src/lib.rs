@@ -8,6 +8,7 @@ pub mod api;
 pub mod bench;
 pub mod buffer;
 pub mod config;
+pub mod failpoint;
 pub mod http_client;
 pub mod ingest;
 pub mod line_protocol;

@@ -118,6 +118,11 @@ pub struct ShardMetrics {
     pub manifest_commits: Counter,
     pub manifest_commit_errors: Counter,
     pub manifest_commit_latency: Histogram,
+    pub registrations_rejected: Counter,
+    pub body_read_timeouts: Counter,
+    /// When the shard's executor last ran its heartbeat task, in ms since the node started;
+    /// a value that stops advancing means the shard is stuck.
+    pub heartbeat_ms: Counter,
 }
 
 impl ShardMetrics {
@@ -155,7 +160,7 @@ impl NodeMetrics {
         let mut out = String::with_capacity(16 * 1024);
         type Pick = fn(&ShardMetrics) -> &Counter;
         #[rustfmt::skip]
-        let counters: [(&str, &str, Pick); 21] = [
+        let counters: [(&str, &str, Pick); 23] = [
             ("shale_write_rows_total", "Rows acknowledged to writers.", |m| &m.write_rows),
             ("shale_write_bytes_total", "Line-protocol bytes acknowledged (after decompression).", |m| &m.write_bytes),
             ("shale_write_rejected_overload_total", "Writes answered 503 because a buffer or queue was full.", |m| &m.write_rejected_overload),
@@ -177,6 +182,8 @@ impl NodeMetrics {
             ("shale_file_bytes_written_total", "Bytes of Parquet published.", |m| &m.file_bytes_written),
             ("shale_manifest_commits_total", "Files whose registration this shard committed to the manifest.", |m| &m.manifest_commits),
             ("shale_manifest_commit_errors_total", "Registration attempts that failed and were retried.", |m| &m.manifest_commit_errors),
+            ("shale_registrations_rejected_total", "Flushes whose registration the manifest refused for good (rows stay in the WAL).", |m| &m.registrations_rejected),
+            ("shale_http_body_read_timeouts_total", "Requests whose body did not arrive within http.body_read_timeout_ms.", |m| &m.body_read_timeouts),
         ];
         for (name, help, pick) in counters {
             let kind = if name.ends_with("_total") {

@@ -2,10 +2,17 @@
 //! handling, and the order in which they come up and go down.
 //!
 //! Threads: the caller's thread waits for a stop event; `shale-control` hosts openraft;
-//! `shale-shard-<i>` run glommio executors; `shale-signals` turns SIGINT/SIGTERM into an event.
+//! `shale-shard-<i>` run glommio executors; `shale-signals` turns SIGINT/SIGTERM into an event;
+//! `shale-monitor` watches shard heartbeats and the manifest service.
+//!
+//! Fail-stop: a panic on any thread ends the process at once (exit code 101) after logging
+//! it, and an unrecoverable error (a WAL write or sync failure, Raft stopping by itself) stops
+//! the node with a non-zero exit. A half-alive node (a dead shard behind a live port) is worse
+//! than a restart, which runs recovery.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use shale_io::runtime::{self, LocalSignal, RuntimeConfig, ShardPlacement};
@@ -27,12 +34,48 @@ pub struct NodeShared {
     shard_count: usize,
     ready_shards: AtomicUsize,
     stopping: AtomicBool,
+    started: Instant,
+    fatal: FatalReporter,
 }
 
 impl NodeShared {
-    /// Ready once every shard has finished WAL recovery.
+    /// Ready once every shard has finished WAL recovery, while the node is healthy.
     pub fn is_ready(&self) -> bool {
-        self.ready_shards() == self.shard_count && !self.stopping.load(Ordering::Relaxed)
+        self.ready_shards() == self.shard_count
+            && !self.stopping.load(Ordering::Relaxed)
+            && self.health().is_ok()
+    }
+
+    /// `Err` names what is wrong: a shard whose executor has not run its heartbeat for
+    /// `runtime.shard_stall_ms_max`, or a manifest service that stopped by itself.
+    pub fn health(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        let now_ms = self.elapsed_ms();
+        let stall_ms_max = self.config.runtime.shard_stall_ms_max;
+        for (shard, metrics) in self.metrics.shards.iter().enumerate() {
+            let silent_ms = now_ms.saturating_sub(metrics.heartbeat_ms.get());
+            if silent_ms > stall_ms_max {
+                problems.push(format!("shard {shard} has not run for {silent_ms} ms"));
+            }
+        }
+        if let Some(failure) = self.manifest.failure() {
+            problems.push(format!("manifest service failed: {failure}"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// Milliseconds since the node started (the clock of shard heartbeats).
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Stops the node with an error: for failures a restart must recover from.
+    pub fn fatal(&self) -> FatalReporter {
+        self.fatal.clone()
     }
 
     pub fn ready_shards(&self) -> usize {
@@ -43,12 +86,60 @@ impl NodeShared {
 /// Why the node stops.
 enum StopEvent {
     Signal(i32),
-    Fatal { shard: usize, message: String },
+    Fatal { source: String, message: String },
+}
+
+/// Hands an unrecoverable error to the node's main thread, which stops the node and exits
+/// non-zero. Any thread may hold one.
+#[derive(Clone)]
+pub struct FatalReporter(flume::Sender<StopEvent>);
+
+impl FatalReporter {
+    pub fn report(&self, source: impl Into<String>, message: impl Into<String>) {
+        let _ = self.0.try_send(StopEvent::Fatal {
+            source: source.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Exit code of a process ended by a panic (as Rust's own runtime uses).
+const PANIC_EXIT_CODE: i32 = 101;
+
+/// Makes every panic, on any thread, end the process after it is logged. Without this a
+/// panicking shard would leave its executor dead while the process and the other shards
+/// keep the port open: `/ready` would hang and requests would fail forever.
+fn install_fail_stop_panic_hook() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            let thread = std::thread::current();
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            tracing::error!(
+                thread = thread.name().unwrap_or("unnamed"),
+                location = %info.location().map(|l| l.to_string()).unwrap_or_default(),
+                panic = message,
+                "panic; stopping the process so a restart recovers the node"
+            );
+            // `_exit`, not `exit`: other threads (DuckDB's among them) keep running, and
+            // running static destructors under them could hang or crash instead of exiting.
+            // SAFETY: `_exit` only ends the process; nothing is touched afterwards.
+            unsafe { libc::_exit(PANIC_EXIT_CODE) };
+        }));
+    });
 }
 
 /// Runs a node until SIGINT/SIGTERM or a fatal shard error. Returns an error for the latter,
 /// so the process exits non-zero with the reason.
 pub fn run(mut config: Config) -> anyhow::Result<()> {
+    install_fail_stop_panic_hook();
     let memlock = runtime::raise_memlock_limit();
     tracing::debug!(memlock_bytes = memlock, "memlock limit");
     std::fs::create_dir_all(system_dir(&config.node.data_dir))
@@ -96,6 +187,14 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     .context("start the manifest (Raft) service")?;
 
     let shard_count = config.shard_count();
+    let retired = retired_shards(data_dir, shard_count)?;
+    if !retired.is_empty() {
+        tracing::info!(
+            shards = shard_count,
+            retired = ?retired,
+            "data from a larger shard count: its WALs and journals are recovered and flushed"
+        );
+    }
     let (snapshot_senders, snapshot_receivers): (Vec<_>, Vec<_>) = (0..shard_count)
         .map(|_| flume::bounded::<SnapshotRequest>(64))
         .unzip();
@@ -110,7 +209,10 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         shard_count,
         ready_shards: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
+        started: Instant::now(),
+        fatal: FatalReporter(events.clone()),
     });
+    spawn_monitor_thread(shared.clone())?;
     let mut shutdown_senders = Vec::with_capacity(shard_count);
     let mut shutdown_receivers = Vec::with_capacity(shard_count);
     for _ in 0..shard_count {
@@ -136,10 +238,15 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     ));
     let handles = {
         let shared = shared.clone();
-        let events = events.clone();
         runtime::spawn_shards(&runtime_config, move |shard| {
             let (shutdown, snapshots) = receivers.lock().expect("not poisoned")[shard].clone();
-            run_shard(shared.clone(), shard, shutdown, snapshots, events.clone())
+            // Retired shard j is recovered by shard j mod n.
+            let adopted: Vec<u32> = retired
+                .iter()
+                .copied()
+                .filter(|&j| j as usize % shard_count == shard)
+                .collect();
+            run_shard(shared.clone(), shard, adopted, shutdown, snapshots)
         })
         .context("start shards")?
     };
@@ -157,9 +264,9 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             tracing::info!(signal, "stop requested; flushing and shutting down");
             Ok(())
         }
-        Ok(StopEvent::Fatal { shard, message }) => {
-            tracing::error!(shard_id = shard, error = %message, "fatal shard error; shutting down");
-            Err(anyhow::anyhow!("shard {shard}: {message}"))
+        Ok(StopEvent::Fatal { source, message }) => {
+            tracing::error!(source, error = %message, "fatal error; shutting down");
+            Err(anyhow::anyhow!("{source}: {message}"))
         }
         Err(_) => Err(anyhow::anyhow!("every shard stopped unexpectedly")),
     };
@@ -177,14 +284,15 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     outcome
 }
 
-/// One shard's life: serve HTTP at once (so `/ready` can answer 503 during recovery), recover,
-/// flush in the background, and on shutdown stop HTTP, flush everything and close the WAL.
+/// One shard's life: serve HTTP at once (so `/ready` can answer 503 during recovery), recover
+/// (its own WAL, then those of retired shards it adopted), flush in the background, and on
+/// shutdown stop HTTP, flush everything and close the WAL.
 async fn run_shard(
     shared: Arc<NodeShared>,
     shard_index: usize,
+    adopted: Vec<u32>,
     shutdown_requests: flume::Receiver<()>,
     snapshot_requests: flume::Receiver<SnapshotRequest>,
-    events: flume::Sender<StopEvent>,
 ) {
     let shutdown = LocalSignal::new();
     glommio::spawn_local({
@@ -196,11 +304,28 @@ async fn run_shard(
     })
     .detach();
     let config = shared.config.clone();
+    let metrics = shared.metrics.shards[shard_index].clone();
+    // The heartbeat proves this executor still runs tasks; `/health` watches its age.
+    glommio::spawn_local({
+        let shared = shared.clone();
+        let metrics = metrics.clone();
+        let interval = Duration::from_millis((config.runtime.shard_stall_ms_max / 5).max(10));
+        async move {
+            loop {
+                metrics.heartbeat_ms.set(shared.elapsed_ms());
+                glommio::timer::sleep(interval).await;
+            }
+        }
+    })
+    .detach();
+    let fatal = shared.fatal();
+    let source = format!("shard {shard_index}");
     let shard = Shard::new(
         shard_index as u32,
         config.clone(),
-        shared.metrics.shards[shard_index].clone(),
+        metrics.clone(),
         shared.manifest.clone(),
+        fatal.clone(),
     );
     glommio::spawn_local({
         let shard = shard.clone();
@@ -214,10 +339,7 @@ async fn run_shard(
     let listener = match shale_io::http::bind(config.http.addr) {
         Ok(listener) => listener,
         Err(error) => {
-            let _ = events.try_send(StopEvent::Fatal {
-                shard: shard_index,
-                message: format!("bind {}: {error}", config.http.addr),
-            });
+            fatal.report(source, format!("bind {}: {error}", config.http.addr));
             return;
         }
     };
@@ -235,12 +357,26 @@ async fn run_shard(
     // glommio decides per thread, on the first read-write direct-I/O file it opens, whether
     // io_uring polling works; prime it with a non-empty file so later direct reads work.
     if let Err(error) = shale_io::wal::prime_direct_io_probe(&config.node.data_dir).await {
-        let _ = events.try_send(StopEvent::Fatal {
-            shard: shard_index,
-            message: format!("prepare direct I/O: {error}"),
-        });
+        fatal.report(source.clone(), format!("prepare direct I/O: {error}"));
     }
-    let recovered = futures_lite::future::or(async { Some(shard.recover().await) }, async {
+    let recovery = async {
+        shard.recover().await?;
+        for &retired in &adopted {
+            let retired_shard = Shard::new(
+                retired,
+                config.clone(),
+                metrics.clone(),
+                shared.manifest.clone(),
+                fatal.clone(),
+            );
+            retired_shard
+                .drain_retired()
+                .await
+                .map_err(|error| error.context(format!("recover retired shard {retired}'s WAL")))?;
+        }
+        anyhow::Ok(())
+    };
+    let recovered = futures_lite::future::or(async { Some(recovery.await) }, async {
         shutdown.wait().await;
         None
     })
@@ -255,16 +391,77 @@ async fn run_shard(
             flusher.await;
         }
         Some(Err(error)) => {
-            let _ = events.try_send(StopEvent::Fatal {
-                shard: shard_index,
-                message: format!("{error:#}"),
-            });
+            fatal.report(source, format!("{error:#}"));
             shutdown.wait().await;
             http.await;
         }
         None => http.await,
     }
     shard.close().await;
+}
+
+/// Shard ids with a WAL directory or a pending journal in `data_dir` but at or above
+/// `shard_count`: left by a run with more shards. Their acknowledged rows must not be hidden.
+fn retired_shards(data_dir: &std::path::Path, shard_count: usize) -> anyhow::Result<Vec<u32>> {
+    let mut retired = std::collections::BTreeSet::new();
+    for folder in ["wal", "pending"] {
+        let path = system_dir(data_dir).join(folder);
+        let entries = match std::fs::read_dir(&path) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error).with_context(|| format!("list {}", path.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("list {}", path.display()))?;
+            let name = entry.file_name();
+            let id = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("shard-"))
+                .and_then(|n| n.parse::<u32>().ok());
+            if let Some(id) = id.filter(|&id| id as usize >= shard_count) {
+                if entry.path().is_dir() {
+                    retired.insert(id);
+                }
+            }
+        }
+    }
+    Ok(retired.into_iter().collect())
+}
+
+/// Watches what no request may be around to notice: the manifest service failing by itself
+/// (fail-stop), and shards whose heartbeat stops (logged once per stall; `/health` reports it).
+fn spawn_monitor_thread(shared: Arc<NodeShared>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("shale-monitor".into())
+        .spawn(move || {
+            let interval =
+                Duration::from_millis((shared.config.runtime.shard_stall_ms_max / 5).max(10));
+            let mut stalled = vec![false; shared.shard_count];
+            loop {
+                std::thread::sleep(interval);
+                if shared.stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Some(failure) = shared.manifest.failure() {
+                    shared.fatal().report("manifest", failure);
+                    return;
+                }
+                let now_ms = shared.elapsed_ms();
+                let stall_ms_max = shared.config.runtime.shard_stall_ms_max;
+                for (shard, metrics) in shared.metrics.shards.iter().enumerate() {
+                    let silent_ms = now_ms.saturating_sub(metrics.heartbeat_ms.get());
+                    let now_stalled = silent_ms > stall_ms_max;
+                    if now_stalled && !stalled[shard] {
+                        tracing::error!(shard_id = shard, silent_ms, "shard executor is stuck");
+                    } else if !now_stalled && stalled[shard] {
+                        tracing::warn!(shard_id = shard, "shard executor runs again");
+                    }
+                    stalled[shard] = now_stalled;
+                }
+            }
+        })
+        .context("start the monitor thread")?;
+    Ok(())
 }
 
 fn refuse_if_listening(addr: std::net::SocketAddr) -> anyhow::Result<()> {

@@ -21,7 +21,7 @@ use shale_replication::manifest::{
 use shale_replication::{ManifestClient, ManifestError, ManifestVersion};
 
 use crate::buffer::{
-    check_kind, ColumnKind, FrozenBuffer, MeasurementBuffer, SchemaConflict, Value,
+    check_kind, ColumnKind, FrozenBuffer, MeasurementBuffer, SchemaConflict, Value, MICROS_PER_HOUR,
 };
 use crate::config::Config;
 use crate::ingest::{IngestPayload, RECORD_KIND_LINE_PROTOCOL};
@@ -29,6 +29,7 @@ use crate::line_protocol::{
     self, Batch, FieldValue, ParseBuffers, ParseError, ParseLimits, Precision,
 };
 use crate::metrics::ShardMetrics;
+use crate::node::FatalReporter;
 use crate::query::snapshot::{BufferPiece, ShardSnapshot, TableName};
 use crate::storage::{self, FileOrigin};
 
@@ -60,6 +61,12 @@ type TableKinds = HashMap<String, ColumnKind>;
 /// Columns a request uses that no one has declared yet, per measurement.
 type Undeclared = Vec<(String, Vec<(String, ColumnKind)>)>;
 
+/// The manifest refused a flush's registration for good (not a transient failure): retrying
+/// the same entries cannot succeed.
+#[derive(Debug, thiserror::Error)]
+#[error("manifest rejected the registration: {0}")]
+struct RegistrationRejected(String);
+
 /// Everything one shard owns.
 pub struct Shard {
     pub shard_id: u32,
@@ -88,6 +95,13 @@ pub struct Shard {
     flush_wanted: LocalNotify,
     parse_buffers: RefCell<Option<ParseBuffers>>,
     ready: Cell<bool>,
+    /// Tables whose registration the manifest refused for good, with the refused rows and the
+    /// reason. Their rows stay in the WAL and in queries; writes to them are refused (a later
+    /// flush of the table would commit past the refused rows and hide them from replay).
+    rejected: RefCell<HashMap<TableKey, (Arc<FrozenBuffer>, String)>>,
+    /// Tables to flush at the next check whatever their thresholds say (a write waits on it).
+    flush_forced: RefCell<std::collections::HashSet<TableKey>>,
+    fatal: FatalReporter,
 }
 
 impl Shard {
@@ -96,6 +110,7 @@ impl Shard {
         config: Arc<Config>,
         metrics: Arc<ShardMetrics>,
         manifest: ManifestClient,
+        fatal: FatalReporter,
     ) -> Rc<Shard> {
         let data_dir = config.node.data_dir.clone();
         let pending_dir = system_dir(&data_dir)
@@ -120,6 +135,9 @@ impl Shard {
             flush_wanted: LocalNotify::new(),
             parse_buffers: RefCell::new(Some(ParseBuffers::new())),
             ready: Cell::new(false),
+            rejected: RefCell::new(HashMap::new()),
+            flush_forced: RefCell::new(Default::default()),
+            fatal,
         })
     }
 
@@ -168,7 +186,23 @@ impl Shard {
         let mut flushed: HashMap<TableKey, u64> = HashMap::new();
         let mut rows_replayed = 0u64;
         let mut rows_skipped = 0u64;
-        let replay_from = self.read_release_marker()?;
+        let mut replay_from = self.read_release_marker()?;
+        // LSNs of this shard must never be reused: file names and the exactly-once rule are
+        // keyed by them. If the WAL directory lost its segments (deleted by hand, a new disk
+        // under `_system/wal`), continue above everything the manifest has in files.
+        let floor = version
+            .manifest
+            .shard_flushed_through(self.node_id, self.shard_id)
+            .map_or(1, |lsn| lsn + 1);
+        if floor > replay_from && !wal_has_segments(&wal_config.dir)? {
+            tracing::warn!(
+                shard_id = self.shard_id,
+                released_below = replay_from,
+                lsn_next = floor,
+                "wal directory has no segments; continuing above the manifest's files"
+            );
+            replay_from = floor;
+        }
         let (wal, report) = Wal::open(wal_config, replay_from, |record| {
             if record.kind != RECORD_KIND_LINE_PROTOCOL {
                 return Err(format!("unknown record kind {}", record.kind));
@@ -210,6 +244,15 @@ impl Shard {
         .await
         .context("open and replay the WAL")?;
         let next_lsn = report.next_lsn;
+        anyhow::ensure!(
+            next_lsn >= floor,
+            "the wal of shard {} ends before lsn {next_lsn} but the manifest has files of this \
+             shard through lsn {}: wal segments are missing from {}; restore them, or move the \
+             whole directory away to start this shard's wal above the manifest",
+            self.shard_id,
+            floor - 1,
+            wal.config().dir.display()
+        );
         self.durable_lsn.set(next_lsn.saturating_sub(1));
         *self.wal.borrow_mut() = Some(Rc::new(wal));
         self.ready.set(true);
@@ -254,9 +297,9 @@ impl Shard {
         }
         crate::names::validate_database(database)
             .map_err(|e| WriteError::BadRequest(format!("database {database:?}: {e}")))?;
-        let undeclared = self
-            .check_kinds(database, &batch)
-            .map_err(|e| WriteError::Schema(e.to_string()))?;
+        self.check_rejected_tables(database, &batch)?;
+        let undeclared = self.check_kinds(database, &batch)?;
+        self.check_hours(database, &batch)?;
         if !undeclared.is_empty() {
             self.declare_columns(database, undeclared).await?;
         }
@@ -274,10 +317,103 @@ impl Shard {
                 Ok(rows)
             }
             Err(error) => {
-                tracing::error!(shard_id = self.shard_id, lsn, %error, "wal sync failed");
+                // The WAL refuses everything after a failed write or sync; rows buffered past
+                // the last durable LSN can never be flushed. Stop the node: a restart replays
+                // exactly what is durable.
+                self.fatal.report(
+                    format!("shard {}", self.shard_id),
+                    format!("wal write or sync failed at lsn {lsn}: {error}"),
+                );
                 Err(WriteError::Durability(error.to_string()))
             }
         }
+    }
+
+    /// Refuses a request that writes to a table whose registration the manifest refused.
+    fn check_rejected_tables(&self, database: &str, batch: &Batch<'_>) -> Result<(), WriteError> {
+        let rejected = self.rejected.borrow();
+        if rejected.is_empty() {
+            return Ok(());
+        }
+        let mut previous: Option<&str> = None;
+        for line in batch.lines() {
+            let measurement = line.measurement();
+            if previous == Some(measurement) {
+                continue;
+            }
+            previous = Some(measurement);
+            let key = (database.to_string(), measurement.to_string());
+            if let Some((_, reason)) = rejected.get(&key) {
+                return Err(WriteError::Durability(format!(
+                    "{database}.{measurement} on shard {} cannot store new rows: the manifest \
+                     refused its files ({reason}); its earlier rows are kept in the WAL; \
+                     see the node log",
+                    self.shard_id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bounds the files one flush can write: a flush writes one file per UTC hour of its rows,
+    /// and one registration must stay small enough for one manifest command. A request whose
+    /// rows of one table span more than `buffer.flush_hours_max` hours is refused whole (413);
+    /// a request that would push a buffer past it waits for that buffer's flush (503).
+    fn check_hours(&self, database: &str, batch: &Batch<'_>) -> Result<(), WriteError> {
+        let hours_max = self.config.buffer.flush_hours_max;
+        let buffers = self.buffers.borrow();
+        let tables = buffers.get(database);
+        // New hours per measurement, in request order; consecutive lines mostly share both.
+        let mut new_hours: Vec<(&str, std::collections::HashSet<i64>)> = Vec::new();
+        let mut previous: Option<(&str, i64)> = None;
+        for line in batch.lines() {
+            let measurement = line.measurement();
+            let hour = line.time_us().div_euclid(MICROS_PER_HOUR);
+            if previous == Some((measurement, hour)) {
+                continue;
+            }
+            previous = Some((measurement, hour));
+            let buffer = tables.and_then(|t| t.get(measurement));
+            if buffer.is_some_and(|b| b.has_hour(hour)) {
+                continue;
+            }
+            let index = match new_hours.iter().position(|(m, _)| *m == measurement) {
+                Some(index) => index,
+                None => {
+                    new_hours.push((measurement, Default::default()));
+                    new_hours.len() - 1
+                }
+            };
+            new_hours[index].1.insert(hour);
+        }
+        for (measurement, hours) in &new_hours {
+            let buffered = tables
+                .and_then(|t| t.get(*measurement))
+                .map_or(0, |b| b.hours());
+            if buffered + hours.len() <= hours_max {
+                continue;
+            }
+            if hours.len() > hours_max {
+                return Err(WriteError::TooLarge(format!(
+                    "rows of {database}.{measurement} span {} distinct hours; a request may \
+                     span at most buffer.flush_hours_max ({hours_max}): split it by time",
+                    hours.len()
+                )));
+            }
+            self.metrics.write_rejected_overload.increment();
+            self.flush_forced
+                .borrow_mut()
+                .insert((database.to_string(), measurement.to_string()));
+            self.flush_wanted.notify();
+            return Err(WriteError::Overloaded(format!(
+                "the buffer of {database}.{measurement} on shard {} spans {buffered} hours and \
+                 this request adds {} (limit buffer.flush_hours_max {hours_max}); it is being \
+                 flushed, retry",
+                self.shard_id,
+                hours.len()
+            )));
+        }
+        Ok(())
     }
 
     /// The synchronous middle of a write: checks, WAL append, buffering. Between the append
@@ -319,7 +455,13 @@ impl Shard {
                     WriteError::Overloaded(error.to_string())
                 }
                 WalError::TooLarge { .. } => WriteError::TooLarge(error.to_string()),
-                other => WriteError::Durability(other.to_string()),
+                other => {
+                    self.fatal.report(
+                        format!("shard {}", self.shard_id),
+                        format!("wal append failed: {other}"),
+                    );
+                    WriteError::Durability(other.to_string())
+                }
             })?;
         self.metrics.wal_appends.increment();
         self.metrics.wal_bytes.add(payload.encoded_len() as u64);
@@ -333,26 +475,32 @@ impl Shard {
         Ok(append)
     }
 
-    /// Rejects a request whose values disagree with a declared column kind, and returns the
-    /// columns it uses that are not declared yet.
-    fn check_kinds(&self, database: &str, batch: &Batch<'_>) -> Result<Undeclared, SchemaConflict> {
+    /// Rejects a request whose values disagree with a declared column kind or that would give
+    /// a table more than `ingest.columns_per_table_max` columns, and returns the columns it
+    /// uses that are not declared yet. Linear in the request's keys.
+    fn check_kinds(&self, database: &str, batch: &Batch<'_>) -> Result<Undeclared, WriteError> {
+        let schema = |e: SchemaConflict| WriteError::Schema(e.to_string());
         let mut kinds = self.kinds.borrow_mut();
         let tables = match kinds.get_mut(database) {
             Some(tables) => tables,
             None => kinds.entry(database.to_string()).or_default(),
         };
         let mut undeclared: Undeclared = Vec::new();
-        let mut note = |measurement: &str, column: &str, kind: ColumnKind| {
-            let index = match undeclared.iter().position(|(m, _)| m == measurement) {
-                Some(index) => index,
+        // (measurement, column) pairs already noted, so a repeated new key costs one lookup.
+        let mut noted: std::collections::HashSet<(&str, &str)> = Default::default();
+        let mut note = |measurement, column, kind: ColumnKind| {
+            if !noted.insert((measurement, column)) {
+                return;
+            }
+            match undeclared
+                .iter_mut()
+                .rev()
+                .find(|(m, _)| m.as_str() == measurement)
+            {
+                Some((_, columns)) => columns.push((column.to_string(), kind)),
                 None => {
-                    undeclared.push((measurement.to_string(), Vec::new()));
-                    undeclared.len() - 1
+                    undeclared.push((measurement.to_string(), vec![(column.to_string(), kind)]))
                 }
-            };
-            let columns = &mut undeclared[index].1;
-            if !columns.iter().any(|(name, _)| name == column) {
-                columns.push((column.to_string(), kind));
             }
         };
         // Lines of one request usually share their measurement and keys: a line whose keys and
@@ -385,15 +533,30 @@ impl Shard {
             let table = &tables[measurement];
             for (key, _) in line.tags() {
                 match table.get(key) {
-                    Some(&existing) => check_kind(key, Some(existing), ColumnKind::Tag)?,
+                    Some(&existing) => {
+                        check_kind(key, Some(existing), ColumnKind::Tag).map_err(schema)?
+                    }
                     None => note(measurement, key, ColumnKind::Tag),
                 }
             }
             for (key, value) in line.fields() {
                 match table.get(key) {
-                    Some(&existing) => check_kind(key, Some(existing), field_kind(&value))?,
+                    Some(&existing) => {
+                        check_kind(key, Some(existing), field_kind(&value)).map_err(schema)?
+                    }
                     None => note(measurement, key, field_kind(&value)),
                 }
+            }
+        }
+        let columns_max = self.config.ingest.columns_per_table_max;
+        for (measurement, columns) in &undeclared {
+            let known = tables.get(measurement).map_or(0, HashMap::len);
+            if known + columns.len() > columns_max {
+                return Err(WriteError::BadRequest(format!(
+                    "{database}.{measurement} would have {} columns (tags and fields); at most \
+                     ingest.columns_per_table_max ({columns_max}) are allowed",
+                    known + columns.len()
+                )));
             }
         }
         Ok(undeclared)
@@ -515,7 +678,7 @@ impl Shard {
 
     /// Waits until every record up to `lsn` is durable in the WAL: a flush must never publish
     /// rows that a failed sync could still take back.
-    async fn wait_durable(&self, lsn: u64) {
+    async fn wait_durable(&self, lsn: u64) -> anyhow::Result<()> {
         while self.durable_lsn.get() < lsn {
             let changed = self.durable_changed.notified();
             if let Some(wal) = self.wal() {
@@ -525,9 +688,19 @@ impl Shard {
                     break;
                 }
             }
+            anyhow::ensure!(
+                !self.wal_failed(),
+                "rows up to lsn {lsn} can never become durable: the wal failed"
+            );
             futures_lite::future::or(changed, glommio::timer::sleep(Duration::from_millis(5)))
                 .await;
         }
+        Ok(())
+    }
+
+    /// Whether this shard's WAL refused further writes after an I/O error.
+    fn wal_failed(&self) -> bool {
+        self.wal().is_some_and(|wal| wal.stats().failed)
     }
 
     /// Flushes buffers that are due until `shutdown`; then flushes everything and returns.
@@ -561,10 +734,20 @@ impl Shard {
         let rows_max = self.config.buffer.flush_rows_max;
         let bytes_max = self.config.buffer.flush_bytes_max;
         let pressure = self.buffered_bytes.get() > self.config.buffer.shard_bytes_max / 2;
+        let forced = std::mem::take(&mut *self.flush_forced.borrow_mut());
+        let rejected = self.rejected.borrow();
         let mut due = Vec::new();
         for (database, tables) in self.buffers.borrow().iter() {
             for (measurement, buffer) in tables {
                 if buffer.rows() == 0 {
+                    continue;
+                }
+                let key = (database.clone(), measurement.clone());
+                if rejected.contains_key(&key) {
+                    continue;
+                }
+                if forced.contains(&key) {
+                    due.push(key);
                     continue;
                 }
                 let old = buffer
@@ -576,7 +759,7 @@ impl Shard {
                     || buffer.rows() >= rows_max
                     || buffer.bytes_estimate() >= bytes_max
                 {
-                    due.push((database.clone(), measurement.clone()));
+                    due.push(key);
                 }
             }
         }
@@ -619,6 +802,36 @@ impl Shard {
                         "flushed"
                     );
                     break;
+                }
+                Err(error) if error.downcast_ref::<RegistrationRejected>().is_some() => {
+                    // Final: the same entries would be refused again. The rows stay in the WAL
+                    // and in queries; the table takes no new rows, every other table goes on.
+                    self.metrics.registrations_rejected.increment();
+                    tracing::error!(
+                        shard_id = self.shard_id,
+                        database = %key.0,
+                        measurement = %key.1,
+                        lsn_first = frozen.lsn_first,
+                        lsn_last = frozen.lsn_last,
+                        error = %format!("{error:#}"),
+                        "flush refused by the manifest; the table stops taking writes on this shard"
+                    );
+                    self.flushing.borrow_mut().take();
+                    self.rejected
+                        .borrow_mut()
+                        .insert(key.clone(), (frozen.clone(), format!("{error:#}")));
+                    self.release_wal().await;
+                    return true;
+                }
+                Err(error) if self.wal_failed() => {
+                    // Rows past the last durable LSN can never be published; the node is
+                    // stopping (fail-stop) and replay will bring back what is durable.
+                    tracing::warn!(
+                        shard_id = self.shard_id,
+                        error = %format!("{error:#}"),
+                        "flush abandoned: the wal failed"
+                    );
+                    return false;
                 }
                 Err(error) => {
                     attempt += 1;
@@ -671,7 +884,7 @@ impl Shard {
         frozen: &Arc<FrozenBuffer>,
     ) -> anyhow::Result<usize> {
         use anyhow::Context;
-        self.wait_durable(frozen.lsn_last).await;
+        self.wait_durable(frozen.lsn_last).await?;
         let parquet = Arc::new(self.config.parquet.clone());
         let (database, measurement) = (key.0.clone(), key.1.clone());
         let (node, shard) = (self.node_id, self.shard_id);
@@ -703,7 +916,20 @@ impl Shard {
                 Ok(published) => published,
                 Err(PublishError::Exists { .. }) => {
                     if let Some(entry) = version.manifest.file(&relative) {
-                        // A retry after the registration committed but before we saw it.
+                        // A retry after the registration committed but before we saw it: the
+                        // registered file must hold exactly these bytes.
+                        let hash = blake3::hash(&file.bytes);
+                        if entry.size_bytes != file.bytes.len() as u64
+                            || entry.blake3_hex != hash.to_hex().as_str()
+                        {
+                            return Err(RegistrationRejected(format!(
+                                "{relative} is registered with other content (blake3 {}, \
+                                 this flush {})",
+                                entry.blake3_hex,
+                                hash.to_hex()
+                            ))
+                            .into());
+                        }
                         entries.push(entry.clone());
                         continue;
                     }
@@ -747,16 +973,31 @@ impl Shard {
         if journal.exists() {
             std::fs::remove_file(&journal).context("replace pending journal")?;
         }
+        crate::failpoint::crash_if_armed("crash-after-publish");
         publish::publish(&journal, &journal_bytes)
             .await
             .context("write pending journal")?;
-        self.register(entries).await?;
+        crate::failpoint::crash_if_armed("crash-after-journal");
+        if let Err(error) = self.register(entries).await {
+            if error.downcast_ref::<RegistrationRejected>().is_some() {
+                // Nothing will register these entries: keep the journal for the operator
+                // under another name, out of start-up's way.
+                set_journal_aside(&journal, "rejected");
+            }
+            return Err(error);
+        }
+        crate::failpoint::crash_if_armed("crash-after-register");
         std::fs::remove_file(&journal).context("remove pending journal")?;
         Ok(encoded.len())
     }
 
     /// Proposes a registration through the control thread and waits for its commit.
     async fn register(&self, files: Vec<FileEntry>) -> anyhow::Result<()> {
+        if let Some(measurement) = crate::failpoint::value("reject-registration") {
+            if files.iter().any(|f| f.measurement == measurement) {
+                return Err(RegistrationRejected("failpoint reject-registration".into()).into());
+            }
+        }
         let started = Instant::now();
         let count = files.len() as u64;
         match self
@@ -773,10 +1014,12 @@ impl Shard {
                     Ok(())
                 }
                 ManifestResponse::Rejected(rejection) => {
-                    self.metrics.manifest_commit_errors.increment();
-                    anyhow::bail!("manifest rejected the registration: {rejection}")
+                    Err(RegistrationRejected(rejection.to_string()).into())
                 }
             },
+            Err(ManifestError::Rejected(rejection)) => {
+                Err(RegistrationRejected(rejection.to_string()).into())
+            }
             Err(error) => {
                 self.metrics.manifest_commit_errors.increment();
                 anyhow::bail!("manifest registration failed: {error}")
@@ -785,6 +1028,12 @@ impl Shard {
     }
 
     /// Registers flushes whose files were published but whose registration a crash cut off.
+    ///
+    /// A journal never stops start-up: its rows are still in the WAL (the WAL is released only
+    /// after a registration commits), so a journal that cannot be used (unreadable, files
+    /// missing or changed, refused by the manifest) is logged, counted and set aside, and WAL
+    /// replay brings its rows back. A manifest that cannot be reached is waited for: the
+    /// shard stays not ready and retries until it commits or the node stops.
     async fn register_pending_journal(&self) -> anyhow::Result<usize> {
         use anyhow::Context;
         let mut journals = BTreeSet::new();
@@ -802,41 +1051,110 @@ impl Shard {
         }
         let mut registered = 0;
         for path in journals {
-            let bytes = std::fs::read(&path)
-                .with_context(|| format!("read pending journal {}", path.display()))?;
-            let entries: Vec<FileEntry> = serde_json::from_slice(&bytes)
-                .with_context(|| format!("parse pending journal {}", path.display()))?;
-            for entry in &entries {
-                let file = self.data_dir.join(&entry.path);
-                let (hash, size) = publish::hash_file(&file)
-                    .with_context(|| format!("check journaled file {}", file.display()))?;
-                anyhow::ensure!(
-                    size == entry.size_bytes
-                        && blake3::Hash::from(hash).to_hex().as_str() == entry.blake3_hex,
-                    "journaled file {} does not match its journal entry",
-                    file.display()
-                );
-            }
-            let mut attempt = 0;
-            loop {
-                match self.register(entries.clone()).await {
-                    Ok(()) => break,
-                    Err(error) if attempt < 20 => {
-                        attempt += 1;
-                        tracing::warn!(error = %format!("{error:#}"), attempt, "journal registration failed; retrying");
-                        glommio::timer::sleep(Duration::from_millis(
-                            self.config.manifest.registration_retry_ms,
-                        ))
-                        .await;
+            let entries = match self.check_journal(&path) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    tracing::error!(
+                        shard_id = self.shard_id,
+                        journal = %path.display(),
+                        error = %format!("{error:#}"),
+                        "pending journal unusable; set aside, its rows replay from the wal"
+                    );
+                    set_journal_aside(&path, "invalid");
+                    continue;
+                }
+            };
+            let version = self.manifest.current();
+            let already = entries
+                .iter()
+                .all(|entry| version.manifest.file(&entry.path) == Some(entry));
+            let mut attempt = 0u32;
+            if !already {
+                loop {
+                    match self.register(entries.clone()).await {
+                        Ok(()) => break,
+                        Err(error) if error.downcast_ref::<RegistrationRejected>().is_some() => {
+                            self.metrics.registrations_rejected.increment();
+                            tracing::error!(
+                                shard_id = self.shard_id,
+                                journal = %path.display(),
+                                error = %format!("{error:#}"),
+                                "journaled flush refused by the manifest; set aside, its rows replay from the wal"
+                            );
+                            set_journal_aside(&path, "rejected");
+                            break;
+                        }
+                        Err(error) => {
+                            attempt += 1;
+                            tracing::warn!(
+                                shard_id = self.shard_id,
+                                attempt,
+                                error = %format!("{error:#}"),
+                                "journal registration failed; retrying"
+                            );
+                            let backoff_ms = (self.config.manifest.registration_retry_ms
+                                << attempt.min(6))
+                            .min(30_000);
+                            glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
+                        }
                     }
-                    Err(error) => return Err(error),
                 }
             }
-            std::fs::remove_file(&path)
-                .with_context(|| format!("remove pending journal {}", path.display()))?;
-            registered += entries.len();
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("remove pending journal {}", path.display()))?;
+                registered += entries.len();
+            }
         }
         Ok(registered)
+    }
+
+    /// Reads a pending journal and checks each journaled file's size and blake3 on disk.
+    fn check_journal(&self, path: &std::path::Path) -> anyhow::Result<Vec<FileEntry>> {
+        use anyhow::Context;
+        let bytes = std::fs::read(path).context("read pending journal")?;
+        let entries: Vec<FileEntry> =
+            serde_json::from_slice(&bytes).context("parse pending journal")?;
+        for entry in &entries {
+            let file = self.data_dir.join(&entry.path);
+            let (hash, size) = publish::hash_file(&file)
+                .with_context(|| format!("check journaled file {}", file.display()))?;
+            anyhow::ensure!(
+                size == entry.size_bytes
+                    && blake3::Hash::from(hash).to_hex().as_str() == entry.blake3_hex,
+                "journaled file {} does not match its journal entry",
+                file.display()
+            );
+        }
+        Ok(entries)
+    }
+
+    /// Recovers the WAL and journals of a shard id at or above the configured shard count
+    /// (left by a run with more shards) and flushes all of its rows into files registered
+    /// under its own id and LSNs, so replay stays idempotent. The WAL directory stays, with
+    /// its release marker, so the id's LSNs never go backwards if the shard count grows again.
+    pub async fn drain_retired(self: &Rc<Self>) -> anyhow::Result<()> {
+        self.recover().await?;
+        for key in self.due_tables(true) {
+            anyhow::ensure!(
+                self.flush_table(&key, true).await,
+                "could not flush {}.{} of retired shard {}",
+                key.0,
+                key.1,
+                self.shard_id
+            );
+        }
+        if let Some((key, (_, reason))) = self.rejected.borrow().iter().next() {
+            anyhow::bail!(
+                "retired shard {}: {}.{} was refused by the manifest: {reason}",
+                self.shard_id,
+                key.0,
+                key.1
+            );
+        }
+        self.close().await;
+        tracing::info!(shard_id = self.shard_id, "retired shard drained into files");
+        Ok(())
     }
 
     /// Deletes WAL segments whose every record is in committed files.
@@ -844,6 +1162,9 @@ impl Shard {
         let Some(wal) = self.wal() else { return };
         let mut keep_from = wal.next_lsn();
         if let Some((_, frozen)) = self.flushing.borrow().as_ref() {
+            keep_from = keep_from.min(frozen.lsn_first);
+        }
+        for (frozen, _) in self.rejected.borrow().values() {
             keep_from = keep_from.min(frozen.lsn_first);
         }
         for tables in self.buffers.borrow().values() {
@@ -925,6 +1246,10 @@ impl Shard {
                     pieces.push(piece(frozen.lsn_first, frozen.chunks.clone()));
                 }
             }
+            let key = (table.database.clone(), table.measurement.clone());
+            if let Some((frozen, _)) = self.rejected.borrow().get(&key) {
+                pieces.push(piece(frozen.lsn_first, frozen.chunks.clone()));
+            }
             let buffer = buffers
                 .get_mut(&table.database)
                 .and_then(|tables| tables.get_mut(&table.measurement));
@@ -955,6 +1280,33 @@ fn field_kind(value: &FieldValue<'_>) -> ColumnKind {
         FieldValue::Unsigned(_) => ColumnKind::Unsigned,
         FieldValue::Boolean(_) => ColumnKind::Boolean,
         FieldValue::String(_) => ColumnKind::String,
+    }
+}
+
+/// Whether a WAL directory holds any segment file (a missing directory holds none).
+fn wal_has_segments(dir: &std::path::Path) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry.with_context(|| format!("list {}", dir.display()))?;
+                if entry.path().extension().is_some_and(|e| e == "wal") {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error).with_context(|| format!("list {}", dir.display())),
+    }
+}
+
+/// Renames an unusable pending journal to `<name>.<reason>` so start-up skips it and an
+/// operator can still read it. Failing that, it is left in place (and retried next start).
+fn set_journal_aside(path: &std::path::Path, reason: &str) {
+    let aside = path.with_extension(format!("json.{reason}"));
+    if let Err(error) = std::fs::rename(path, &aside) {
+        tracing::error!(journal = %path.display(), %error, "pending journal not set aside");
     }
 }
 

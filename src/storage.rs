@@ -15,10 +15,8 @@ use parquet::basic::{Compression as ParquetCompression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
-use crate::buffer::FrozenBuffer;
+use crate::buffer::{FrozenBuffer, MICROS_PER_HOUR};
 use crate::config::{Compression, ParquetConfig};
-
-const MICROS_PER_HOUR: i64 = 3_600_000_000;
 
 /// A data page is cut when its encoded values pass this size.
 const DATA_PAGE_BYTES_MAX: usize = 8 << 20;
@@ -70,31 +68,26 @@ pub fn encode(
 ) -> Result<Vec<EncodedFile>, parquet::errors::ParquetError> {
     let batch = &frozen.batch()?;
     let time = batch.column(0).as_primitive::<TimestampMicrosecondType>();
-    let mut hours: Vec<i64> = time
+    let hours: Vec<i64> = time
         .values()
         .iter()
         .map(|t| t.div_euclid(MICROS_PER_HOUR))
         .collect();
     let first_hour = hours[0];
-    let single_hour = hours.iter().all(|&h| h == first_hour);
     let mut parts = Vec::new();
-    if single_hour {
+    if hours.iter().all(|&h| h == first_hour) {
         parts.push((first_hour, batch.clone()));
     } else {
-        let mut distinct = hours.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        for hour in distinct {
-            let indices: UInt32Array = hours
-                .iter()
-                .enumerate()
-                .filter(|(_, &h)| h == hour)
-                .map(|(i, _)| i as u32)
-                .collect();
-            parts.push((hour, take_record_batch(batch, &indices)?));
+        // One stable sort of row indices by hour, then one take per run of equal hours:
+        // O(rows log rows) whatever the number of hours.
+        let mut order: Vec<u32> = (0..hours.len() as u32).collect();
+        order.sort_by_key(|&i| hours[i as usize]);
+        for run in order.chunk_by(|&a, &b| hours[a as usize] == hours[b as usize]) {
+            let indices = UInt32Array::from(run.to_vec());
+            parts.push((hours[run[0] as usize], take_record_batch(batch, &indices)?));
         }
     }
-    hours.clear();
+    drop(hours);
 
     let mut files = Vec::with_capacity(parts.len());
     for (hour, part) in parts {

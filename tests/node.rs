@@ -484,3 +484,145 @@ fn stalled_request_heads_are_disconnected() {
     node.must_write("stall", "m v=1 1\n");
     assert_eq!(node.metric("shale_write_rows_total"), 1.0);
 }
+
+// A client that sends a request head and then trickles (or stops sending) its body gets a 408
+// once http.body_read_timeout_ms passes and the connection is closed, so slow bodies cannot
+// hold connection slots and buffers. Before, only the head had a deadline and this hung.
+#[test]
+fn stalled_request_bodies_get_408() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            extra_env: vec![("SHALE_HTTP_BODY_READ_TIMEOUT_MS".into(), "500".into())],
+            ..NodeOptions::default()
+        },
+    );
+    for path in ["/write?db=slow", "/api/v1/query"] {
+        let mut stream = std::net::TcpStream::connect(node.addr).unwrap();
+        stream
+            .write_all(
+                format!("POST {path} HTTP/1.1\r\nHost: shale\r\ncontent-length: 1000\r\n\r\nm v=")
+                    .as_bytes(),
+            )
+            .unwrap();
+        // An upper bound only: the server must answer well before it.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        match stream.read_to_end(&mut answer) {
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(error) => panic!("{path}: the stalled body was not answered: {error}"),
+        }
+        assert!(started.elapsed() >= Duration::from_millis(400), "{path}");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{path}: {answer}");
+        assert!(answer.contains("body_read_timeout_ms"), "{path}: {answer}");
+    }
+    assert_eq!(node.metric("shale_http_body_read_timeouts_total"), 2.0);
+    node.must_write("slow", "m v=1 1\n");
+}
+
+// Paths and methods a router must survive: the path that used to panic a shard
+// (`/api/v1/databases/measurements`), empty and doubled segments, percent escapes that are
+// not UTF-8, wrong methods (405 with Allow), unknown paths (404). Each goes to every shard on
+// its own connection; afterwards every shard still answers and the node is ready.
+#[test]
+fn odd_paths_and_methods_never_hurt_a_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    node.must_write("db1", "cpu,host=a v=1 1\n");
+    let cases: [(&str, &str, u16); 10] = [
+        ("GET", "/api/v1/databases/measurements", 404),
+        ("GET", "/api/v1/databases//measurements", 404),
+        ("GET", "/api/v1/databases/%ff%fe/measurements", 404),
+        ("GET", "/api/v1/databases/db%31/measurements", 200),
+        ("GET", "/api/v1/databases/db1/measurements/", 404),
+        ("DELETE", "/write", 405),
+        ("GET", "/api/v1/query", 405),
+        ("PUT", "/api/v1/write/msgpack", 405),
+        ("GET", "/write?db=%zz&precision=%", 405),
+        ("GET", "/%2e%2e/%2e%2e/etc/passwd", 404),
+    ];
+    for mut client in node.shard_clients(2) {
+        for (method, path, status) in cases {
+            let response = client.request(method, path, &[], b"").unwrap();
+            assert_eq!(
+                response.status,
+                status,
+                "{method} {path}: {}",
+                response.text()
+            );
+            if status == 405 {
+                assert!(response.header("allow").is_some(), "{method} {path}");
+            }
+        }
+        let response = client.request("GET", "/ready", &[], b"").unwrap();
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+    let response = node.must_get("/api/v1/databases/db1/measurements");
+    assert_eq!(harness::json(&response)["measurements"][0], "cpu");
+}
+
+// InfluxDB clients and Telegraf check `/ping` before writing: GET and HEAD answer 204 with the
+// version headers they read.
+#[test]
+fn ping_answers_like_influxdb() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    for method in ["GET", "HEAD"] {
+        let response = harness::request(node.addr, method, "/ping", &[], b"").unwrap();
+        assert_eq!(response.status, 204, "{method}");
+        assert!(response.header("x-influxdb-version").is_some(), "{method}");
+        assert!(response.header("x-influxdb-build").is_some(), "{method}");
+    }
+    let response = node.must_get("/ping?verbose=true");
+    assert_eq!(response.status, 200);
+    assert!(harness::json(&response)["version"].is_string());
+}
+
+// A table may not grow past ingest.columns_per_table_max columns: the request that would
+// pass it is refused whole with a 400 naming the limit, and nothing of it is stored.
+#[test]
+fn too_many_columns_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            extra_env: vec![("SHALE_INGEST_COLUMNS_PER_TABLE_MAX".into(), "10".into())],
+            ..NodeOptions::default()
+        },
+    );
+    node.must_write("wide", "m,t=a f0=1,f1=1,f2=1 1\n");
+    let fields: Vec<String> = (0..10).map(|i| format!("g{i}=1")).collect();
+    let response = node.post(
+        "/write?db=wide",
+        &[],
+        format!("m,t=a f0=2 2\nm,t=b {} 3\n", fields.join(",")).as_bytes(),
+    );
+    assert_eq!(response.status, 400, "{}", response.text());
+    assert!(
+        response.text().contains("columns_per_table_max"),
+        "{}",
+        response.text()
+    );
+    assert_eq!(node.must_count("SELECT count(*) FROM wide.m"), 1);
+}
+
+// A graceful stop is not an error: the log of a SIGTERM'd node has no ERROR line (before, the
+// manifest service logged its own requested shutdown as an error).
+#[test]
+fn a_graceful_stop_logs_no_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    node.must_write("quiet", "m v=1 1\n");
+    node.stop();
+    let log = node.log();
+    assert!(log.contains("shale node stopped"), "{log}");
+    assert!(!log.contains(" ERROR "), "{log}");
+}

@@ -177,6 +177,9 @@ struct Counters {
     last_log_index: AtomicU64,
     snapshot_index: AtomicU64,
     purged_index: AtomicU64,
+    /// Why Raft stopped on its own (a storage or internal error), once it did. A requested
+    /// shutdown is not a failure.
+    failure: std::sync::OnceLock<String>,
 }
 
 const NONE: u64 = u64::MAX;
@@ -319,6 +322,12 @@ impl ManifestClient {
             },
             flume::RecvTimeoutError::Disconnected => ManifestError::Shutdown,
         })
+    }
+
+    /// Why Raft stopped by itself, if it did: the node cannot commit anything any more and
+    /// should stop (fail-stop), so a restart recovers it.
+    pub fn failure(&self) -> Option<String> {
+        self.counters.failure.get().cloned()
     }
 
     pub fn metrics(&self) -> ManifestMetrics {
@@ -647,9 +656,15 @@ async fn mirror_metrics(raft: Raft, counters: Arc<Counters>) {
                 leader = current.current_leader;
                 tracing::info!(node_id = current.id, leader = ?leader, term = current.current_term, "manifest leader changed");
             }
-            if let (Err(error), false) = (&current.running_state, failed) {
-                failed = true;
-                tracing::error!(node_id = current.id, %error, "manifest raft stopped with an error");
+            match (&current.running_state, failed) {
+                // The state a requested shutdown leaves: not an error.
+                (Err(Fatal::Stopped), _) => {}
+                (Err(error), false) => {
+                    failed = true;
+                    let _ = counters.failure.set(error.to_string());
+                    tracing::error!(node_id = current.id, %error, "manifest raft stopped with an error");
+                }
+                _ => {}
             }
         }
         if metrics.changed().await.is_err() {

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -250,18 +251,19 @@ fn check_declaration(
         });
     }
     let mut seen = BTreeMap::new();
+    // Folded name -> first spelling: one pass, not a scan per column.
+    let mut spellings: BTreeMap<String, &str> = BTreeMap::new();
     for column in columns {
         if column.name.is_empty() || column.kind.is_empty() {
             return invalid("column names and kinds must not be empty".into());
         }
-        let folded = column.name.to_ascii_lowercase();
-        if let Some(other) = columns
-            .iter()
-            .find(|c| c.name != column.name && c.name.to_ascii_lowercase() == folded)
-        {
+        let spelling = *spellings
+            .entry(column.name.to_ascii_lowercase())
+            .or_insert(column.name.as_str());
+        if spelling != column.name {
             return invalid(format!(
                 "columns \"{}\" and \"{}\" differ only in case",
-                column.name, other.name
+                spelling, column.name
             ));
         }
         if let Some(previous) = seen.insert(column.name.as_str(), column.kind.as_str()) {
@@ -347,6 +349,16 @@ impl Manifest {
 
     /// The highest WAL LSN of `origin_node`'s `shard` that is in a registered file for this table,
     /// or `None` if no file of that stream is registered. WAL replay skips records at or below it.
+    /// The highest LSN any committed file of (origin node, shard) reaches, over all tables:
+    /// that WAL's LSNs must continue above it, whatever happened to the WAL's files.
+    pub fn shard_flushed_through(&self, origin_node: u64, shard: u32) -> Option<u64> {
+        self.streams
+            .range((origin_node, shard, String::new(), String::new())..)
+            .take_while(|(key, _)| key.0 == origin_node && key.1 == shard)
+            .filter_map(|(_, ends)| ends.keys().next_back().copied())
+            .max()
+    }
+
     pub fn flushed_through(
         &self,
         origin_node: u64,
@@ -489,14 +501,20 @@ impl Manifest {
     ) -> ManifestResponse {
         let key = (database.to_owned(), measurement.to_owned());
         let existing = self.tables.get(&key);
+        // SQL engines fold identifier case, so `Host` and `host` would be one column. Folded
+        // names of the table once per command, not a scan per declared column.
+        let folded_existing: HashMap<String, &str> = match existing {
+            Some(table) if columns.iter().any(|c| !table.contains_key(&c.name)) => table
+                .keys()
+                .map(|name| (name.to_ascii_lowercase(), name.as_str()))
+                .collect(),
+            _ => HashMap::new(),
+        };
         let mut new = Vec::new();
         for column in columns {
-            // SQL engines fold identifier case, so `Host` and `host` would be one column.
-            let folded = existing.and_then(|table| {
-                table
-                    .keys()
-                    .find(|name| **name != column.name && name.eq_ignore_ascii_case(&column.name))
-            });
+            let folded = folded_existing
+                .get(&column.name.to_ascii_lowercase())
+                .filter(|name| **name != column.name);
             if let Some(name) = folded {
                 return ManifestResponse::Rejected(Rejection::InvalidColumns {
                     reason: format!(

@@ -134,6 +134,64 @@ impl Node {
         )
     }
 
+    /// Sets (or replaces) an environment variable for the next start of this node.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(n, _)| n != name);
+        self.env.push((name.to_string(), value.to_string()));
+    }
+
+    /// Waits for the process to end by itself (a crash or a fail-stop) and returns how.
+    pub fn must_exit(&mut self) -> ExitStatus {
+        self.wait_exit()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().expect("poll child").is_none(),
+            None => false,
+        }
+    }
+
+    /// One kept-alive connection per shard, index = shard id: connects until the
+    /// `x-shale-shard` header has shown every shard (the kernel spreads connections over
+    /// shards by hashing, so tests that need a given shard must pick its connection).
+    pub fn shard_clients(&self, shards: usize) -> Vec<Client> {
+        let mut clients: Vec<Option<Client>> = (0..shards).map(|_| None).collect();
+        for _ in 0..1000 {
+            if clients.iter().all(Option::is_some) {
+                break;
+            }
+            let mut client = Client::connect(self.addr).expect("connect");
+            let response = client
+                .request("GET", "/health", &[], b"")
+                .expect("GET /health");
+            let shard: usize = response
+                .header("x-shale-shard")
+                .expect("x-shale-shard header")
+                .parse()
+                .expect("shard id");
+            if clients[shard].is_none() {
+                clients[shard] = Some(client);
+            }
+        }
+        clients
+            .into_iter()
+            .enumerate()
+            .map(|(shard, c)| c.unwrap_or_else(|| panic!("no connection landed on shard {shard}")))
+            .collect()
+    }
+
+    /// Runs a query whose answer is one integer (a count) and returns it.
+    pub fn must_count(&self, sql: &str) -> u64 {
+        let body = serde_json::json!({ "sql": sql }).to_string();
+        let response = self.post("/api/v1/query", &[], body.as_bytes());
+        assert_eq!(response.status, 200, "{sql}: {}", response.text());
+        json(&response)["data"][0][0]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{sql}: not a count: {}", response.text()))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("node running").id()
     }
