@@ -370,7 +370,11 @@ mod tests {
             out.capacity()
         );
 
-        let exact = decompress(Encoding::Gzip, bytes::Bytes::from(gzip(bytes_max)), bytes_max);
+        let exact = decompress(
+            Encoding::Gzip,
+            bytes::Bytes::from(gzip(bytes_max)),
+            bytes_max,
+        );
         assert_eq!(exact.map(|body| body.len()), Ok(bytes_max));
     }
 
