@@ -142,6 +142,16 @@ pub fn detect_encoding(header: Option<&str>, body: &[u8]) -> Result<Encoding, De
     })
 }
 
+/// The smallest zstd window accepted whatever the limit: 8 MiB, what zstd's levels up to 19 and
+/// Telegraf's encoder declare even for small bodies.
+const ZSTD_WINDOW_LOG_FLOOR: u32 = 23;
+
+/// The largest zstd window accepted: 128 MiB, zstd's own default limit for streaming decoders.
+const ZSTD_WINDOW_LOG_CEILING: u32 = 27;
+
+/// How much is read per call to the decompressor, into a scratch buffer that is then appended.
+const READ_CHUNK_BYTES: usize = 64 << 10;
+
 /// Decompresses `body`, refusing to produce more than `bytes_max` bytes (a small body can
 /// expand enormously; the limit is enforced while reading, not after).
 pub fn decompress(
@@ -149,39 +159,90 @@ pub fn decompress(
     body: bytes::Bytes,
     bytes_max: usize,
 ) -> Result<bytes::Bytes, DecodeError> {
-    let (name, reader): (&'static str, Box<dyn Read + '_>) = match encoding {
+    if encoding == Encoding::Identity {
+        if body.len() > bytes_max {
+            return Err(DecodeError::TooLarge { bytes_max });
+        }
+        return Ok(body);
+    }
+    let mut out = Vec::new();
+    decompress_into(encoding, &body, bytes_max, &mut out)?;
+    Ok(bytes::Bytes::from(out))
+}
+
+/// Decompresses a gzip or zstd `body` into `out` (empty), which is never grown past
+/// `bytes_max + 1` bytes of capacity: the decompressor is read through that bound, and nothing
+/// is sized from what the stream declares about itself.
+fn decompress_into(
+    encoding: Encoding,
+    body: &[u8],
+    bytes_max: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), DecodeError> {
+    let corrupt = |encoding: &'static str| {
+        move |error: std::io::Error| DecodeError::Corrupt {
+            encoding,
+            reason: error.to_string(),
+        }
+    };
+    let (name, mut reader): (&'static str, Box<dyn Read + '_>) = match encoding {
         Encoding::Identity => {
             if body.len() > bytes_max {
                 return Err(DecodeError::TooLarge { bytes_max });
             }
-            return Ok(body);
+            out.extend_from_slice(body);
+            return Ok(());
         }
-        Encoding::Gzip => (
-            "gzip",
-            Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
-        ),
-        Encoding::Zstd => (
-            "zstd",
-            Box::new(zstd::stream::read::Decoder::new(&body[..]).map_err(|e| {
-                DecodeError::Corrupt {
-                    encoding: "zstd",
-                    reason: e.to_string(),
-                }
-            })?),
-        ),
+        Encoding::Gzip => ("gzip", Box::new(flate2::read::MultiGzDecoder::new(body))),
+        Encoding::Zstd => {
+            let mut decoder = zstd::stream::read::Decoder::new(body).map_err(corrupt("zstd"))?;
+            // The decoder allocates its window from the size the frame header declares. No
+            // back-reference reaches further than the whole output, so a window much larger than
+            // the limit is refused (the floor keeps what ordinary encoders declare).
+            decoder
+                .window_log_max(zstd_window_log_max(bytes_max))
+                .map_err(corrupt("zstd"))?;
+            ("zstd", Box::new(decoder))
+        }
     };
-    let mut out = Vec::with_capacity((body.len() * 4).min(bytes_max));
-    let read = reader
-        .take(bytes_max as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| DecodeError::Corrupt {
-            encoding: name,
-            reason: e.to_string(),
-        })?;
-    if read > bytes_max {
-        return Err(DecodeError::TooLarge { bytes_max });
+    // The body's size hints at the output's, but the limit caps even the first guess.
+    let capacity_max = bytes_max.saturating_add(1);
+    out.reserve_exact(body.len().saturating_mul(4).min(capacity_max));
+    let mut chunk = vec![0; READ_CHUNK_BYTES.min(capacity_max)];
+    loop {
+        // Never ask for more than the limit plus the one byte that shows the body exceeds it.
+        let room = capacity_max - out.len();
+        let wanted = chunk.len().min(room);
+        let read = match reader.read(&mut chunk[..wanted]) {
+            Ok(0) => return Ok(()),
+            Ok(read) => read.min(wanted),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(corrupt(name)(error)),
+        };
+        if out.capacity() - out.len() < read {
+            // Double as a Vec would, but never past `capacity_max`.
+            let target = out
+                .capacity()
+                .saturating_mul(2)
+                .min(capacity_max)
+                .max(out.len() + read);
+            out.reserve_exact(target - out.len());
+        }
+        out.extend_from_slice(&chunk[..read]);
+        if out.len() > bytes_max {
+            return Err(DecodeError::TooLarge { bytes_max });
+        }
     }
-    Ok(bytes::Bytes::from(out))
+}
+
+/// The largest zstd window (as a power of two) accepted for output limited to `bytes_max`: the
+/// limit rounded up to a power of two, within [`ZSTD_WINDOW_LOG_FLOOR`] and
+/// [`ZSTD_WINDOW_LOG_CEILING`].
+fn zstd_window_log_max(bytes_max: usize) -> u32 {
+    let log = bytes_max
+        .checked_next_power_of_two()
+        .map_or(usize::BITS, |power| power.trailing_zeros());
+    log.clamp(ZSTD_WINDOW_LOG_FLOOR, ZSTD_WINDOW_LOG_CEILING)
 }
 
 #[cfg(test)]
@@ -256,5 +317,99 @@ mod tests {
             ),
             Err(DecodeError::Corrupt { .. })
         ));
+    }
+
+    // Checks that a zstd bomb (200 MB of zeros in a few KB) is refused at a 1 MiB limit while
+    // decompressing, and that the output buffer never reserved more than the limit plus the one
+    // byte that proves the excess. Before, `read_to_end` grew the buffer by doubling, so its
+    // capacity reached about twice the limit (2 MiB here) before the limit was noticed.
+    #[test]
+    fn zstd_bomb_is_refused_within_the_limit() {
+        let bytes_max = 1 << 20;
+        // 25 frames that each declare 8 MiB of content: the decoder reads on past the first.
+        let frame = zstd::bulk::compress(&vec![0u8; 8 << 20], 3).unwrap();
+        let bomb = frame.repeat(25);
+        assert!(bomb.len() < 20_000, "bomb is {} bytes", bomb.len());
+
+        let mut out = Vec::new();
+        assert_eq!(
+            decompress_into(Encoding::Zstd, &bomb, bytes_max, &mut out),
+            Err(DecodeError::TooLarge { bytes_max })
+        );
+        assert!(
+            out.capacity() <= bytes_max + 1,
+            "capacity {} for a limit of {bytes_max}",
+            out.capacity()
+        );
+        assert_eq!(
+            decompress(Encoding::Zstd, bytes::Bytes::from(bomb), bytes_max),
+            Err(DecodeError::TooLarge { bytes_max })
+        );
+    }
+
+    // Checks the same bound for a gzip bomb, and that a body of exactly the limit is accepted
+    // (the one extra byte read is what tells the two apart).
+    #[test]
+    fn gzip_bomb_is_refused_within_the_limit() {
+        let bytes_max = 1 << 20;
+        let gzip = |size: usize| {
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            encoder.write_all(&vec![0u8; size]).unwrap();
+            encoder.finish().unwrap()
+        };
+        let bomb = gzip(64 << 20);
+        let mut out = Vec::new();
+        assert_eq!(
+            decompress_into(Encoding::Gzip, &bomb, bytes_max, &mut out),
+            Err(DecodeError::TooLarge { bytes_max })
+        );
+        assert!(
+            out.capacity() <= bytes_max + 1,
+            "capacity {} for a limit of {bytes_max}",
+            out.capacity()
+        );
+
+        let exact = decompress(
+            Encoding::Gzip,
+            bytes::Bytes::from(gzip(bytes_max)),
+            bytes_max,
+        );
+        assert_eq!(exact.map(|body| body.len()), Ok(bytes_max));
+    }
+
+    // Checks that a zstd frame declaring a window far larger than the limit is refused before
+    // the decoder allocates that window, while the window ordinary encoders declare (8 MiB) is
+    // accepted even with a small limit. Before, any window up to zstd's default of 128 MiB was
+    // accepted whatever the limit.
+    #[test]
+    fn zstd_window_is_bounded_by_the_limit() {
+        let compress = |window_log: u32| {
+            let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+            encoder.window_log(window_log).unwrap();
+            encoder.write_all(b"cpu v=1\n").unwrap();
+            encoder.finish().unwrap()
+        };
+        let bytes_max = 1 << 20;
+        let wide = bytes::Bytes::from(compress(27));
+        assert!(matches!(
+            decompress(Encoding::Zstd, wide.clone(), bytes_max),
+            Err(DecodeError::Corrupt {
+                encoding: "zstd",
+                ..
+            })
+        ));
+        // The default limit (100 MiB) allows zstd's usual maximum window.
+        assert_eq!(
+            &decompress(Encoding::Zstd, wide, 100 << 20).unwrap()[..],
+            b"cpu v=1\n"
+        );
+        assert_eq!(
+            &decompress(Encoding::Zstd, bytes::Bytes::from(compress(23)), bytes_max).unwrap()[..],
+            b"cpu v=1\n"
+        );
+        assert_eq!(zstd_window_log_max(1), 23);
+        assert_eq!(zstd_window_log_max((16 << 20) + 1), 25);
+        assert_eq!(zstd_window_log_max(usize::MAX), 27);
     }
 }

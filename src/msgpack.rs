@@ -70,7 +70,14 @@
 //! Record indexes count records (not batch wrappers) from 0 in body order; row indexes count
 //! from 0 within a columnar record's arrays, i.e. they are the array positions the client used.
 //!
-//! # Performance
+//! # Limits
+//!
+//! Every count in the body is checked against the bytes left before it drives a loop, so a
+//! header claiming four billion elements is refused at once, and nothing is allocated from a
+//! count. [`MsgpackLimits`] bounds the rows of a request, the columns of a record and the bytes
+//! of output: names repeat on every line, so a few megabytes of columnar body can translate to
+//! gigabytes, and the translation stops at the first line past the limit.
+//!
 //!
 //! A columnar record is read twice and copied never: the first pass checks every column and
 //! settles its type, the second walks one cursor per column in step and writes the rows. Strings
@@ -122,14 +129,20 @@ pub struct MsgpackLimits {
     pub rows_max: usize,
     /// The most tags plus fields one record may have (the time column not counted).
     pub columns_max: usize,
+    /// The most bytes of line protocol one request may translate to. The node passes
+    /// `ingest.decompressed_bytes_max`: the translation is what the WAL stores, and names repeat
+    /// on every line, so a body within the decompression limit can translate to far more.
+    pub output_bytes_max: usize,
 }
 
 impl Default for MsgpackLimits {
-    /// One million rows; 1024 columns, the line-protocol parser's default per line.
+    /// One million rows; 1024 columns, the line-protocol parser's default per line; 100 MiB of
+    /// output, the default of `ingest.decompressed_bytes_max`.
     fn default() -> Self {
         MsgpackLimits {
             rows_max: 1 << 20,
             columns_max: 1_024,
+            output_bytes_max: 100 << 20,
         }
     }
 }
@@ -158,9 +171,9 @@ impl fmt::Display for Location {
     }
 }
 
-/// Why a MessagePack body was refused (HTTP 400, except [`MsgpackError::TooManyRows`] and
-/// [`MsgpackError::TooManyColumns`], which are 413). Names quoted in these are cut to 64
-/// characters.
+/// Why a MessagePack body was refused (HTTP 400, except [`MsgpackError::TooManyRows`],
+/// [`MsgpackError::TooManyColumns`] and [`MsgpackError::TooLarge`], which are 413). Names quoted
+/// in these are cut to 64 characters.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MsgpackError {
     #[error("the body is empty")]
@@ -239,6 +252,11 @@ pub enum MsgpackError {
     TooManyRows { record: usize, rows_max: usize },
     #[error("record {record}: more than {columns_max} tags and fields")]
     TooManyColumns { record: usize, columns_max: usize },
+    #[error(
+        "record {record}: the request translates to more than {bytes_max} bytes of line \
+         protocol (the limit is ingest.decompressed_bytes_max)"
+    )]
+    TooLarge { record: usize, bytes_max: usize },
     #[error("{at}: {found} in a column of type {expected}")]
     TypeMismatch {
         at: Location,
@@ -271,6 +289,11 @@ pub enum MsgpackError {
 /// line per row, so parse it with [`crate::line_protocol::Precision::Microseconds`]. Returns the
 /// number of rows (0 for an empty batch). On error `out` is restored to its length before the
 /// call.
+///
+/// The output is bounded while it is written: the call fails with [`MsgpackError::TooLarge`] as
+/// soon as it has appended more than `limits.output_bytes_max` bytes, and `out` is never grown
+/// by this call past its length at the call plus that limit plus one line (or its capacity at
+/// the call, if larger).
 pub fn to_line_protocol(
     body: &[u8],
     default_time_us: i64,
@@ -294,9 +317,14 @@ fn decode(
     if body.is_empty() {
         return Err(MsgpackError::EmptyBody);
     }
+    let budget = OutputBudget {
+        start: out.len(),
+        bytes_max: limits.output_bytes_max,
+    };
     let mut decoder = Decoder {
         default_time_us,
         limits,
+        budget,
         out,
         rows: 0,
         records: 0,
@@ -392,6 +420,8 @@ struct Column<'b> {
     cursor: Reader<'b>,
     /// The escaped name with its separator: `,name=` for a tag, `name=` for a field.
     prefix: String,
+    /// The most bytes any of its values is written as, from the checking pass.
+    value_bytes_max: usize,
 }
 
 /// The values of the keys a record map may have, each a reader at the value.
@@ -426,6 +456,7 @@ impl<'b> RecordKeys<'b> {
 struct Decoder<'b, 'o> {
     default_time_us: i64,
     limits: &'o MsgpackLimits,
+    budget: OutputBudget,
     out: &'o mut String,
     /// Rows written so far, over all records.
     rows: usize,
@@ -658,10 +689,9 @@ impl<'b> Decoder<'b, '_> {
                 });
             }
             let is_tag = self.tag_names.contains(&name);
-            let kind = if is_tag {
+            let (kind, string_bytes_max) = if is_tag {
                 self.check_role(record, measurement, name, ColumnKind::Tag)?;
-                scan_tags(&mut reader, record, name, length)?;
-                None
+                (None, scan_tags(&mut reader, record, name, length)?)
             } else {
                 let fixed = self.field_kind(record, measurement, name)?;
                 scan_field(&mut reader, record, name, length, fixed)?
@@ -672,6 +702,7 @@ impl<'b> Decoder<'b, '_> {
                 kind,
                 cursor: start,
                 prefix: String::new(),
+                value_bytes_max: value_bytes_max(string_bytes_max),
             });
         }
         let rows = rows.map_or(0, |(rows, _)| rows);
@@ -704,8 +735,22 @@ impl<'b> Decoder<'b, '_> {
                 .cmp(&(!right.is_tag, right.is_tag.then_some(right.name)))
         });
         columns.retain(|column| column.is_tag || column.kind.is_some());
+        let line_bytes_max = columns.iter().fold(
+            measurement.len().saturating_add(LINE_END_BYTES_MAX),
+            |bytes, column| {
+                // One byte for the space or comma before a field; a tag's comma is in its prefix.
+                bytes
+                    .saturating_add(1 + column.prefix.len())
+                    .saturating_add(column.value_bytes_max)
+            },
+        );
+        let rows_out = RowsOut {
+            out: &mut *self.out,
+            budget: self.budget,
+            line_bytes_max,
+        };
         let result = write_columnar_rows(
-            self.out,
+            rows_out,
             record,
             measurement,
             &mut columns,
@@ -803,6 +848,12 @@ impl<'b> Decoder<'b, '_> {
             match reader.read()? {
                 Value::Map(count) => {
                     tag_count = count as usize;
+                    if tag_count > columns_max {
+                        return Err(MsgpackError::TooManyColumns {
+                            record,
+                            columns_max,
+                        });
+                    }
                     for _ in 0..count {
                         let key = read_key(&mut reader, record)?;
                         check_column_name(key, record)?;
@@ -966,7 +1017,35 @@ impl<'b> Decoder<'b, '_> {
             self.register(measurement, key, ColumnKind::Field(scalar_type(scalar)));
         }
 
+        let line_bytes_max = row_tags
+            .iter()
+            .map(|(key, value)| {
+                let value_bytes = match value {
+                    TagText::Text(text) => value_bytes_max(text.len()),
+                    _ => SCALAR_BYTES_MAX,
+                };
+                (key.len(), value_bytes)
+            })
+            .chain(row_fields.iter().map(|(key, value)| {
+                let value_bytes = match value {
+                    Scalar::String(text) => value_bytes_max(text.len()),
+                    _ => SCALAR_BYTES_MAX,
+                };
+                (key.len(), value_bytes)
+            }))
+            .fold(
+                measurement.len().saturating_add(LINE_END_BYTES_MAX),
+                |bytes, (key_bytes, value_bytes)| {
+                    // A separator, the key escaped (at most twice its length), `=` and the value.
+                    bytes
+                        .saturating_add(2)
+                        .saturating_add(key_bytes.saturating_mul(2))
+                        .saturating_add(value_bytes)
+                },
+            );
         let out = &mut *self.out;
+        self.budget.reserve_line(out, line_bytes_max);
+        let line_start = out.len();
         out.push_str(measurement);
         for (key, value) in &row_tags {
             out.push(',');
@@ -983,9 +1062,10 @@ impl<'b> Decoder<'b, '_> {
         out.push(' ');
         push_integer(out, time_us);
         out.push('\n');
+        debug_assert!(out.len() - line_start <= line_bytes_max);
         self.row_tags = row_tags;
         self.row_fields = row_fields;
-        Ok(())
+        self.budget.check(out, record)
     }
 }
 
@@ -1144,33 +1224,43 @@ fn scan_time(
     Ok(unit)
 }
 
-/// Checks a tag column's values.
+/// Checks a tag column's values and returns the length in bytes of its longest string.
 fn scan_tags(
     reader: &mut Reader<'_>,
     record: usize,
     name: &str,
     rows: usize,
-) -> Result<(), MsgpackError> {
+) -> Result<usize, MsgpackError> {
+    let mut string_bytes_max = 0;
     for row in 0..rows {
-        tag_text(reader.read()?)
+        let value = reader.read()?;
+        if let Value::String(bytes) = value {
+            string_bytes_max = string_bytes_max.max(bytes.len());
+        }
+        tag_text(value)
             .map_err(|error| value_error(error, column_location(record, name, row), TAG_TYPE))?;
     }
-    Ok(())
+    Ok(string_bytes_max)
 }
 
 /// Checks a field column's values and returns its type: `fixed` if an earlier record set it,
 /// else the type of the first non-nil value (an integer column holding a value above `i64::MAX`
-/// is unsigned). `None` if every value is nil.
+/// is unsigned). `None` if every value is nil. Also returns the length in bytes of the column's
+/// longest string.
 fn scan_field(
     reader: &mut Reader<'_>,
     record: usize,
     name: &str,
     rows: usize,
     fixed: Option<FieldType>,
-) -> Result<Option<FieldType>, MsgpackError> {
+) -> Result<(Option<FieldType>, usize), MsgpackError> {
+    let mut string_bytes_max = 0;
     if let Some(kind) = fixed {
         for row in 0..rows {
             let value = reader.read()?;
+            if let Value::String(bytes) = value {
+                string_bytes_max = string_bytes_max.max(bytes.len());
+            }
             if value != Value::Nil {
                 field_scalar(value, kind).map_err(|error| {
                     value_error(
@@ -1181,7 +1271,7 @@ fn scan_field(
                 })?;
             }
         }
-        return Ok(Some(kind));
+        return Ok((Some(kind), string_bytes_max));
     }
 
     /// The first non-nil value decides; integers stay undecided between signed and unsigned
@@ -1197,6 +1287,9 @@ fn scan_field(
         let value = reader.read()?;
         if value == Value::Nil {
             continue;
+        }
+        if let Value::String(bytes) = value {
+            string_bytes_max = string_bytes_max.max(bytes.len());
         }
         let at = || column_location(record, name, row);
         let class = match &mut class {
@@ -1256,13 +1349,14 @@ fn scan_field(
             }
         }
     }
-    Ok(class.map(|class| match class {
+    let kind = class.map(|class| match class {
         Class::Float => FieldType::Float,
         Class::Boolean => FieldType::Boolean,
         Class::String => FieldType::String,
         Class::Integer { large: true, .. } => FieldType::Unsigned,
         Class::Integer { large: false, .. } => FieldType::Integer,
-    }))
+    });
+    Ok((kind, string_bytes_max))
 }
 
 fn column_location(record: usize, name: &str, row: usize) -> Location {
@@ -1277,9 +1371,10 @@ fn column_location(record: usize, name: &str, row: usize) -> Location {
 // Columns: the writing pass.
 
 /// Writes the rows of a checked columnar record. `columns` holds the tags (sorted by name), then
-/// the fields in body order; each cursor is at the column's first element.
+/// the fields in body order; each cursor is at the column's first element. Stops with
+/// [`MsgpackError::TooLarge`] after the first line that takes the output past its budget.
 fn write_columnar_rows(
-    out: &mut String,
+    rows_out: RowsOut<'_>,
     record: usize,
     measurement: &str,
     columns: &mut [Column<'_>],
@@ -1287,8 +1382,15 @@ fn write_columnar_rows(
     rows: usize,
     default_time_us: i64,
 ) -> Result<(), MsgpackError> {
+    let RowsOut {
+        out,
+        budget,
+        line_bytes_max,
+    } = rows_out;
     let mut time = time;
     for row in 0..rows {
+        budget.reserve_line(out, line_bytes_max);
+        let line_start = out.len();
         out.push_str(measurement);
         let mut fields_written = 0usize;
         for column in columns.iter_mut() {
@@ -1344,8 +1446,78 @@ fn write_columnar_rows(
         out.push(' ');
         push_integer(out, time_us);
         out.push('\n');
+        debug_assert!(out.len() - line_start <= line_bytes_max);
+        budget.check(out, record)?;
     }
     Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// The output budget.
+
+/// The most bytes a number or boolean is written as: a float's shortest form takes at most 24
+/// (`-2.2250738585072014e-308`), an integer with its type suffix 21.
+const SCALAR_BYTES_MAX: usize = 24;
+
+/// The most bytes a line ends with: the space, the time (at most 19 digits and a sign) and `\n`.
+const LINE_END_BYTES_MAX: usize = 22;
+
+/// The most bytes a value is written as, if its longest string is `string_bytes_max` bytes:
+/// escaping at most doubles a string, and a string field adds two quotes.
+fn value_bytes_max(string_bytes_max: usize) -> usize {
+    string_bytes_max
+        .saturating_mul(2)
+        .saturating_add(2)
+        .max(SCALAR_BYTES_MAX)
+}
+
+/// How much line protocol one call may append: the output's length at the call and the limit.
+///
+/// The size is checked after every line, so the output never holds more than the limit plus one
+/// line; and the space for each line is reserved here, capped at that same bound, so the String's
+/// own doubling cannot allocate twice the limit either.
+#[derive(Debug, Clone, Copy)]
+struct OutputBudget {
+    start: usize,
+    bytes_max: usize,
+}
+
+impl OutputBudget {
+    /// Makes room for a line of at most `line_bytes_max` bytes, doubling the capacity as a String
+    /// would, but never past `start + bytes_max + line_bytes_max`.
+    #[inline]
+    fn reserve_line(&self, out: &mut String, line_bytes_max: usize) {
+        if out.capacity() - out.len() >= line_bytes_max {
+            return;
+        }
+        let needed = out.len().saturating_add(line_bytes_max);
+        let ceiling = self
+            .start
+            .saturating_add(self.bytes_max)
+            .saturating_add(line_bytes_max);
+        let target = out.capacity().saturating_mul(2).min(ceiling).max(needed);
+        out.reserve_exact(target - out.len());
+    }
+
+    /// Refuses the output once this call has appended more than the limit.
+    #[inline]
+    fn check(&self, out: &str, record: usize) -> Result<(), MsgpackError> {
+        if out.len() - self.start > self.bytes_max {
+            return Err(MsgpackError::TooLarge {
+                record,
+                bytes_max: self.bytes_max,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where a columnar record's rows go: the output, its budget, and the most bytes one of the
+/// record's lines can take.
+struct RowsOut<'o> {
+    out: &'o mut String,
+    budget: OutputBudget,
+    line_bytes_max: usize,
 }
 
 // ------------------------------------------------------------------------------------------------

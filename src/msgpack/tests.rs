@@ -1314,6 +1314,7 @@ fn limits_are_enforced() {
     let small = MsgpackLimits {
         rows_max: 3,
         columns_max: 2,
+        ..limits()
     };
     let two_rows = || columnar("m", vec![("v", vec![V::Int(1), V::Int(2)])], &[]);
     let mut out = String::new();
@@ -1357,6 +1358,194 @@ fn limits_are_enforced() {
             columns_max: 2
         }
     );
+}
+
+/// A columnar record without a time column whose `columns` names are 120 characters long and
+/// whose values are all the one-byte integer 1: about 8 body bytes per row become about 1000
+/// bytes of line protocol, as names repeat on every line.
+fn long_names_body(rows: usize) -> Vec<u8> {
+    use rmp::encode;
+    let mut out = Vec::new();
+    encode::write_map_len(&mut out, 2).unwrap();
+    encode::write_str(&mut out, "m").unwrap();
+    encode::write_str(&mut out, "m").unwrap();
+    encode::write_str(&mut out, "columns").unwrap();
+    encode::write_map_len(&mut out, 8).unwrap();
+    for column in 0..8 {
+        let name = format!("c{column}{}", "x".repeat(118));
+        encode::write_str(&mut out, &name).unwrap();
+        encode::write_array_len(&mut out, rows as u32).unwrap();
+        out.extend(std::iter::repeat_n(1u8, rows));
+    }
+    out
+}
+
+// A columnar body whose translation would be about 100 MB (100,000 rows of eight 120-character
+// column names, from an 800 KB body) is refused with TooLarge once the output passes a 1 MiB
+// limit, and the output String never reserved more than the limit plus one line. Before, the
+// translation had no bound: this body was written out in full (about 100 MB, the String's
+// doubling reserving up to twice that) and only then measured by the caller.
+#[test]
+fn columnar_output_stops_at_the_limit() {
+    let bytes_max = 1 << 20;
+    let bounded = MsgpackLimits {
+        output_bytes_max: bytes_max,
+        ..limits()
+    };
+    let mut one = String::new();
+    to_line_protocol(&long_names_body(1), 7, &limits(), &mut one).unwrap();
+    let line_bytes = one.len();
+    assert!((900..1100).contains(&line_bytes), "{one}");
+
+    let body = long_names_body(100_000);
+    assert!(body.len() < 1_000_000);
+    let mut out = String::new();
+    assert_eq!(
+        to_line_protocol(&body, 7, &bounded, &mut out),
+        Err(MsgpackError::TooLarge {
+            record: 0,
+            bytes_max
+        })
+    );
+    assert_eq!(out, "");
+    // Room for each line is reserved by a bound on its size (24 bytes per number, 20 for the
+    // time) rather than its real size (`1i`, `7`), here under twice the real line.
+    assert!(
+        out.capacity() <= bytes_max + 2 * line_bytes,
+        "capacity {} for a limit of {bytes_max} and lines of {line_bytes} bytes",
+        out.capacity()
+    );
+}
+
+// The same bound holds for row records, where the compact `f` array turns one byte per value
+// into `field_<n>=1i`: 2,000 records of 1,000 values (2 MB) would translate to 24 MB.
+#[test]
+fn row_output_stops_at_the_limit() {
+    use rmp::encode;
+    let bytes_max = 1 << 20;
+    let bounded = MsgpackLimits {
+        output_bytes_max: bytes_max,
+        ..limits()
+    };
+    let mut record = Vec::new();
+    encode::write_map_len(&mut record, 2).unwrap();
+    encode::write_str(&mut record, "m").unwrap();
+    encode::write_str(&mut record, "m").unwrap();
+    encode::write_str(&mut record, "f").unwrap();
+    encode::write_array_len(&mut record, 1_000).unwrap();
+    record.extend(std::iter::repeat_n(1u8, 1_000));
+    let mut body = Vec::new();
+    encode::write_array_len(&mut body, 2_000).unwrap();
+    for _ in 0..2_000 {
+        body.extend_from_slice(&record);
+    }
+
+    let mut line = String::new();
+    to_line_protocol(&record, 7, &limits(), &mut line).unwrap();
+    let line_bytes = line.len();
+    let mut out = String::new();
+    let error = to_line_protocol(&body, 7, &bounded, &mut out).unwrap_err();
+    assert_eq!(
+        error,
+        MsgpackError::TooLarge {
+            record: bytes_max / line_bytes,
+            bytes_max
+        }
+    );
+    assert_eq!(out, "");
+    // Room for each line is reserved by a bound on its size that counts keys as if every byte
+    // were escaped and every number as 24 bytes, here under four times the real line.
+    assert!(
+        out.capacity() <= bytes_max + 4 * line_bytes,
+        "capacity {} for a limit of {bytes_max} and lines of {line_bytes} bytes",
+        out.capacity()
+    );
+}
+
+// The limit counts the bytes this call appends, not what the caller's buffer held before, and an
+// output of exactly the limit is accepted; one byte less is refused, naming the setting.
+#[test]
+fn output_limit_is_exact() {
+    let record = columnar(
+        "cpu",
+        vec![
+            ("host", vec![s("a"), s("b")]),
+            ("usage", vec![V::F64(0.5), V::Int(2)]),
+        ],
+        &["host"],
+    );
+    let expected = must_decode(&record);
+    let with_limit = |output_bytes_max| MsgpackLimits {
+        output_bytes_max,
+        ..limits()
+    };
+    let mut out = String::from("earlier\n");
+    assert_eq!(
+        to_line_protocol(
+            &body(&record),
+            DEFAULT_TIME_US,
+            &with_limit(expected.len()),
+            &mut out
+        ),
+        Ok(2)
+    );
+    assert_eq!(out, format!("earlier\n{expected}"));
+    let error = must_fail_with(&record, &with_limit(expected.len() - 1));
+    assert_eq!(
+        error,
+        MsgpackError::TooLarge {
+            record: 0,
+            bytes_max: expected.len() - 1
+        }
+    );
+    assert!(error.to_string().contains("ingest.decompressed_bytes_max"));
+}
+
+// Lengths read from headers are checked against the bytes left in the body before anything is
+// read or reserved, wherever the header sits: an array, map, string or binary claiming 2^32 - 1
+// elements or bytes in a body of a few bytes is refused at once as malformed. (The reader already
+// did this; the test guards it, since such a count must never size an allocation.)
+#[test]
+fn huge_declared_lengths_fail_fast() {
+    let claims = |marker: u8| V::Raw(vec![marker, 0xff, 0xff, 0xff, 0xff, 0x01]);
+    const ARRAY: &str = "an array claims more elements than the body holds";
+    const MAP: &str = "a map claims more entries than the body holds";
+    const ENDS: &str = "the body ends inside a value";
+    let cases = vec![
+        // map32, str32, bin32 and array32 at the top.
+        (claims(0xdf), MAP),
+        (claims(0xdb), ENDS),
+        (claims(0xc6), ENDS),
+        (claims(0xdd), ARRAY),
+        // A column, `tag_keys`, the compact `f` array and a batch claiming four billion values.
+        (
+            map(vec![
+                ("m", s("m")),
+                ("columns", map(vec![("v", claims(0xdd))])),
+            ]),
+            ARRAY,
+        ),
+        (
+            map(vec![
+                ("m", s("m")),
+                ("columns", map(vec![("v", arr(vec![V::Int(1)]))])),
+                ("tag_keys", claims(0xdd)),
+            ]),
+            ARRAY,
+        ),
+        (map(vec![("m", s("m")), ("f", claims(0xdd))]), ARRAY),
+        (map(vec![("m", s("m")), ("tags", claims(0xdf))]), MAP),
+        (map(vec![("batch", claims(0xdd))]), ARRAY),
+    ];
+    for (value, reason) in cases {
+        let mut out = String::new();
+        let error = to_line_protocol(&body(&value), 0, &limits(), &mut out).unwrap_err();
+        assert!(
+            matches!(error, MsgpackError::Malformed { reason: found, .. } if found == reason),
+            "{value:?}: {error}"
+        );
+        assert_eq!(out.capacity(), 0, "{value:?}");
+    }
 }
 
 // A failed decode leaves the caller's buffer as it was, so a reused buffer never carries half a
