@@ -181,30 +181,24 @@ impl Api {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_micros() as i64)
                 .unwrap_or(0);
-            let mut lines = String::with_capacity(body.len() * 2);
-            let limits = crate::msgpack::MsgpackLimits::default();
+            // Column names repeat on every line, so the translation can be far larger than
+            // the body: it stops while writing once it passes the WAL record's payload limit.
+            let bytes_max = self.node.config.ingest.decompressed_bytes_max;
+            let mut lines = String::with_capacity(body.len().saturating_mul(2).min(bytes_max));
+            let limits = crate::msgpack::MsgpackLimits {
+                output_bytes_max: bytes_max,
+                ..crate::msgpack::MsgpackLimits::default()
+            };
             if let Err(e) = crate::msgpack::to_line_protocol(&body, now_us, &limits, &mut lines) {
                 let status = match e {
                     crate::msgpack::MsgpackError::TooManyRows { .. }
-                    | crate::msgpack::MsgpackError::TooManyColumns { .. } => {
+                    | crate::msgpack::MsgpackError::TooManyColumns { .. }
+                    | crate::msgpack::MsgpackError::TooLarge { .. } => {
                         StatusCode::PAYLOAD_TOO_LARGE
                     }
                     _ => StatusCode::BAD_REQUEST,
                 };
                 return error(status, &e.to_string());
-            }
-            // Column names repeat on every line, so the translation can be far larger than
-            // the body: it must still fit the WAL record limit.
-            let bytes_max = self.node.config.ingest.decompressed_bytes_max;
-            if lines.len() > bytes_max {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!(
-                        "body expands to {} bytes of rows, more than ingest.decompressed_bytes_max ({})",
-                        lines.len(),
-                        bytes_max
-                    ),
-                );
             }
             (Precision::Microseconds, Bytes::from(lines))
         } else {

@@ -626,3 +626,53 @@ fn a_graceful_stop_logs_no_error() {
     assert!(log.contains("shale node stopped"), "{log}");
     assert!(!log.contains(" ERROR "), "{log}");
 }
+
+// Arc MessagePack repeats column names on every translated line, so a small body can expand
+// to far more rows of text than ingest.decompressed_bytes_max: the translation stops at the
+// limit while it writes (413, nothing stored) instead of building the whole text first.
+#[test]
+fn msgpack_expanding_past_the_limit_is_413() {
+    use rmp::encode::*;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            extra_env: vec![(
+                "SHALE_INGEST_DECOMPRESSED_BYTES_MAX".into(),
+                (1 << 20).to_string(),
+            )],
+            ..NodeOptions::default()
+        },
+    );
+    let rows = 15_000u32;
+    let names: Vec<String> = (0..4)
+        .map(|i| format!("{}{i}", "field_".repeat(20)))
+        .collect();
+    let mut body = Vec::new();
+    write_map_len(&mut body, 2).unwrap();
+    write_str(&mut body, "m").unwrap();
+    write_str(&mut body, "wide").unwrap();
+    write_str(&mut body, "columns").unwrap();
+    write_map_len(&mut body, 1 + names.len() as u32).unwrap();
+    write_str(&mut body, "time").unwrap();
+    write_array_len(&mut body, rows).unwrap();
+    for i in 0..rows {
+        write_sint(&mut body, 1_767_225_600_000 + i64::from(i)).unwrap();
+    }
+    for name in &names {
+        write_str(&mut body, name).unwrap();
+        write_array_len(&mut body, rows).unwrap();
+        for i in 0..rows {
+            write_f64(&mut body, f64::from(i)).unwrap();
+        }
+    }
+    assert!(body.len() < 1 << 20, "the body itself is within the limit");
+    let response = node.post("/api/v1/write/msgpack", &[("x-arc-database", "mp")], &body);
+    assert_eq!(response.status, 413, "{}", response.text());
+    assert!(
+        response.text().contains("decompressed_bytes_max"),
+        "{}",
+        response.text()
+    );
+    assert_eq!(node.metric("shale_write_rows_total"), 0.0);
+}
