@@ -286,14 +286,18 @@ impl Worker {
             let _ = self.watchdog.send(WatchdogMessage::Start(deadline));
             let started = Instant::now();
             let mut created = Vec::new();
-            let result = self.execute(&job, &mut created, started);
+            let result = self.execute(&job, &mut created, started, deadline);
             let _ = self.watchdog.send(WatchdogMessage::Done);
             self.metrics.queries.increment();
             let event = match result {
                 Ok(()) => QueryEvent::End,
                 Err(error) => {
                     self.metrics.query_errors.increment();
-                    let error = if self.timed_out.load(Ordering::SeqCst) {
+                    // The watchdog flags a query it interrupted in DuckDB; a send to a client
+                    // that stopped reading reports its own timeout.
+                    let error = if self.timed_out.load(Ordering::SeqCst)
+                        || matches!(error, QueryError::Timeout(_))
+                    {
                         self.metrics.query_timeouts.increment();
                         QueryError::Timeout(self.config.timeout_ms)
                     } else {
@@ -303,8 +307,22 @@ impl Worker {
                 }
             };
             // The answer is complete: the client need not wait for the clean-up, and the next
-            // job starts only after it.
-            let _ = job.events.send(event);
+            // job starts only after it. The last event waits for room no longer than the rest:
+            // if the client has not made room by the deadline, dropping the channel ends the
+            // response with an error, which is all a client that stopped reading can be told.
+            let ended = matches!(event, QueryEvent::End);
+            if let Err(flume::SendTimeoutError::Timeout(_)) =
+                job.events.send_deadline(event, deadline)
+            {
+                if ended {
+                    self.metrics.query_errors.increment();
+                    self.metrics.query_timeouts.increment();
+                }
+                tracing::debug!(
+                    timeout_ms = self.config.timeout_ms,
+                    "client did not read the answer in time; abandoned"
+                );
+            }
             // Ends the query's transaction (begun in `execute`), dropping its views.
             if let Err(error) = self.connection.execute_batch("ROLLBACK") {
                 tracing::debug!(%error, "end query transaction");
@@ -326,6 +344,7 @@ impl Worker {
         job: &Job,
         created: &mut Vec<String>,
         started: Instant,
+        deadline: Instant,
     ) -> Result<(), QueryError> {
         let checked = sql_guard::check(
             &job.request.sql,
@@ -443,7 +462,7 @@ impl Worker {
             "query phases"
         );
         let schema = stream.get_schema();
-        let mut sink = Sink::new(&job.events, job.request.format, &self.config);
+        let mut sink = Sink::new(&job.events, job.request.format, &self.config, deadline);
         sink.start(&schema)?;
         loop {
             let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stream.next()));
@@ -795,9 +814,14 @@ fn sql_type(data_type: &DataType) -> &'static str {
 }
 
 /// Turns batches into response chunks, holding JSON back until it is large enough to stream.
+///
+/// Sends wait for room in the response channel only until the query's deadline: a client that
+/// stops reading fills the channel, and a send without a deadline would hold the worker (which
+/// the watchdog cannot interrupt outside DuckDB) for as long as the client keeps its socket.
 struct Sink<'a> {
     events: &'a flume::Sender<QueryEvent>,
     config: &'a QueryConfig,
+    deadline: Instant,
     json: Option<JsonEncoder>,
     arrow: Option<ArrowEncoder>,
     format: Format,
@@ -811,10 +835,12 @@ impl<'a> Sink<'a> {
         events: &'a flume::Sender<QueryEvent>,
         format: Format,
         config: &'a QueryConfig,
+        deadline: Instant,
     ) -> Sink<'a> {
         Sink {
             events,
             config,
+            deadline,
             format,
             json: None,
             arrow: None,
@@ -899,8 +925,13 @@ impl<'a> Sink<'a> {
 
     fn send(&self, event: QueryEvent) -> Result<(), QueryError> {
         self.events
-            .send(event)
-            .map_err(|_| QueryError::Internal("client went away".into()))
+            .send_deadline(event, self.deadline)
+            .map_err(|error| match error {
+                flume::SendTimeoutError::Timeout(_) => QueryError::Timeout(self.config.timeout_ms),
+                flume::SendTimeoutError::Disconnected(_) => {
+                    QueryError::Internal("client went away".into())
+                }
+            })
     }
 }
 
