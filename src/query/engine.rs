@@ -219,6 +219,10 @@ struct Worker {
     /// Copies of unflushed rows kept across queries (see `refresh_piece_cache`).
     piece_cache: std::cell::RefCell<HashMap<PieceKey, CachedPiece>>,
     cache_sequence: std::cell::Cell<u64>,
+    /// Makes the next append fail before the batch at this index (after the earlier batches
+    /// went in), so tests can check what a failure half-way leaves behind.
+    #[cfg(test)]
+    append_fault: std::cell::Cell<Option<usize>>,
 }
 
 enum WatchdogMessage {
@@ -273,6 +277,8 @@ impl Worker {
             metrics,
             piece_cache: std::cell::RefCell::new(HashMap::new()),
             cache_sequence: std::cell::Cell::new(0),
+            #[cfg(test)]
+            append_fault: std::cell::Cell::new(None),
         }
     }
 
@@ -652,30 +658,15 @@ impl Worker {
             }
             let entry = cache.get_mut(&key).expect("inserted above");
             if entry.rows < rows {
-                let mut appender = self
-                    .connection
-                    .appender(&entry.name)
-                    .map_err(|e| internal(&e))?;
-                for fresh in piece.rows_from(entry.rows) {
-                    let arrays: Vec<ArrayRef> = fresh
-                        .columns()
-                        .iter()
-                        .zip(schema.fields())
-                        .map(
-                            |(array, field)| match array.data_type() == field.data_type() {
-                                true => Ok(array.clone()),
-                                false => arrow::compute::cast(array, field.data_type()),
-                            },
-                        )
-                        .collect::<Result<_, _>>()
-                        .map_err(|e| internal(&e))?;
-                    let batch =
-                        RecordBatch::try_new(schema.clone(), arrays).map_err(|e| internal(&e))?;
-                    appender
-                        .append_record_batch(batch)
-                        .map_err(|e| internal(&e))?;
+                if let Err(error) = self.append_rows(&entry.name, &schema, piece, entry.rows) {
+                    // Some of the new rows may be in the table already (an appender flushes
+                    // what it holds when dropped), so the cached count no longer describes
+                    // it: forget the copy, and the next query loads the piece from scratch.
+                    if let Some(entry) = cache.remove(&key) {
+                        self.drop_cached(&entry.name);
+                    }
+                    return Err(internal(&error));
                 }
-                appender.flush().map_err(|e| internal(&e))?;
                 entry.rows = rows;
             }
             names.insert(key, entry.name.clone());
@@ -698,6 +689,52 @@ impl Worker {
         Ok(names)
     }
 
+    /// Appends the piece's rows from `offset` on to the cached table `name`. On an error the
+    /// table holds an unknown number of those rows; the caller must not keep using it.
+    fn append_rows(
+        &self,
+        name: &str,
+        schema: &Arc<Schema>,
+        piece: &BufferPiece,
+        offset: usize,
+    ) -> Result<(), AppendError> {
+        let mut appender = self.connection.appender(name)?;
+        for fresh in piece.rows_from(offset) {
+            #[cfg(test)]
+            self.inject_append_fault()?;
+            let arrays: Vec<ArrayRef> = fresh
+                .columns()
+                .iter()
+                .zip(schema.fields())
+                .map(
+                    |(array, field)| match array.data_type() == field.data_type() {
+                        true => Ok(array.clone()),
+                        false => arrow::compute::cast(array, field.data_type()),
+                    },
+                )
+                .collect::<Result<_, _>>()?;
+            appender.append_record_batch(RecordBatch::try_new(schema.clone(), arrays)?)?;
+        }
+        appender.flush()?;
+        Ok(())
+    }
+
+    /// Counts down `append_fault` and fails when it reaches zero.
+    #[cfg(test)]
+    fn inject_append_fault(&self) -> Result<(), AppendError> {
+        match self.append_fault.get() {
+            Some(0) => {
+                self.append_fault.set(None);
+                Err(AppendError::Injected)
+            }
+            Some(batches) => {
+                self.append_fault.set(Some(batches - 1));
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     fn drop_cached(&self, name: &str) {
         if let Err(error) = self
             .connection
@@ -706,6 +743,19 @@ impl Worker {
             tracing::debug!(%error, "drop cached unflushed rows");
         }
     }
+}
+
+/// Why bringing a cached piece up to date failed.
+#[derive(Debug, thiserror::Error)]
+enum AppendError {
+    #[error("append to cached table: {0}")]
+    DuckDb(#[from] duckdb::Error),
+    #[error("convert unflushed rows: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// A failure a unit test asked for (`Worker::append_fault`).
+    #[cfg(test)]
+    #[error("injected append failure")]
+    Injected,
 }
 
 /// Identifies one shard buffer generation of one table.
@@ -956,6 +1006,93 @@ mod tests {
             created_at_ms: 0,
             columns_fingerprint,
         }
+    }
+
+    /// A worker with no shards, over a sandboxed DuckDB like the node's.
+    fn worker() -> Worker {
+        let config = crate::config::Config::default().query;
+        let data_dir = std::env::temp_dir();
+        let connection = open_sandboxed(&config, &data_dir).unwrap();
+        Worker::new(
+            connection,
+            config,
+            data_dir,
+            Arc::new(Vec::new()),
+            Arc::default(),
+        )
+    }
+
+    /// One buffer generation of `cache.m` with `chunks` chunks of 100 rows, v = 0, 1, 2, ...
+    fn piece(chunks: i64) -> BufferPiece {
+        use arrow::array::{DictionaryArray, Int64Array};
+        use arrow::datatypes::Int32Type;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "host",
+                DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+                true,
+            ),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let chunk = |index: i64| {
+            let values = index * 100..(index + 1) * 100;
+            let hosts: DictionaryArray<Int32Type> = values
+                .clone()
+                .map(|v| ["h0", "h1", "h2"][v as usize % 3])
+                .collect();
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(hosts),
+                    Arc::new(Int64Array::from_iter_values(values)),
+                ],
+            )
+            .unwrap()
+        };
+        BufferPiece {
+            table: TableName {
+                database: "cache".into(),
+                measurement: "m".into(),
+            },
+            origin_node: 1,
+            shard: 0,
+            lsn_first: 7,
+            chunks: (0..chunks).map(chunk).collect(),
+        }
+    }
+
+    /// Brings the worker's copy of `piece` up to date and returns (rows, distinct v) in it.
+    fn refresh(worker: &Worker, piece: &BufferPiece) -> Result<(i64, i64), QueryError> {
+        let current = HashSet::from([piece_key(piece)]);
+        let names = worker.refresh_piece_cache(std::slice::from_ref(piece), &current)?;
+        let name = &names[&piece_key(piece)];
+        Ok(worker
+            .connection
+            .query_row(
+                &format!("SELECT count(*), count(DISTINCT v) FROM \"{name}\""),
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap())
+    }
+
+    // An append that fails half-way (here after its first batch went in, when the appender
+    // flushes that batch on the way out) leaves the cached copy with rows its count does not
+    // include. The next query must still see every row exactly once, both when the copy was
+    // new and when it was being extended; otherwise the rows before the failure are appended
+    // a second time.
+    #[test]
+    fn failed_append_never_duplicates_rows() {
+        let worker = worker();
+        worker.append_fault.set(Some(1));
+        assert!(refresh(&worker, &piece(3)).is_err());
+        assert_eq!(refresh(&worker, &piece(3)).unwrap(), (300, 300));
+
+        assert_eq!(refresh(&worker, &piece(4)).unwrap(), (400, 400));
+        worker.append_fault.set(Some(1));
+        assert!(refresh(&worker, &piece(7)).is_err());
+        assert_eq!(refresh(&worker, &piece(7)).unwrap(), (700, 700));
+        assert_eq!(refresh(&worker, &piece(8)).unwrap(), (800, 800));
     }
 
     // Files with one fingerprint share a scan; files without one (older entries) are read by
