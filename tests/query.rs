@@ -659,7 +659,8 @@ fn queries_over_many_unflushed_chunks_are_exact() {
 }
 
 // Limits answer cleanly: a query past query.timeout_ms is interrupted with a 408, and a JSON
-// answer over query.json_rows_max is a 413 that points to the Arrow endpoint.
+// answer over query.json_rows_max is a 413 that points to the Arrow endpoint. The node has one
+// query worker, so the queries after the interrupted one prove that worker serves again.
 #[test]
 fn query_limits() {
     let dir = tempfile::tempdir().unwrap();
@@ -667,6 +668,7 @@ fn query_limits() {
         &dir.path().join("data"),
         NodeOptions {
             extra_env: vec![
+                ("SHALE_QUERY_WORKERS".into(), "1".into()),
                 ("SHALE_QUERY_TIMEOUT_MS".into(), "300".into()),
                 ("SHALE_QUERY_JSON_ROWS_MAX".into(), "10".into()),
             ],
@@ -681,9 +683,13 @@ fn query_limits() {
     let response = node.post("/api/v1/query", &[], big.as_bytes());
     assert_eq!(response.status, 413, "{}", response.text());
     assert!(response.text().contains("arrow"), "{}", response.text());
-    // The worker is fine afterwards.
-    let answer = must_query(&node, "SELECT 42", &[]);
-    assert_eq!(data(&answer), vec![vec![json!(42)]]);
+    // The interrupted worker (the only one) is fine afterwards, and its connection carries no
+    // leftover interrupt into the next query.
+    for _ in 0..3 {
+        let answer = must_query(&node, "SELECT 42", &[]);
+        assert_eq!(data(&answer), vec![vec![json!(42)]]);
+    }
+    assert_eq!(node.metric("shale_query_timeouts_total"), 1.0);
 }
 
 /// Sends `sql` as a query on a raw connection and returns the socket without reading a byte
