@@ -659,7 +659,8 @@ fn queries_over_many_unflushed_chunks_are_exact() {
 }
 
 // Limits answer cleanly: a query past query.timeout_ms is interrupted with a 408, and a JSON
-// answer over query.json_rows_max is a 413 that points to the Arrow endpoint.
+// answer over query.json_rows_max is a 413 that points to the Arrow endpoint. The node has one
+// query worker, so the queries after the interrupted one prove that worker serves again.
 #[test]
 fn query_limits() {
     let dir = tempfile::tempdir().unwrap();
@@ -667,6 +668,7 @@ fn query_limits() {
         &dir.path().join("data"),
         NodeOptions {
             extra_env: vec![
+                ("SHALE_QUERY_WORKERS".into(), "1".into()),
                 ("SHALE_QUERY_TIMEOUT_MS".into(), "300".into()),
                 ("SHALE_QUERY_JSON_ROWS_MAX".into(), "10".into()),
             ],
@@ -681,9 +683,106 @@ fn query_limits() {
     let response = node.post("/api/v1/query", &[], big.as_bytes());
     assert_eq!(response.status, 413, "{}", response.text());
     assert!(response.text().contains("arrow"), "{}", response.text());
-    // The worker is fine afterwards.
-    let answer = must_query(&node, "SELECT 42", &[]);
-    assert_eq!(data(&answer), vec![vec![json!(42)]]);
+    // The interrupted worker (the only one) is fine afterwards, and its connection carries no
+    // leftover interrupt into the next query.
+    for _ in 0..3 {
+        let answer = must_query(&node, "SELECT 42", &[]);
+        assert_eq!(data(&answer), vec![vec![json!(42)]]);
+    }
+    assert_eq!(node.metric("shale_query_timeouts_total"), 1.0);
+}
+
+/// Sends `sql` as a query on a raw connection and returns the socket without reading a byte
+/// of the answer, once the answer has started (its status line waits in the socket).
+fn send_query_and_stop_reading(node: &Node, path: &str, sql: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let body = json!({ "sql": sql }).to_string();
+    let mut stream = std::net::TcpStream::connect(node.addr).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n\r\n{body}",
+        node.addr,
+        body.len()
+    )
+    .unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_millis(100)))
+        .unwrap();
+    let expected = b"HTTP/1.1 200";
+    let mut head = [0u8; 12];
+    node.wait_until(
+        "the unread answer to start",
+        || matches!(stream.peek(&mut head), Ok(n) if n == head.len()),
+    );
+    assert_eq!(&head, expected, "{}", String::from_utf8_lossy(&head));
+    stream
+}
+
+// A client that sends a query and then stops reading must not hold a query worker past
+// query.timeout_ms. Its answer (gigabytes: a cross join of wide rows) fills the socket and the
+// response channel; the worker must give the answer up at the deadline, count a timeout, and
+// serve other queries. Two such clients (one JSON, one Arrow) take both default workers, so
+// before the fix every later query waited forever.
+#[test]
+fn unread_answers_free_their_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            extra_env: vec![("SHALE_QUERY_TIMEOUT_MS".into(), "2000".into())],
+            ..NodeOptions::default()
+        },
+    );
+    let pad = "x".repeat(500);
+    let body: String = (0..2000)
+        .map(|i| {
+            format!(
+                "wide,host=h{} pad=\"{pad}\",v={i}i {}\n",
+                i % 7,
+                BASE_US + i
+            )
+        })
+        .collect();
+    let response = node.post("/write?db=stall&precision=us", &[], body.as_bytes());
+    assert_eq!(response.status, 204, "{}", response.text());
+    let timeouts_before = node.metric("shale_query_timeouts_total");
+
+    let huge = "SELECT a.pad, b.pad, a.v, b.v FROM stall.wide a, stall.wide b";
+    let stalled = [
+        send_query_and_stop_reading(&node, "/api/v1/query", huge),
+        send_query_and_stop_reading(&node, "/api/v1/query/arrow", huge),
+    ];
+
+    // A third client's query must be answered once the stalled answers reach their deadline.
+    // It may itself time out while it waits in the queue behind them, so it is retried.
+    let (done, finished) = std::sync::mpsc::channel();
+    let addr = node.addr;
+    std::thread::spawn(move || loop {
+        let body = json!({ "sql": "SELECT count(*), sum(v) FROM stall.wide" }).to_string();
+        let response =
+            harness::request(addr, "POST", "/api/v1/query", &[], body.as_bytes()).unwrap();
+        if response.status != 408 {
+            let _ = done.send(response);
+            return;
+        }
+    });
+    let response = finished
+        .recv_timeout(harness::DEADLINE)
+        .unwrap_or_else(|_| {
+            panic!(
+                "no query was answered: the unread answers still hold the workers; log:\n{}",
+                node.log()
+            )
+        });
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        data(&harness::json(&response)),
+        vec![vec![json!(2000), json!((0..2000).sum::<i64>())]]
+    );
+    node.wait_until("both abandoned answers counted as timeouts", || {
+        node.metric("shale_query_timeouts_total") - timeouts_before >= 2.0
+    });
+    drop(stalled);
 }
 
 // With the workers' copy cache capped at one row, every query evicts the other table's copy

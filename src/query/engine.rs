@@ -219,6 +219,10 @@ struct Worker {
     /// Copies of unflushed rows kept across queries (see `refresh_piece_cache`).
     piece_cache: std::cell::RefCell<HashMap<PieceKey, CachedPiece>>,
     cache_sequence: std::cell::Cell<u64>,
+    /// Makes the next append fail before the batch at this index (after the earlier batches
+    /// went in), so tests can check what a failure half-way leaves behind.
+    #[cfg(test)]
+    append_fault: std::cell::Cell<Option<usize>>,
 }
 
 enum WatchdogMessage {
@@ -273,6 +277,8 @@ impl Worker {
             metrics,
             piece_cache: std::cell::RefCell::new(HashMap::new()),
             cache_sequence: std::cell::Cell::new(0),
+            #[cfg(test)]
+            append_fault: std::cell::Cell::new(None),
         }
     }
 
@@ -286,14 +292,18 @@ impl Worker {
             let _ = self.watchdog.send(WatchdogMessage::Start(deadline));
             let started = Instant::now();
             let mut created = Vec::new();
-            let result = self.execute(&job, &mut created, started);
+            let result = self.execute(&job, &mut created, started, deadline);
             let _ = self.watchdog.send(WatchdogMessage::Done);
             self.metrics.queries.increment();
             let event = match result {
                 Ok(()) => QueryEvent::End,
                 Err(error) => {
                     self.metrics.query_errors.increment();
-                    let error = if self.timed_out.load(Ordering::SeqCst) {
+                    // The watchdog flags a query it interrupted in DuckDB; a send to a client
+                    // that stopped reading reports its own timeout.
+                    let error = if self.timed_out.load(Ordering::SeqCst)
+                        || matches!(error, QueryError::Timeout(_))
+                    {
                         self.metrics.query_timeouts.increment();
                         QueryError::Timeout(self.config.timeout_ms)
                     } else {
@@ -303,8 +313,22 @@ impl Worker {
                 }
             };
             // The answer is complete: the client need not wait for the clean-up, and the next
-            // job starts only after it.
-            let _ = job.events.send(event);
+            // job starts only after it. The last event waits for room no longer than the rest:
+            // if the client has not made room by the deadline, dropping the channel ends the
+            // response with an error, which is all a client that stopped reading can be told.
+            let ended = matches!(event, QueryEvent::End);
+            if let Err(flume::SendTimeoutError::Timeout(_)) =
+                job.events.send_deadline(event, deadline)
+            {
+                if ended {
+                    self.metrics.query_errors.increment();
+                    self.metrics.query_timeouts.increment();
+                }
+                tracing::debug!(
+                    timeout_ms = self.config.timeout_ms,
+                    "client did not read the answer in time; abandoned"
+                );
+            }
             // Ends the query's transaction (begun in `execute`), dropping its views.
             if let Err(error) = self.connection.execute_batch("ROLLBACK") {
                 tracing::debug!(%error, "end query transaction");
@@ -326,6 +350,7 @@ impl Worker {
         job: &Job,
         created: &mut Vec<String>,
         started: Instant,
+        deadline: Instant,
     ) -> Result<(), QueryError> {
         let checked = sql_guard::check(
             &job.request.sql,
@@ -443,7 +468,7 @@ impl Worker {
             "query phases"
         );
         let schema = stream.get_schema();
-        let mut sink = Sink::new(&job.events, job.request.format, &self.config);
+        let mut sink = Sink::new(&job.events, job.request.format, &self.config, deadline);
         sink.start(&schema)?;
         loop {
             let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stream.next()));
@@ -633,30 +658,15 @@ impl Worker {
             }
             let entry = cache.get_mut(&key).expect("inserted above");
             if entry.rows < rows {
-                let mut appender = self
-                    .connection
-                    .appender(&entry.name)
-                    .map_err(|e| internal(&e))?;
-                for fresh in piece.rows_from(entry.rows) {
-                    let arrays: Vec<ArrayRef> = fresh
-                        .columns()
-                        .iter()
-                        .zip(schema.fields())
-                        .map(
-                            |(array, field)| match array.data_type() == field.data_type() {
-                                true => Ok(array.clone()),
-                                false => arrow::compute::cast(array, field.data_type()),
-                            },
-                        )
-                        .collect::<Result<_, _>>()
-                        .map_err(|e| internal(&e))?;
-                    let batch =
-                        RecordBatch::try_new(schema.clone(), arrays).map_err(|e| internal(&e))?;
-                    appender
-                        .append_record_batch(batch)
-                        .map_err(|e| internal(&e))?;
+                if let Err(error) = self.append_rows(&entry.name, &schema, piece, entry.rows) {
+                    // Some of the new rows may be in the table already (an appender flushes
+                    // what it holds when dropped), so the cached count no longer describes
+                    // it: forget the copy, and the next query loads the piece from scratch.
+                    if let Some(entry) = cache.remove(&key) {
+                        self.drop_cached(&entry.name);
+                    }
+                    return Err(internal(&error));
                 }
-                appender.flush().map_err(|e| internal(&e))?;
                 entry.rows = rows;
             }
             names.insert(key, entry.name.clone());
@@ -679,6 +689,52 @@ impl Worker {
         Ok(names)
     }
 
+    /// Appends the piece's rows from `offset` on to the cached table `name`. On an error the
+    /// table holds an unknown number of those rows; the caller must not keep using it.
+    fn append_rows(
+        &self,
+        name: &str,
+        schema: &Arc<Schema>,
+        piece: &BufferPiece,
+        offset: usize,
+    ) -> Result<(), AppendError> {
+        let mut appender = self.connection.appender(name)?;
+        for fresh in piece.rows_from(offset) {
+            #[cfg(test)]
+            self.inject_append_fault()?;
+            let arrays: Vec<ArrayRef> = fresh
+                .columns()
+                .iter()
+                .zip(schema.fields())
+                .map(
+                    |(array, field)| match array.data_type() == field.data_type() {
+                        true => Ok(array.clone()),
+                        false => arrow::compute::cast(array, field.data_type()),
+                    },
+                )
+                .collect::<Result<_, _>>()?;
+            appender.append_record_batch(RecordBatch::try_new(schema.clone(), arrays)?)?;
+        }
+        appender.flush()?;
+        Ok(())
+    }
+
+    /// Counts down `append_fault` and fails when it reaches zero.
+    #[cfg(test)]
+    fn inject_append_fault(&self) -> Result<(), AppendError> {
+        match self.append_fault.get() {
+            Some(0) => {
+                self.append_fault.set(None);
+                Err(AppendError::Injected)
+            }
+            Some(batches) => {
+                self.append_fault.set(Some(batches - 1));
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     fn drop_cached(&self, name: &str) {
         if let Err(error) = self
             .connection
@@ -687,6 +743,19 @@ impl Worker {
             tracing::debug!(%error, "drop cached unflushed rows");
         }
     }
+}
+
+/// Why bringing a cached piece up to date failed.
+#[derive(Debug, thiserror::Error)]
+enum AppendError {
+    #[error("append to cached table: {0}")]
+    DuckDb(#[from] duckdb::Error),
+    #[error("convert unflushed rows: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// A failure a unit test asked for (`Worker::append_fault`).
+    #[cfg(test)]
+    #[error("injected append failure")]
+    Injected,
 }
 
 /// Identifies one shard buffer generation of one table.
@@ -795,9 +864,14 @@ fn sql_type(data_type: &DataType) -> &'static str {
 }
 
 /// Turns batches into response chunks, holding JSON back until it is large enough to stream.
+///
+/// Sends wait for room in the response channel only until the query's deadline: a client that
+/// stops reading fills the channel, and a send without a deadline would hold the worker (which
+/// the watchdog cannot interrupt outside DuckDB) for as long as the client keeps its socket.
 struct Sink<'a> {
     events: &'a flume::Sender<QueryEvent>,
     config: &'a QueryConfig,
+    deadline: Instant,
     json: Option<JsonEncoder>,
     arrow: Option<ArrowEncoder>,
     format: Format,
@@ -811,10 +885,12 @@ impl<'a> Sink<'a> {
         events: &'a flume::Sender<QueryEvent>,
         format: Format,
         config: &'a QueryConfig,
+        deadline: Instant,
     ) -> Sink<'a> {
         Sink {
             events,
             config,
+            deadline,
             format,
             json: None,
             arrow: None,
@@ -899,8 +975,13 @@ impl<'a> Sink<'a> {
 
     fn send(&self, event: QueryEvent) -> Result<(), QueryError> {
         self.events
-            .send(event)
-            .map_err(|_| QueryError::Internal("client went away".into()))
+            .send_deadline(event, self.deadline)
+            .map_err(|error| match error {
+                flume::SendTimeoutError::Timeout(_) => QueryError::Timeout(self.config.timeout_ms),
+                flume::SendTimeoutError::Disconnected(_) => {
+                    QueryError::Internal("client went away".into())
+                }
+            })
     }
 }
 
@@ -925,6 +1006,93 @@ mod tests {
             created_at_ms: 0,
             columns_fingerprint,
         }
+    }
+
+    /// A worker with no shards, over a sandboxed DuckDB like the node's.
+    fn worker() -> Worker {
+        let config = crate::config::Config::default().query;
+        let data_dir = std::env::temp_dir();
+        let connection = open_sandboxed(&config, &data_dir).unwrap();
+        Worker::new(
+            connection,
+            config,
+            data_dir,
+            Arc::new(Vec::new()),
+            Arc::default(),
+        )
+    }
+
+    /// One buffer generation of `cache.m` with `chunks` chunks of 100 rows, v = 0, 1, 2, ...
+    fn piece(chunks: i64) -> BufferPiece {
+        use arrow::array::{DictionaryArray, Int64Array};
+        use arrow::datatypes::Int32Type;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "host",
+                DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+                true,
+            ),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let chunk = |index: i64| {
+            let values = index * 100..(index + 1) * 100;
+            let hosts: DictionaryArray<Int32Type> = values
+                .clone()
+                .map(|v| ["h0", "h1", "h2"][v as usize % 3])
+                .collect();
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(hosts),
+                    Arc::new(Int64Array::from_iter_values(values)),
+                ],
+            )
+            .unwrap()
+        };
+        BufferPiece {
+            table: TableName {
+                database: "cache".into(),
+                measurement: "m".into(),
+            },
+            origin_node: 1,
+            shard: 0,
+            lsn_first: 7,
+            chunks: (0..chunks).map(chunk).collect(),
+        }
+    }
+
+    /// Brings the worker's copy of `piece` up to date and returns (rows, distinct v) in it.
+    fn refresh(worker: &Worker, piece: &BufferPiece) -> Result<(i64, i64), QueryError> {
+        let current = HashSet::from([piece_key(piece)]);
+        let names = worker.refresh_piece_cache(std::slice::from_ref(piece), &current)?;
+        let name = &names[&piece_key(piece)];
+        Ok(worker
+            .connection
+            .query_row(
+                &format!("SELECT count(*), count(DISTINCT v) FROM \"{name}\""),
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap())
+    }
+
+    // An append that fails half-way (here after its first batch went in, when the appender
+    // flushes that batch on the way out) leaves the cached copy with rows its count does not
+    // include. The next query must still see every row exactly once, both when the copy was
+    // new and when it was being extended; otherwise the rows before the failure are appended
+    // a second time.
+    #[test]
+    fn failed_append_never_duplicates_rows() {
+        let worker = worker();
+        worker.append_fault.set(Some(1));
+        assert!(refresh(&worker, &piece(3)).is_err());
+        assert_eq!(refresh(&worker, &piece(3)).unwrap(), (300, 300));
+
+        assert_eq!(refresh(&worker, &piece(4)).unwrap(), (400, 400));
+        worker.append_fault.set(Some(1));
+        assert!(refresh(&worker, &piece(7)).is_err());
+        assert_eq!(refresh(&worker, &piece(7)).unwrap(), (700, 700));
+        assert_eq!(refresh(&worker, &piece(8)).unwrap(), (800, 800));
     }
 
     // Files with one fingerprint share a scan; files without one (older entries) are read by
