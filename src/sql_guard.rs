@@ -19,13 +19,22 @@
 //! 3. The statement starts with `SELECT`, `WITH`, `FROM` (DuckDB's FROM-first form), `(`, or
 //!    `DESCRIBE`/`DESC`/`SUMMARIZE` followed by a query or one table name. Anything else is
 //!    refused with [`GuardError::StatementNotAllowed`] naming the first word.
-//! 4. Anywhere in the statement, as unquoted words not right after a dot (where DuckDB's grammar
-//!    only allows a name, as in `race.load`): `ALTER ATTACH CALL COPY CREATE DELETE DETACH DROP
-//!    EXPORT IMPORT INSERT INSTALL INTO LOAD PRAGMA SET SHOW TABLE UPDATE PIVOT_WIDER
-//!    PIVOT_LONGER` are refused ([`GuardError::KeywordNotAllowed`]); a column with such a name
-//!    must be double-quoted or qualified. Any call (a name, or the last part of a dotted name, before `(`,
-//!    whatever comments or whitespace lie between) of a file, network, catalog, settings or
-//!    SQL-string function is refused ([`GuardError::FunctionNotAllowed`]): `read_*`, `*_scan`,
+//! 4. The reserved keywords `CREATE INTO PIVOT_LONGER PIVOT_WIDER SHOW TABLE` are refused anywhere
+//!    as unquoted words not right after a dot ([`GuardError::KeywordNotAllowed`]); being
+//!    reserved, none of them can be an unquoted column name anyway. The words that start other
+//!    statements (`COPY ATTACH DETACH INSTALL LOAD SET RESET PRAGMA CALL EXPORT IMPORT INSERT
+//!    UPDATE DELETE ALTER DROP ...`, the `rules` module has the list) are *unreserved* in DuckDB:
+//!    `SELECT avg(load) FROM t` is valid DuckDB SQL and reads column `load`. So they are names
+//!    wherever they stand (select list, aggregates, WHERE, GROUP BY, ORDER BY, aliases, table
+//!    and CTE names), and are refused only where a statement could begin — first in a
+//!    parenthesized group, right after a CTE body (`WITH x AS (...) DELETE FROM t` is a DuckDB
+//!    statement) or right after `DESCRIBE`/`SUMMARIZE` — unless the next token shows them to be
+//!    an operand (`)`, `,`, `.`, `[`, an operator, or `IS`, `AND`, `AS`, `IN`, ...):
+//!    `(COPY x TO 'f')`, `(SET x = 1)`, `(DELETE FROM t)` are refused, `(load > 1)`,
+//!    `cast(load AS DOUBLE)`, `(set)` are not. At the statement's start item 3 refuses them.
+//!    Any call (a name, or the last part of a dotted name, before `(`, whatever comments or
+//!    whitespace lie between) of a file, network, catalog, settings or SQL-string function is
+//!    refused ([`GuardError::FunctionNotAllowed`]): `read_*`, `*_scan`,
 //!    `parquet_*`, `duckdb_*`, `pragma_*`, `glob`, `query`, `query_table`, `getenv`,
 //!    `current_setting`, `sleep_ms` and more (the `rules` module has the lists). Names starting
 //!    with `__shale_` are reserved for the engine ([`GuardError::ReservedIdentifier`]).
@@ -61,10 +70,36 @@
 //!   (VERSION => ...)`, `ROWS FROM (...)`, `EXPLAIN`, `VALUES` as a whole statement,
 //!   schema-qualified table functions and prepared-statement parameters are refused. Standard
 //!   `PIVOT (...)`/`UNPIVOT (...)` after a FROM item is accepted.
-//! - Unquoted columns named like a refused keyword (`set`, `load`, `update`, `table`, ...) must be
-//!   double-quoted or qualified (`cpu.load`). `x GLOB ('pattern')` with parentheses reads as a call of `glob` and is
+//! - Unquoted columns named like a reserved keyword (`table`, `show`, `into`, ...) must be
+//!   double-quoted or qualified (`cpu.table`), as DuckDB itself requires. A column named like a
+//!   statement word that stands first in parentheses and is followed by something other than an
+//!   operator or expression keyword (`OVER (load ROWS ...)` naming a window `load`) is refused;
+//!   quote it there. `x GLOB ('pattern')` with parentheses reads as a call of `glob` and is
 //!   refused; write `x GLOB 'pattern'`.
 //! - A `DESCRIBE`/`SUMMARIZE` target is always a table, never a CTE.
+//!
+//! # Why a tokenizer and not DuckDB's parser
+//!
+//! DuckDB can parse a query for us (`json_serialize_sql` returns the AST of a SELECT and an error
+//! for anything else), and checking node types would make keyword lists unnecessary. The guard
+//! stays a tokenizer all the same:
+//!
+//! - It is sans-IO: it decides before any DuckDB connection sees the text, and its checks (and
+//!   the property tests that throw random text at it) run without DuckDB. Parsing through DuckDB
+//!   would put a connection and a query in the guard path.
+//! - The serialized AST is DuckDB's internal format, which changes between releases. A validator
+//!   over it must know every node type to fail closed, so each upgrade could silently add an
+//!   unchecked node (a new table function reference form, a new expression class).
+//! - The rewrite needs the byte positions of table references in the user's text; the AST does
+//!   not carry them for every node, and re-printing a deserialized AST would change the SQL the
+//!   user wrote. A tokenizer is needed for the rewrite either way.
+//! - The false refusals had one narrow cause, the statement words being refused everywhere
+//!   although DuckDB's grammar treats them as unreserved names except where a statement begins.
+//!   Checked against DuckDB 1.5.6: apart from a statement's first word, only the place after a
+//!   WITH list takes a statement (`DELETE`, `UPDATE`, `INSERT INTO`, `MERGE INTO`); none parses
+//!   in CTE bodies, subqueries, `IN (...)`, `EXISTS (...)`, set operations, `DESCRIBE`/
+//!   `SUMMARIZE` targets or function arguments. Refusing the words in those places (and the
+//!   nested ones, for defence in depth) loses no protection.
 //!
 //! # What the engine must still do
 //!

@@ -817,3 +817,52 @@ fn capped_copy_cache_keeps_answers_exact() {
         }
     }
 }
+
+// Issue 7: fields named like SQL statement words (`load`, `set`, `call`, `copy`, `export`) are
+// queryable unquoted through the real API, over one flushed and one unflushed row, in aggregates,
+// WHERE, GROUP BY ALL, ORDER BY and as an alias, with and without the default-database header.
+// The guard used to refuse these queries as if `load` were the LOAD statement.
+#[test]
+fn fields_named_like_keywords_are_queryable_unquoted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    node.must_write(
+        "kw",
+        "m,host=a load=1,set=10,call=0,copy=7,export=1 1000000000\n",
+    );
+    node.stop();
+    node.restart();
+    assert_eq!(node.manifest_rows("kw"), 1);
+    node.must_write(
+        "kw",
+        "m,host=b load=3,set=20,call=2,copy=5,export=2 2000000000\n",
+    );
+
+    let answer = must_query(
+        &node,
+        "SELECT avg(load), max(set), min(copy) FROM kw.m",
+        &[],
+    );
+    assert_eq!(
+        data(&answer),
+        vec![vec![json!(2.0), json!(20.0), json!(5.0)]]
+    );
+
+    let answer = must_query(
+        &node,
+        "SELECT host, load AS export, set, copy FROM kw.m WHERE call > 1 GROUP BY ALL ORDER BY load",
+        &[],
+    );
+    assert_eq!(answer["columns"][1], "export");
+    assert_eq!(
+        data(&answer),
+        vec![vec![json!("b"), json!(3.0), json!(20.0), json!(5.0)]]
+    );
+
+    let answer = must_query(
+        &node,
+        "SELECT sum(call), max(export), count(*) FILTER (WHERE (load > 2)) FROM m",
+        &[("x-arc-database", "kw")],
+    );
+    assert_eq!(data(&answer), vec![vec![json!(2.0), json!(2.0), json!(1)]]);
+}

@@ -18,9 +18,10 @@ use std::ops::Range;
 
 use super::lexer::{Token, TokenKind};
 use super::rules::{
-    is_from_function_allowed, is_function_refused, is_one_of, is_reserved, FROM_ARGUMENT_FUNCTIONS,
-    FROM_CLAUSE_ENDS, JOIN_WORDS, KEYWORDS_REFUSED, QUERY_CONTINUATIONS, QUERY_STARTS,
-    STATEMENT_KEYWORDS_ALLOWED,
+    is_from_function_allowed, is_function_refused, is_one_of, is_reserved,
+    EXPRESSION_CONTINUATIONS, FROM_ARGUMENT_FUNCTIONS, FROM_CLAUSE_ENDS, JOIN_WORDS,
+    KEYWORDS_REFUSED, QUERY_CONTINUATIONS, QUERY_STARTS, STATEMENT_KEYWORDS_ALLOWED,
+    STATEMENT_WORDS,
 };
 use super::{
     excerpt, CheckedQuery, GuardError, TableRef, PLACEHOLDER_PREFIX, RESERVED_IDENTIFIER_PREFIX,
@@ -236,21 +237,40 @@ impl<'a> Rewriter<'a> {
     }
 
     /// Checks that hold for every token wherever it stands, so that no nesting the structural
-    /// pass might misjudge can hide them: refused keywords, refused function calls (a name, or
-    /// the last part of a dotted name, right before `(`), and the reserved name prefix.
+    /// pass might misjudge can hide them: refused keywords, statement words where a nested
+    /// statement would begin, refused function calls (a name, or the last part of a dotted name,
+    /// right before `(`), and the reserved name prefix.
     fn check_every_token(&self) -> Result<(), GuardError> {
         let end = self.tokens.len();
+        // DuckDB accepts `WITH x AS (...) DELETE ...` (and UPDATE, INSERT, MERGE), so the token
+        // after a parenthesized group that follows `AS` or `MATERIALIZED` (a CTE body, or a
+        // window definition) is a place where a statement may begin.
+        let mut after_cte_body = vec![false; end + 1];
+        for (open, &close) in self.close_of.iter().enumerate() {
+            if close != usize::MAX
+                && open > 0
+                && self.is_word_in(open - 1, open, &["AS", "MATERIALIZED"])
+            {
+                after_cte_body[close + 1] = true;
+            }
+        }
         for (index, token) in self.tokens.iter().enumerate() {
             if !matches!(token.kind, TokenKind::Word | TokenKind::QuotedIdentifier) {
                 continue;
             }
             let name = self.identifier(index);
-            // After a dot a word is a name part (`race.load`), never a statement keyword.
+            // After a dot a word is a name part (`race.load`), never a keyword.
             let qualified = index > 0 && self.is_punctuation(index - 1, end, b'.');
-            if token.kind == TokenKind::Word && !qualified && is_one_of(&name, &KEYWORDS_REFUSED) {
-                return Err(GuardError::KeywordNotAllowed {
-                    keyword: name.to_ascii_uppercase(),
-                });
+            if token.kind == TokenKind::Word && !qualified {
+                let refused = is_one_of(&name, &KEYWORDS_REFUSED)
+                    || (is_one_of(&name, &STATEMENT_WORDS)
+                        && (after_cte_body[index] || self.may_start_statement(index))
+                        && !self.is_operand(index));
+                if refused {
+                    return Err(GuardError::KeywordNotAllowed {
+                        keyword: name.to_ascii_uppercase(),
+                    });
+                }
             }
             let reserved = name
                 .get(..RESERVED_IDENTIFIER_PREFIX.len())
@@ -267,6 +287,49 @@ impl<'a> Rewriter<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Whether a statement could begin at `index` if DuckDB's grammar nested statements anywhere:
+    /// the statement's first token, the first token inside parentheses (a subquery or CTE body),
+    /// or the target of `DESCRIBE`/`DESC`/`SUMMARIZE`. DuckDB 1.5 accepts no statement other than
+    /// a query in any of these places, so this only keeps a second line of defence there. (The
+    /// place after a WITH list, where DuckDB does accept one, is found by the caller.)
+    fn may_start_statement(&self, index: usize) -> bool {
+        index == 0
+            || self.is_punctuation(index - 1, index, b'(')
+            || self.is_word_in(index - 1, index, &["DESC", "DESCRIBE", "SUMMARIZE"])
+    }
+
+    /// Whether the token after the word at `index` shows that the word is an operand (a column,
+    /// table or alias name) rather than the first word of a statement: nothing, `)`, `,`, `.`,
+    /// `[`, an operator, or a keyword that continues an expression ([`EXPRESSION_CONTINUATIONS`];
+    /// `OR` not before `REPLACE` or `IGNORE`, and `FROM` only inside the parentheses of
+    /// `extract`, `substring`, `trim` or `overlay`). Statements go on with a name, a string, `(`
+    /// or a keyword of their own, none of which count.
+    fn is_operand(&self, index: usize) -> bool {
+        let end = self.tokens.len();
+        let next = index + 1;
+        match self.kind(next, end) {
+            None | Some(TokenKind::Operator) => true,
+            Some(TokenKind::Punctuation) => {
+                matches!(
+                    self.sql.as_bytes()[self.tokens[next].start],
+                    b')' | b',' | b'.' | b'['
+                )
+            }
+            Some(TokenKind::Word) => {
+                if self.is_word(next, end, "OR") {
+                    return !self.is_word_in(next + 1, end, &["IGNORE", "REPLACE"]);
+                }
+                if self.is_word(next, end, "FROM") {
+                    return index > 0
+                        && self.is_punctuation(index - 1, end, b'(')
+                        && self.is_from_argument_function(index - 1, 0);
+                }
+                self.is_word_in(next, end, &EXPRESSION_CONTINUATIONS)
+            }
+            Some(_) => false,
+        }
     }
 
     // --------------------------------------------------------------------------------------------

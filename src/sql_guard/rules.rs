@@ -4,32 +4,70 @@
 //! All lists hold ASCII upper case (keywords) or lower case (function names); callers compare
 //! ignoring ASCII case, as DuckDB does.
 
-/// Statement keywords that change state or reach files, extensions or settings. They are refused
-/// as unquoted words anywhere in a query, not only at its start, so that no nesting (a CTE body, a
-/// subquery) can smuggle one in. `TABLE` and `SHOW` are listed because `TABLE x` and `SHOW x`
-/// read a relation by name (even a file name) in places a FROM clause is not seen.
-pub(super) const KEYWORDS_REFUSED: [&str; 21] = [
+/// Reserved keywords that write or read relations by name: `SELECT ... INTO`, `CREATE`, and
+/// `TABLE x`, `SHOW x` and the PIVOT statement forms, which read a relation (even a file name) in
+/// places a FROM clause is not seen. Being reserved, none of them can be an unquoted column name,
+/// so they are refused as unquoted words anywhere in a query, not only at its start.
+pub(super) const KEYWORDS_REFUSED: [&str; 6] = [
+    "CREATE",
+    "INTO",
+    "PIVOT_LONGER",
+    "PIVOT_WIDER",
+    "SHOW",
+    "TABLE",
+];
+
+/// The words that start a statement other than a query in DuckDB 1.5's grammar and are
+/// *unreserved* keywords there (`duckdb_keywords()`), so that `load`, `set` or `copy` are also
+/// ordinary unquoted column, table and alias names. DuckDB takes them as a statement only as its
+/// first word (which the statement-start check covers) or after a WITH list (`WITH x AS (...)
+/// DELETE FROM t`), so the guard refuses one only there and where a nested statement would have
+/// to begin, and only when the next token does not show it to be an operand (see
+/// `Rewriter::check_every_token`).
+pub(super) const STATEMENT_WORDS: [&str; 32] = [
+    "ABORT",
     "ALTER",
     "ATTACH",
+    "BEGIN",
     "CALL",
+    "CHECKPOINT",
+    "COMMENT",
+    "COMMIT",
     "COPY",
-    "CREATE",
+    "DEALLOCATE",
     "DELETE",
     "DETACH",
     "DROP",
+    "EXECUTE",
+    "EXPLAIN",
     "EXPORT",
+    "FORCE",
     "IMPORT",
     "INSERT",
     "INSTALL",
-    "INTO",
     "LOAD",
-    "PIVOT_LONGER",
-    "PIVOT_WIDER",
+    "MERGE",
     "PRAGMA",
+    "PREPARE",
+    "RESET",
+    "ROLLBACK",
     "SET",
-    "SHOW",
-    "TABLE",
+    "START",
+    "TRUNCATE",
     "UPDATE",
+    "USE",
+    "VACUUM",
+];
+
+/// Keywords that may follow a column name first in a parenthesized group and continue the
+/// expression (`(load IS NULL)`, `cast(load AS DOUBLE)`, `(load BETWEEN 1 AND 2)`,
+/// `string_agg(load ORDER BY time)`, `last_value(load IGNORE NULLS)`, `UNPIVOT (load FOR k IN
+/// ...)`, `overlay(load PLACING ...)`). None of them is the second word of a statement that a
+/// [`STATEMENT_WORDS`] word starts, except `OR` in `INSERT OR REPLACE` and `ATTACH OR REPLACE`,
+/// which the caller excludes.
+pub(super) const EXPRESSION_CONTINUATIONS: [&str; 21] = [
+    "AND", "AS", "AT", "BETWEEN", "COLLATE", "FOR", "GLOB", "IGNORE", "ILIKE", "IN", "IS",
+    "ISNULL", "LIKE", "NOT", "NOTNULL", "OR", "ORDER", "OVERLAPS", "PLACING", "RESPECT", "SIMILAR",
 ];
 
 /// Keywords a statement may start with. Everything else is refused and named in the error.
@@ -393,6 +431,8 @@ mod tests {
     fn lists_are_sorted_and_upper_case() {
         for list in [
             &KEYWORDS_REFUSED[..],
+            &STATEMENT_WORDS,
+            &EXPRESSION_CONTINUATIONS,
             &STATEMENT_KEYWORDS_ALLOWED,
             &RESERVED,
             &JOIN_WORDS,

@@ -592,7 +592,9 @@ fn statements() {
     }
 }
 
-// Writing and configuration keywords are refused inside a query too, wherever they stand.
+// Reserved writing keywords are refused inside a query wherever they stand, and statement words
+// wherever a nested statement would begin (first in parentheses, or after DESCRIBE) unless the
+// next token makes them an operand.
 #[test]
 fn keywords_inside_queries() {
     for (sql, keyword) in [
@@ -605,10 +607,42 @@ fn keywords_inside_queries() {
             "WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x",
             "DELETE",
         ),
+        (
+            "WITH x AS MATERIALIZED (UPDATE t SET a = 1 RETURNING *) SELECT * FROM x",
+            "UPDATE",
+        ),
         ("SELECT * FROM (TABLE \"x.csv\")", "TABLE"),
         ("SELECT * FROM (SHOW \"x.csv\")", "SHOW"),
-        ("SELECT 1 FROM metrics.cpu WHERE (COPY)", "COPY"),
-        ("SELECT set FROM metrics.cpu", "SET"),
+        (
+            "SELECT 1 FROM metrics.cpu WHERE (COPY metrics.cpu TO 'x')",
+            "COPY",
+        ),
+        (
+            "SELECT * FROM metrics.cpu, (COPY (SELECT 1) TO 'x')",
+            "COPY",
+        ),
+        ("SELECT 1 WHERE 1 IN (SET threads = 1)", "SET"),
+        ("SELECT EXISTS (ATTACH 'x.db' AS x)", "ATTACH"),
+        ("SELECT (INSTALL httpfs)", "INSTALL"),
+        ("SELECT (FORCE INSTALL httpfs)", "FORCE"),
+        ("SELECT (LOAD 'httpfs')", "LOAD"),
+        ("SELECT 1 UNION (PRAGMA database_list)", "PRAGMA"),
+        ("SELECT (CALL pragma_version())", "CALL"),
+        ("SELECT * FROM (EXPORT DATABASE 'x')", "EXPORT"),
+        ("SELECT (RESET threads)", "RESET"),
+        ("SELECT (DETACH x)", "DETACH"),
+        ("SELECT (ATTACH OR REPLACE 'x.db')", "ATTACH"),
+        ("SELECT (DROP TABLE t)", "DROP"),
+        ("SELECT * FROM (EXPLAIN SELECT 1)", "EXPLAIN"),
+        ("DESCRIBE COPY (SELECT 1) TO 'x'", "COPY"),
+        ("SUMMARIZE load 'x'", "LOAD"),
+        // DuckDB runs these: a WITH list may precede DELETE, UPDATE, INSERT and MERGE.
+        ("WITH x AS (SELECT 1) DELETE FROM t", "DELETE"),
+        (
+            "WITH x AS NOT MATERIALIZED (SELECT 1) UPDATE t SET a = 1",
+            "UPDATE",
+        ),
+        ("WITH x AS (SELECT 1) MERGE INTO t USING x ON true", "MERGE"),
     ] {
         assert_eq!(
             must_refuse(sql, None),
@@ -620,7 +654,10 @@ fn keywords_inside_queries() {
     }
     // Quoted, or after a dot (where DuckDB's grammar only allows a name), such a word is an
     // ordinary column or table name.
-    must_check("SELECT \"set\", \"load\" FROM metrics.system", None);
+    must_check(
+        "SELECT \"set\", \"load\", \"table\" FROM metrics.system",
+        None,
+    );
     assert_rewrite(
         "SELECT race.load, race . update FROM metrics.race",
         None,
@@ -633,6 +670,147 @@ fn keywords_inside_queries() {
         "SELECT * FROM \"__shale_t0\" AS \"copy\"",
         &[("metrics", "copy")],
     );
+}
+
+/// Every word that starts a statement in DuckDB but is an unreserved keyword there, so it may be
+/// an unquoted column name (the `rules` module's list, in lower case).
+fn statement_words() -> Vec<String> {
+    rules::STATEMENT_WORDS
+        .iter()
+        .map(|word| word.to_ascii_lowercase())
+        .collect()
+}
+
+/// Runs `sql` on `connection` and returns its rows, each formatted as one string, sorted.
+fn duckdb_rows(connection: &duckdb::Connection, sql: &str) -> Vec<String> {
+    let mut statement = connection
+        .prepare(sql)
+        .unwrap_or_else(|error| panic!("DuckDB refused {sql:?}: {error}"));
+    let mut rows = statement.query([]).unwrap();
+    let mut formatted = Vec::new();
+    while let Some(row) = rows.next().unwrap() {
+        let columns = row.as_ref().column_count();
+        let values: Vec<String> = (0..columns)
+            .map(|column| format!("{:?}", row.get::<_, duckdb::types::Value>(column).unwrap()))
+            .collect();
+        formatted.push(values.join(", "));
+    }
+    formatted.sort();
+    formatted
+}
+
+// Issue 7: a field named like a statement word (`load`, `set`, `copy`, `call`, `export`,
+// `install`, `attach`, `pragma`, ...) is queryable unquoted, as DuckDB itself allows: as a bare
+// column in the select list, inside aggregates, in WHERE, GROUP BY, ORDER BY, as an output alias,
+// first in parentheses before an operator or expression keyword, and in window clauses. The
+// rewrite only replaces the table; run on DuckDB it gives the same rows as the same query with the
+// word double-quoted, so DuckDB reads the word as the column. The old guard refused all of these.
+#[test]
+fn statement_words_are_column_names() {
+    let templates = [
+        "SELECT w FROM metrics.cpu",
+        "SELECT host, avg(w), max(w) AS w, min((w)) FROM metrics.cpu GROUP BY host",
+        "SELECT host FROM metrics.cpu WHERE w > 1 AND (w IS NOT NULL OR w BETWEEN 0 AND 1)",
+        "SELECT host, w, count(*) FROM metrics.cpu GROUP BY host, w ORDER BY w DESC",
+        "SELECT host AS w FROM metrics.cpu ORDER BY w",
+        "SELECT cast(w AS INTEGER), (w), (w)::VARCHAR, (w + 1) * 2, [w], {'k': w}, cpu.w \
+         FROM metrics.cpu",
+        "SELECT host, w, usage FROM metrics.cpu WHERE w > 1 GROUP BY ALL ORDER BY ALL",
+        "SELECT sum(w) OVER (PARTITION BY host ORDER BY w) FROM metrics.cpu",
+        "SELECT host, first(w ORDER BY usage), string_agg(w::VARCHAR, ',' ORDER BY w) \
+         FROM metrics.cpu GROUP BY host",
+        "SELECT host FROM metrics.cpu WHERE w IN (1, 3) OR (w NOT IN (5) AND w::VARCHAR LIKE '%')",
+    ];
+    let connection = duckdb::Connection::open_in_memory().unwrap();
+    for word in statement_words() {
+        // The premise: DuckDB itself takes the word as a name.
+        let category: String = connection
+            .query_row(
+                "SELECT keyword_category FROM duckdb_keywords() WHERE keyword_name = ?",
+                [&word],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(category, "unreserved", "{word}");
+        connection
+            .execute_batch(&format!(
+                "DROP TABLE IF EXISTS \"__shale_t0\"; \
+                 CREATE TABLE \"__shale_t0\" AS SELECT * FROM (VALUES ('a', 1.0, 2.0), \
+                 ('b', 3.0, 4.0), ('a', 5.0, 6.0)) v(host, \"{word}\", usage)"
+            ))
+            .unwrap();
+        for template in templates {
+            let sql = replace_word(template, "w", &word);
+            let expected = sql.replace("FROM metrics.cpu", "FROM \"__shale_t0\" AS \"cpu\"");
+            assert_rewrite(&sql, None, &expected, &[("metrics", "cpu")]);
+            let quoted = replace_word(template, "w", &format!("\"{word}\""))
+                .replace("FROM metrics.cpu", "FROM \"__shale_t0\" AS \"cpu\"");
+            assert_eq!(
+                duckdb_rows(&connection, &expected),
+                duckdb_rows(&connection, &quoted),
+                "{sql}"
+            );
+        }
+    }
+}
+
+/// `template` with every whole word `from` (outside quotes) replaced by `to`.
+fn replace_word(template: &str, from: &str, to: &str) -> String {
+    let mut output = String::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for character in template.chars().chain(std::iter::once(' ')) {
+        if !quoted && (character.is_ascii_alphanumeric() || character == '_') {
+            word.push(character);
+            continue;
+        }
+        if !word.is_empty() {
+            output.push_str(if word == from { to } else { &word });
+            word.clear();
+        }
+        if character == '\'' {
+            quoted = !quoted;
+        }
+        output.push(character);
+    }
+    output.pop();
+    output
+}
+
+// Statement words name tables, CTEs and table aliases too: with a default database a bare
+// `load` is measurement `load`, `WITH set AS (...)` is a CTE, `metrics.cpu copy` an alias. The
+// old guard refused every one of these.
+#[test]
+fn statement_words_are_relation_names() {
+    for word in statement_words() {
+        assert_rewrite(
+            &format!("SELECT * FROM {word} JOIN metrics.cpu AS {word}2 USING (host)"),
+            Some("metrics"),
+            &format!(
+                "SELECT * FROM \"__shale_t0\" AS \"{word}\" JOIN \"__shale_t1\" AS {word}2 \
+                 USING (host)"
+            ),
+            &[("metrics", &word), ("metrics", "cpu")],
+        );
+        assert_rewrite(
+            &format!("DESCRIBE {word}"),
+            Some("metrics"),
+            "DESCRIBE \"__shale_t0\"",
+            &[("metrics", &word)],
+        );
+        assert_rewrite(
+            &format!(
+                "WITH {word} AS (SELECT host FROM metrics.cpu {word}) SELECT {word}.host FROM \
+                 {word}"
+            ),
+            None,
+            &format!(
+                "WITH {word} AS (SELECT host FROM \"__shale_t0\" {word}) SELECT {word}.host FROM \
+                 {word}"
+            ),
+            &[("metrics", "cpu")],
+        );
+    }
 }
 
 // More than one statement is refused; one trailing semicolon is not.
@@ -938,10 +1116,13 @@ fn error_messages() {
 
 /// Fragments of ordinary SQL, each complete (no fragment opens a literal or comment it does not
 /// close), so that anything placed between two of them is code.
-const BENIGN_FRAGMENTS: [&str; 40] = [
+const BENIGN_FRAGMENTS: [&str; 43] = [
     "SELECT",
     "FROM",
     "metrics.cpu",
+    "load",
+    "set",
+    "copy",
     "cpu",
     "c",
     "WHERE",
@@ -1059,6 +1240,57 @@ fn sql_character() -> impl Strategy<Value = char> {
     ]
 }
 
+/// A statement word in random letter case.
+fn statement_word() -> impl Strategy<Value = String> {
+    (
+        proptest::sample::select(&rules::STATEMENT_WORDS[..]),
+        proptest::collection::vec(any::<bool>(), 16),
+    )
+        .prop_map(|(word, upper)| {
+            word.chars()
+                .zip(upper)
+                .map(|(character, upper)| {
+                    if upper {
+                        character
+                    } else {
+                        character.to_ascii_lowercase()
+                    }
+                })
+                .collect()
+        })
+}
+
+/// Places where a statement word is a column or alias name (`@` marks it); all valid DuckDB.
+const COLUMN_PLACES: [&str; 12] = [
+    "SELECT @ FROM metrics.cpu",
+    "SELECT avg(@), max( @ ) FROM metrics.cpu",
+    "SELECT host FROM metrics.cpu WHERE (@ > 1) AND @ IS NOT NULL",
+    "SELECT host, @ FROM metrics.cpu GROUP BY host, @ ORDER BY @ DESC",
+    "SELECT host AS @ FROM metrics.cpu",
+    "SELECT (@)::VARCHAR, cast(@ AS DOUBLE), (@ BETWEEN 1 AND 2) FROM metrics.cpu",
+    "SELECT host FROM metrics.cpu WHERE (@ IN (1, 2) OR @ LIKE 'x')",
+    "SELECT cpu.@, [@], {'k': @}, (@, @) FROM metrics.cpu",
+    "SELECT sum(@) OVER (PARTITION BY @ ORDER BY @) FROM metrics.cpu",
+    "SELECT * FROM metrics.cpu AS @",
+    "WITH @ AS (SELECT 1) SELECT * FROM @",
+    "SELECT substring(@ FROM 2), trim(@ FROM host) FROM metrics.cpu",
+];
+
+/// Places where a statement word would start a nested statement: first in parentheses or after
+/// a CTE body, followed by a name, a string, `(` or a keyword of a statement.
+const STATEMENT_PLACES: [&str; 10] = [
+    "SELECT (@ x)",
+    "SELECT * FROM metrics.cpu WHERE host IN (@ 'x')",
+    "SELECT * FROM (@ (SELECT 1) TO 'x')",
+    "SELECT EXISTS (@ FROM t)",
+    "SELECT 1 UNION (@ DATABASE 'x')",
+    "WITH a AS (@ x) SELECT 1",
+    "WITH a AS (SELECT 1) @ x",
+    "WITH a AS MATERIALIZED (SELECT 1) @ FROM t",
+    "SELECT avg((@ x.y = 1))",
+    "SELECT ((@ OR REPLACE x))",
+];
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
@@ -1104,5 +1336,24 @@ proptest! {
                 prop_assert!(checked.sql.contains(&quoted));
             }
         }
+    }
+
+    // A statement word's place decides: wherever it is a column, alias, table or CTE name the
+    // query passes, and wherever it would start a nested statement it is refused, whatever its
+    // letter case and whatever comments lie before it.
+    #[test]
+    fn statement_word_place_decides(
+        word in statement_word(),
+        column_place in proptest::sample::select(&COLUMN_PLACES[..]),
+        statement_place in proptest::sample::select(&STATEMENT_PLACES[..]),
+        gap in proptest::sample::select(vec![" ", "/* x */", "\n", "--\n"]),
+    ) {
+        let spelled = format!("{gap}{word}");
+        let sql = column_place.replace('@', &spelled);
+        let result = check(&sql, None, &limits());
+        prop_assert!(result.is_ok(), "refused {:?}: {:?}", sql, result);
+        let sql = statement_place.replace('@', &spelled);
+        let result = check(&sql, None, &limits());
+        prop_assert!(result.is_err(), "accepted {:?} as {:?}", sql, result);
     }
 }
