@@ -108,6 +108,11 @@ impl Api {
                 return (Endpoint::Other, error(StatusCode::NOT_FOUND, &message));
             }
         };
+        if route.pattern.starts_with("/api/v1/cluster") {
+            if let Err(response) = self.authorize_admin(&request, route) {
+                return (Endpoint::Other, response);
+            }
+        }
         match route.handler {
             Handler::Write(flavor) => (Endpoint::Write, self.write(request, flavor).await),
             Handler::Query(format) => (Endpoint::Query, self.query(request, format).await),
@@ -117,6 +122,22 @@ impl Api {
             Handler::Ping => (Endpoint::Other, ping(&request)),
             Handler::Files => (Endpoint::Other, self.files(&request)),
             Handler::Databases => (Endpoint::Other, self.databases()),
+            Handler::Cluster => (
+                Endpoint::Other,
+                json(
+                    StatusCode::OK,
+                    crate::cluster_api::cluster(&self.node).to_string(),
+                ),
+            ),
+            Handler::ClusterNodes => (Endpoint::Other, self.cluster_nodes(&request)),
+            Handler::ClusterLocal => {
+                let all = crate::cluster_api::cluster(&self.node);
+                let local = all["nodes"]
+                    .as_array()
+                    .and_then(|nodes| nodes.iter().find(|n| n["is_local"] == true).cloned());
+                let body = serde_json::json!({ "success": true, "node": local, "cluster": all });
+                (Endpoint::Other, json(StatusCode::OK, body.to_string()))
+            }
             Handler::Measurements => (
                 Endpoint::Other,
                 self.measurements(parameter.as_deref().unwrap_or_default()),
@@ -327,6 +348,72 @@ impl Api {
                 )))
             }
         }
+    }
+
+    /// The cluster API wants `Authorization: Bearer|Token <cluster.admin_token>`. Without a
+    /// configured token, reads are open (a standalone node's operators and tests use them) and
+    /// changes are refused.
+    #[allow(clippy::result_large_err)]
+    fn authorize_admin(
+        &self,
+        request: &Request<Incoming>,
+        route: &Route,
+    ) -> Result<(), Response<Body>> {
+        let token = &self.node.config.cluster.admin_token;
+        if token.is_empty() {
+            if route.methods.contains(&Method::GET) {
+                return Ok(());
+            }
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "cluster changes need an admin token: set cluster.admin_token",
+            ));
+        }
+        let presented = header_value(request, "authorization").and_then(|value| {
+            let (scheme, credential) = value.split_once(' ')?;
+            matches!(scheme, "Bearer" | "Token").then(|| credential.trim().to_string())
+        });
+        match presented {
+            Some(credential)
+                if constant_time_eq(credential.as_bytes(), token.expose().as_bytes()) =>
+            {
+                Ok(())
+            }
+            Some(_) => Err(error(StatusCode::FORBIDDEN, "the admin token is not valid")),
+            None => {
+                let mut response = error(
+                    StatusCode::UNAUTHORIZED,
+                    "the cluster API needs Authorization: Bearer <cluster.admin_token>",
+                );
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+                Err(response)
+            }
+        }
+    }
+
+    /// `GET /api/v1/cluster/nodes[?role=voter|learner&state=...]`.
+    fn cluster_nodes(&self, request: &Request<Incoming>) -> Response<Body> {
+        let query = query_pairs(request.uri().query());
+        let all = crate::cluster_api::cluster(&self.node);
+        let nodes: Vec<&serde_json::Value> = all["nodes"]
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .filter(|n| {
+                        query
+                            .get("role")
+                            .is_none_or(|r| n["raft_role"] == r.as_str())
+                    })
+                    .filter(|n| query.get("state").is_none_or(|s| n["state"] == s.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let body = serde_json::json!({ "success": true, "count": nodes.len(), "nodes": nodes });
+        json(StatusCode::OK, body.to_string())
     }
 
     /// Liveness: 200 while every shard's heartbeat is recent and the manifest service runs;
@@ -607,6 +694,9 @@ enum Handler {
     Files,
     Databases,
     Measurements,
+    Cluster,
+    ClusterNodes,
+    ClusterLocal,
 }
 
 /// The write endpoints differ in where the database name comes from and in body format.
@@ -628,7 +718,7 @@ struct Route {
 
 /// Every endpoint of the node, in one place: matching, 405s and the `Allow` header all come
 /// from this table.
-static ROUTES: [Route; 13] = [
+static ROUTES: [Route; 16] = [
     Route {
         pattern: "/write",
         methods: &[Method::POST],
@@ -683,6 +773,21 @@ static ROUTES: [Route; 13] = [
         pattern: "/api/v1/cluster/files",
         methods: &[Method::GET],
         handler: Handler::Files,
+    },
+    Route {
+        pattern: "/api/v1/cluster",
+        methods: &[Method::GET],
+        handler: Handler::Cluster,
+    },
+    Route {
+        pattern: "/api/v1/cluster/nodes",
+        methods: &[Method::GET],
+        handler: Handler::ClusterNodes,
+    },
+    Route {
+        pattern: "/api/v1/cluster/local",
+        methods: &[Method::GET],
+        handler: Handler::ClusterLocal,
     },
     Route {
         pattern: "/api/v1/databases",
@@ -780,6 +885,11 @@ fn ping(request: &Request<Incoming>) -> Response<Body> {
 
 /// The InfluxDB 1.x version whose write API shale answers like; clients read it from `/ping`.
 const INFLUXDB_COMPATIBLE_VERSION: &str = "1.8.10";
+
+/// Compares secrets in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// Asks hyper to close the connection after this response (the request body was not read).
 fn close_connection(mut response: Response<Body>) -> Response<Body> {

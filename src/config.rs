@@ -26,6 +26,7 @@ pub struct Config {
     pub manifest: ManifestConfig,
     pub query: QueryConfig,
     pub log: LogConfig,
+    pub cluster: ClusterConfig,
 }
 
 /// The `[query]` section: DuckDB workers and the limits of one query.
@@ -133,6 +134,117 @@ pub struct ManifestConfig {
     pub registration_retry_ms: u64,
 }
 
+/// The `[cluster]` section: whether this node is part of a cluster, how it finds and proves
+/// itself to its peers, and Raft's timings.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub enabled: bool,
+    pub cluster_id: String,
+    pub name: String,
+    pub bootstrap: bool,
+    pub role: NodeRole,
+    pub quic_addr: SocketAddr,
+    pub advertise_quic_addr: String,
+    pub advertise_http_addr: String,
+    pub peers: String,
+    pub tls_dir: PathBuf,
+    pub admin_token: Secret,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms_min: u64,
+    pub election_timeout_ms_max: u64,
+}
+
+/// What a node does in a cluster (a standalone node does everything).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeRole {
+    /// Ingests, answers queries, votes in Raft.
+    Writer,
+    /// Answers queries and votes; refuses writes, naming the writable nodes.
+    Reader,
+    /// Holds copies of every file but never votes and never leads.
+    ReplicaOnly,
+}
+
+/// A secret setting: printed and logged as `"***"`, never as its value.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
+/// A peer as listed in `cluster.peers`: `[name@]host:quic_port:http_port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAddress {
+    pub name: String,
+    pub quic_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+}
+
+impl PeerAddress {
+    pub fn parse(text: &str) -> anyhow::Result<PeerAddress> {
+        let text = text.trim();
+        let (name, address) = match text.split_once('@') {
+            Some((name, address)) => (name.to_string(), address),
+            None => (String::new(), text),
+        };
+        let (host_quic, http_port) = address
+            .rsplit_once(':')
+            .with_context(|| format!("peer {text:?}: expected [name@]host:quic_port:http_port"))?;
+        let quic_addr: SocketAddr =
+            resolve(host_quic).with_context(|| format!("peer {text:?}: host and QUIC port"))?;
+        let http_port: u16 = http_port
+            .parse()
+            .with_context(|| format!("peer {text:?}: HTTP port"))?;
+        Ok(PeerAddress {
+            name,
+            quic_addr,
+            http_addr: SocketAddr::new(quic_addr.ip(), http_port),
+        })
+    }
+}
+
+fn resolve(host_port: &str) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    host_port
+        .to_socket_addrs()
+        .with_context(|| format!("resolve {host_port}"))?
+        .next()
+        .with_context(|| format!("{host_port} resolves to no address"))
+}
+
+impl ClusterConfig {
+    /// The peers named in `cluster.peers` (comma-separated).
+    pub fn peer_addresses(&self) -> anyhow::Result<Vec<PeerAddress>> {
+        self.peers
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(PeerAddress::parse)
+            .collect()
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
@@ -213,6 +325,26 @@ impl Config {
         }
         if self.ingest.columns_per_table_max == 0 || self.ingest.columns_per_table_max > items_max {
             bail!("ingest.columns_per_table_max must be between 1 and {items_max}");
+        }
+        if self.cluster.enabled {
+            let id = &self.cluster.cluster_id;
+            if id.is_empty()
+                || id.len() > 63
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                bail!("cluster.cluster_id {id:?} must be 1 to 63 of a-z, 0-9 and -");
+            }
+            self.cluster.peer_addresses()?;
+            if self.cluster.election_timeout_ms_min <= self.cluster.heartbeat_ms * 2
+                || self.cluster.election_timeout_ms_max <= self.cluster.election_timeout_ms_min
+            {
+                bail!(
+                    "cluster timings: need heartbeat_ms * 2 < election_timeout_ms_min < \
+                     election_timeout_ms_max"
+                );
+            }
         }
         if self.buffer.flush_rows_max == 0 || self.parquet.row_group_rows_max == 0 {
             bail!("buffer.flush_rows_max and parquet.row_group_rows_max must be greater than 0");

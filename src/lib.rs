@@ -7,9 +7,12 @@
 pub mod api;
 pub mod bench;
 pub mod buffer;
+pub mod cluster_api;
+pub mod cluster_cli;
 pub mod config;
 pub mod failpoint;
 pub mod http_client;
+pub mod identity;
 pub mod ingest;
 pub mod line_protocol;
 pub mod metrics;

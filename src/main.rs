@@ -38,6 +38,11 @@ enum Command {
         #[command(subcommand)]
         mode: BenchMode,
     },
+    /// Operate a cluster: status and membership through any node's cluster API.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Print the effective configuration (defaults, file and environment merged) as TOML.
     Config {
         /// A TOML file whose values override the embedded defaults.
@@ -46,6 +51,46 @@ enum Command {
         /// Print the embedded defaults with their comments instead.
         #[arg(long)]
         defaults: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct ClusterTarget {
+    /// Base URL of any node, e.g. http://127.0.0.1:8000.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    target: String,
+    /// The cluster's admin token (cluster.admin_token).
+    #[arg(long, env = "SHALE_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl ClusterTarget {
+    fn target(self) -> shale::cluster_cli::Target {
+        shale::cluster_cli::Target {
+            url: self.target,
+            token: self.token,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Leader, term, indexes and every member with its role, state and replication lag.
+    Status {
+        #[command(flatten)]
+        target: ClusterTarget,
+        /// Print the node's JSON answer as it is.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The members, optionally filtered by Raft role (voter, learner) or state.
+    Nodes {
+        #[command(flatten)]
+        target: ClusterTarget,
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
     },
 }
 
@@ -136,6 +181,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(config),
         Command::Bench { mode } => bench(mode),
+        Command::Cluster { action } => cluster(action),
         Command::Config { config, defaults } => {
             if defaults {
                 print!("{}", shale::config::DEFAULT_TOML);
@@ -163,6 +209,36 @@ fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     shale::node::run(config)
+}
+
+fn cluster(action: ClusterAction) -> anyhow::Result<()> {
+    match action {
+        ClusterAction::Status { target, json } => {
+            let status = target.target().call("GET", "/api/v1/cluster", b"")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", shale::cluster_cli::format_status(&status));
+            }
+        }
+        ClusterAction::Nodes {
+            target,
+            role,
+            state,
+        } => {
+            let mut path = "/api/v1/cluster/nodes".to_string();
+            let filters: Vec<String> = [("role", role), ("state", state)]
+                .into_iter()
+                .filter_map(|(key, value)| value.map(|v| format!("{key}={v}")))
+                .collect();
+            if !filters.is_empty() {
+                path = format!("{path}?{}", filters.join("&"));
+            }
+            let nodes = target.target().call("GET", &path, b"")?;
+            println!("{}", serde_json::to_string_pretty(&nodes)?);
+        }
+    }
+    Ok(())
 }
 
 fn bench(mode: BenchMode) -> anyhow::Result<()> {

@@ -36,6 +36,7 @@ pub struct NodeShared {
     stopping: AtomicBool,
     started: Instant,
     fatal: FatalReporter,
+    pub identity: crate::identity::Identity,
 }
 
 impl NodeShared {
@@ -151,6 +152,10 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     let data_dir = &config.node.data_dir;
     // Two processes on one data directory would corrupt the WAL and the Raft log.
     let _lock = lock_data_dir(data_dir)?;
+    let has_data = system_dir(data_dir).join("raft").exists();
+    let identity = crate::identity::load_or_create(&system_dir(data_dir), &config, has_data)
+        .context("check the node's identity")?;
+    tracing::debug!(node_id = identity.node_id, cluster_id = ?identity.cluster_id, "identity");
     let removed = shale_io::publish::remove_stale_temporaries(data_dir)
         .context("remove temporaries left by a crash")?;
     if removed > 0 {
@@ -172,19 +177,8 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     let (events, stop) = flume::bounded::<StopEvent>(16);
     spawn_signal_thread(signals, events.clone())?;
 
-    let (manifest_service, manifest) = ManifestService::start(shale_replication::ManifestConfig {
-        dir: system_dir(data_dir).join("raft"),
-        node_id: config.node.id,
-        node_addr: config.http.addr.to_string(),
-        snapshot_logs_since_last_max: config.manifest.snapshot_logs_since_last_max,
-        request_queue_depth_max: config.manifest.request_queue_depth_max,
-        ..shale_replication::ManifestConfig::new(
-            system_dir(data_dir).join("raft"),
-            config.node.id,
-            config.http.addr.to_string(),
-        )
-    })
-    .context("start the manifest (Raft) service")?;
+    let (manifest_service, manifest) = ManifestService::start(manifest_config(&config))
+        .context("start the manifest (Raft) service")?;
 
     let shard_count = config.shard_count();
     let retired = retired_shards(data_dir, shard_count)?;
@@ -211,6 +205,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         stopping: AtomicBool::new(false),
         started: Instant::now(),
         fatal: FatalReporter(events.clone()),
+        identity,
     });
     spawn_monitor_thread(shared.clone())?;
     let mut shutdown_senders = Vec::with_capacity(shard_count);
@@ -462,6 +457,35 @@ fn spawn_monitor_thread(shared: Arc<NodeShared>) -> anyhow::Result<()> {
         })
         .context("start the monitor thread")?;
     Ok(())
+}
+
+/// The manifest service's settings: this node as the membership records it, Raft timings.
+fn manifest_config(config: &Config) -> shale_replication::ManifestConfig {
+    let cluster = &config.cluster;
+    let dir = system_dir(&config.node.data_dir).join("raft");
+    let mut manifest =
+        shale_replication::ManifestConfig::new(dir, config.node.id, config.http.addr.to_string());
+    manifest.snapshot_logs_since_last_max = config.manifest.snapshot_logs_since_last_max;
+    manifest.request_queue_depth_max = config.manifest.request_queue_depth_max;
+    if cluster.enabled {
+        let or = |advertised: &str, fallback: String| {
+            if advertised.is_empty() {
+                fallback
+            } else {
+                advertised.to_string()
+            }
+        };
+        manifest.node = shale_replication::raft_types::ClusterNode::new(
+            or(&cluster.name, format!("node-{}", config.node.id)),
+            or(&cluster.advertise_quic_addr, cluster.quic_addr.to_string()),
+            or(&cluster.advertise_http_addr, config.http.addr.to_string()),
+        );
+        manifest.initialize_if_fresh = cluster.bootstrap;
+        manifest.heartbeat_interval_ms = cluster.heartbeat_ms;
+        manifest.election_timeout_ms_min = cluster.election_timeout_ms_min;
+        manifest.election_timeout_ms_max = cluster.election_timeout_ms_max;
+    }
+    manifest
 }
 
 fn refuse_if_listening(addr: std::net::SocketAddr) -> anyhow::Result<()> {

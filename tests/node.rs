@@ -676,3 +676,84 @@ fn msgpack_expanding_past_the_limit_is_413() {
     );
     assert_eq!(node.metric("shale_write_rows_total"), 0.0);
 }
+
+// A standalone node answers the cluster API as a one-voter cluster (leader, term, indexes,
+// itself as the only voter), and `shale cluster status` prints it. With an admin token
+// configured, the cluster API refuses requests without it (401) or with a wrong one (403).
+#[test]
+fn cluster_api_on_a_standalone_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        NodeOptions {
+            extra_env: vec![("SHALE_CLUSTER_ADMIN_TOKEN".into(), "s3cret".into())],
+            ..NodeOptions::default()
+        },
+    );
+    assert_eq!(node.must_get("/api/v1/cluster").status, 401);
+    let wrong = harness::request(
+        node.addr,
+        "GET",
+        "/api/v1/cluster",
+        &[("authorization", "Bearer nope")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(wrong.status, 403);
+    let response = harness::request(
+        node.addr,
+        "GET",
+        "/api/v1/cluster",
+        &[("authorization", "Bearer s3cret")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    let status = harness::json(&response);
+    assert_eq!(status["mode"], "standalone");
+    assert_eq!(status["leader_id"], 1);
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 1);
+    assert_eq!(status["nodes"][0]["raft_role"], "voter");
+    assert_eq!(status["nodes"][0]["is_local"], true);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_shale"))
+        .args([
+            "cluster",
+            "status",
+            "--target",
+            &format!("http://{}", node.addr),
+        ])
+        .env("SHALE_ADMIN_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        printed.contains("standalone") && printed.contains("voter"),
+        "{printed}"
+    );
+    // The token is a secret: `shale config` never prints it.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_shale"))
+        .arg("config")
+        .env("SHALE_CLUSTER_ADMIN_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("s3cret"));
+}
+
+// A data directory is bound to its node id: starting it as another node is refused with a
+// message, so a copied or misconfigured directory cannot pose as a different node.
+#[test]
+fn a_data_directory_keeps_its_node_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&dir.path().join("data"), NodeOptions::default());
+    node.must_write("id", "m v=1 1\n");
+    node.stop();
+    node.set_env("SHALE_NODE_ID", "2");
+    let (status, log) = node.start_expecting_exit();
+    assert!(!status.success());
+    assert!(log.contains("belongs to node 1"), "{log}");
+}

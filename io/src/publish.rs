@@ -136,6 +136,30 @@ async fn write_durable(
     })
 }
 
+/// Durably creates or replaces `path` with `bytes` using blocking I/O, for small state files
+/// written off the shards (identity, Raft snapshots, log rewrites): the same temporary name,
+/// fsync, rename and directory fsync as [`replace`], so a crash leaves the old file or the new
+/// one and at most a temporary that [`remove_stale_temporaries`] cleans.
+pub fn replace_blocking(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let (parent, name) = match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => (parent, name.to_string_lossy().into_owned()),
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} has no parent directory or file name", path.display()),
+            ))
+        }
+    };
+    let temporary = parent.join(format!(".{name}{TEMPORARY_SUFFIX}"));
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temporary, path)?;
+    std::fs::File::open(parent)?.sync_all()
+}
+
 /// Suffix of temporary files written by [`publish`]; they never hold committed data.
 pub const TEMPORARY_SUFFIX: &str = ".tmp";
 

@@ -8,7 +8,9 @@
 //! shards and std threads use it without touching tokio or the Raft handle.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,7 +21,6 @@ use std::time::Instant;
 use openraft::error::ClientWriteError;
 use openraft::error::Fatal;
 use openraft::error::RaftError;
-use openraft::BasicNode;
 use openraft::RaftMetrics;
 use openraft::RaftNetworkFactory;
 use openraft::SnapshotPolicy;
@@ -30,6 +31,7 @@ use crate::manifest::ManifestCommand;
 use crate::manifest::ManifestResponse;
 use crate::manifest::Rejection;
 use crate::network::UnreachableNetwork;
+use crate::raft_types::ClusterNode;
 use crate::raft_types::NodeId;
 use crate::raft_types::Raft;
 use crate::raft_types::TypeConfig;
@@ -44,8 +46,8 @@ pub struct ManifestConfig {
     /// Holds `raft-log` and `snapshot-<term>-<index>.json`.
     pub dir: PathBuf,
     pub node_id: NodeId,
-    /// This node's Raft address as peers will dial it (recorded in the membership).
-    pub node_addr: String,
+    /// This node as the membership records it (addresses peers and clients dial).
+    pub node: ClusterNode,
     /// Build a snapshot after this many applied entries since the last one.
     pub snapshot_logs_since_last_max: u64,
     /// Entries kept in the log behind a snapshot, so lagging peers catch up without a snapshot.
@@ -62,6 +64,9 @@ pub struct ManifestConfig {
     pub start_timeout_ms_max: u64,
     /// Rewrite the Raft log file once dead records exceed this many bytes (and the live ones).
     pub log_rewrite_garbage_bytes_min: u64,
+    /// Initialize a one-voter group of this node when the storage is fresh: a standalone node
+    /// and a cluster's bootstrap node do; a node joining a cluster waits to be added.
+    pub initialize_if_fresh: bool,
 }
 
 impl ManifestConfig {
@@ -69,12 +74,12 @@ impl ManifestConfig {
     pub fn new(
         dir: impl Into<PathBuf>,
         node_id: NodeId,
-        node_addr: impl Into<String>,
+        http_addr: impl Into<String>,
     ) -> ManifestConfig {
         ManifestConfig {
             dir: dir.into(),
             node_id,
-            node_addr: node_addr.into(),
+            node: ClusterNode::new("", "", http_addr),
             snapshot_logs_since_last_max: 1000,
             snapshot_logs_kept_max: 100,
             request_queue_depth_max: 1024,
@@ -84,6 +89,7 @@ impl ManifestConfig {
             heartbeat_interval_ms: 50,
             start_timeout_ms_max: 10_000,
             log_rewrite_garbage_bytes_min: 16 << 20,
+            initialize_if_fresh: true,
         }
     }
 
@@ -180,6 +186,9 @@ struct Counters {
     /// Why Raft stopped on its own (a storage or internal error), once it did. A requested
     /// shutdown is not a failure.
     failure: std::sync::OnceLock<String>,
+    /// The latest Raft metrics as a whole (membership, replication progress), for the cluster
+    /// API; replaced on every change.
+    raft: arc_swap::ArcSwapOption<RaftMetrics<NodeId, ClusterNode>>,
 }
 
 const NONE: u64 = u64::MAX;
@@ -202,7 +211,7 @@ impl Counters {
         counters
     }
 
-    fn mirror(&self, metrics: &RaftMetrics<NodeId, BasicNode>) {
+    fn mirror(&self, metrics: &RaftMetrics<NodeId, ClusterNode>) {
         let store =
             |value: &AtomicU64, v: Option<u64>| value.store(v.unwrap_or(NONE), Ordering::Relaxed);
         store(&self.current_leader, metrics.current_leader);
@@ -211,6 +220,7 @@ impl Counters {
         store(&self.last_log_index, metrics.last_log_index);
         store(&self.snapshot_index, metrics.snapshot.map(|id| id.index));
         store(&self.purged_index, metrics.purged.map(|id| id.index));
+        self.raft.store(Some(Arc::new(metrics.clone())));
     }
 
     fn count(&self, result: &Result<CommitReceipt, ManifestError>) {
@@ -228,11 +238,16 @@ struct Proposal {
     reply: flume::Sender<Result<CommitReceipt, ManifestError>>,
 }
 
+/// Work for the control thread that needs the Raft handle (membership changes, elections):
+/// run as a task of its own on the control runtime.
+type AdminJob = Box<dyn FnOnce(Raft) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
 /// Handle to the manifest for any thread and any async runtime. Cheap to clone.
 #[derive(Clone)]
 pub struct ManifestClient {
     node_id: NodeId,
     requests: flume::Sender<Proposal>,
+    admin: flume::Sender<AdminJob>,
     published: Arc<Published>,
     counters: Arc<Counters>,
 }
@@ -324,6 +339,119 @@ impl ManifestClient {
         })
     }
 
+    /// The latest Raft metrics (leader, term, indexes, membership, per-peer replication on
+    /// the leader); `None` before Raft started.
+    pub fn raft_metrics(&self) -> Option<Arc<RaftMetrics<NodeId, ClusterNode>>> {
+        self.counters.raft.load_full()
+    }
+
+    /// Runs `job` with the Raft handle on the control thread and returns its result. For
+    /// membership and leadership operations; never call it from a glommio shard's hot path.
+    pub async fn with_raft<T, F, Fut>(&self, job: F) -> Result<T, ManifestError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Raft) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, ManifestError>> + Send + 'static,
+    {
+        let (reply, answer) = flume::bounded(1);
+        let job: AdminJob = Box::new(move |raft| {
+            Box::pin(async move {
+                let _ = reply.send(job(raft).await);
+            })
+        });
+        self.admin
+            .send_async(job)
+            .await
+            .map_err(|_| ManifestError::Shutdown)?;
+        answer
+            .recv_async()
+            .await
+            .map_err(|_| ManifestError::Shutdown)?
+    }
+
+    /// Adds `node` as a learner and waits until it has caught up with the log (the leader
+    /// only; elsewhere `NotLeader`). Idempotent: adding a present learner updates its addresses.
+    pub async fn add_learner(&self, id: NodeId, node: ClusterNode) -> Result<(), ManifestError> {
+        self.with_raft(move |raft| async move {
+            raft.add_learner(id, node, true)
+                .await
+                .map(|_| ())
+                .map_err(client_write_error)
+        })
+        .await
+    }
+
+    /// Makes learners voters (`add`) or voters learners (`remove`), through joint consensus.
+    pub async fn change_voters(
+        &self,
+        add: std::collections::BTreeSet<NodeId>,
+        remove: std::collections::BTreeSet<NodeId>,
+    ) -> Result<(), ManifestError> {
+        self.with_raft(move |raft| async move {
+            if !add.is_empty() {
+                raft.change_membership(openraft::ChangeMembers::AddVoterIds(add), true)
+                    .await
+                    .map_err(client_write_error)?;
+            }
+            if !remove.is_empty() {
+                raft.change_membership(openraft::ChangeMembers::RemoveVoters(remove), true)
+                    .await
+                    .map_err(client_write_error)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes a node from the membership entirely (it stops receiving the log and files).
+    pub async fn remove_node(&self, id: NodeId) -> Result<(), ManifestError> {
+        self.with_raft(move |raft| async move {
+            let voters: std::collections::BTreeSet<NodeId> = raft
+                .with_raft_state(|state| state.membership_state.effective().voter_ids().collect())
+                .await
+                .map_err(|e| ManifestError::Raft(e.to_string()))?;
+            if voters.contains(&id) {
+                let remaining: std::collections::BTreeSet<NodeId> =
+                    voters.iter().copied().filter(|v| *v != id).collect();
+                if remaining.is_empty() {
+                    return Err(ManifestError::Config(
+                        "cannot remove the last voter".to_owned(),
+                    ));
+                }
+                raft.change_membership(
+                    openraft::ChangeMembers::RemoveVoters(std::collections::BTreeSet::from([id])),
+                    false,
+                )
+                .await
+                .map_err(client_write_error)?;
+            }
+            raft.change_membership(
+                openraft::ChangeMembers::RemoveNodes(std::collections::BTreeSet::from([id])),
+                false,
+            )
+            .await
+            .map_err(client_write_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Asks this node to start an election now.
+    pub async fn trigger_election(&self) -> Result<(), ManifestError> {
+        self.with_raft(|raft| async move {
+            raft.trigger()
+                .elect()
+                .await
+                .map_err(|e| ManifestError::Raft(e.to_string()))
+        })
+        .await
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
     /// Why Raft stopped by itself, if it did: the node cannot commit anything any more and
     /// should stop (fail-stop), so a restart recovers it.
     pub fn failure(&self) -> Option<String> {
@@ -386,6 +514,7 @@ impl ManifestService {
         let published = state_machine.published();
         let counters = Arc::new(Counters::new());
         let (requests, request_queue) = flume::bounded(config.request_queue_depth_max);
+        let (admin, admin_queue) = flume::bounded(64);
         let (stop, stop_signal) = flume::bounded(1);
         let (ready, ready_signal) = flume::bounded(1);
 
@@ -393,6 +522,7 @@ impl ManifestService {
             config: config.clone(),
             raft_config,
             request_queue,
+            admin_queue,
             stop_signal,
             counters: counters.clone(),
         };
@@ -435,6 +565,7 @@ impl ManifestService {
         let client = ManifestClient {
             node_id: config.node_id,
             requests,
+            admin,
             published,
             counters,
         };
@@ -475,6 +606,7 @@ struct Control {
     config: ManifestConfig,
     raft_config: openraft::Config,
     request_queue: flume::Receiver<Proposal>,
+    admin_queue: flume::Receiver<AdminJob>,
     stop_signal: flume::Receiver<()>,
     counters: Arc<Counters>,
 }
@@ -548,9 +680,9 @@ impl Control {
             .is_initialized()
             .await
             .map_err(|e| ManifestError::Raft(e.to_string()))?;
-        if !initialized {
+        if !initialized && self.config.initialize_if_fresh {
             tracing::info!(node_id, "initializing one-voter manifest cluster");
-            let members = BTreeMap::from([(node_id, BasicNode::new(&self.config.node_addr))]);
+            let members = BTreeMap::from([(node_id, self.config.node.clone())]);
             raft.initialize(members)
                 .await
                 .map_err(|e| ManifestError::Raft(e.to_string()))?;
@@ -581,6 +713,15 @@ impl Control {
         let permits = Arc::new(tokio::sync::Semaphore::new(
             self.config.proposals_in_flight_max,
         ));
+        let admin_jobs = {
+            let raft = raft.clone();
+            let admin_queue = self.admin_queue.clone();
+            tokio::spawn(async move {
+                while let Ok(job) = admin_queue.recv_async().await {
+                    tokio::spawn(job(raft.clone()));
+                }
+            })
+        };
         loop {
             let permit = tokio::select! {
                 biased;
@@ -619,7 +760,24 @@ impl Control {
             .await
             .map_err(|e| ManifestError::Raft(e.to_string()));
         metrics.abort();
+        admin_jobs.abort();
         result
+    }
+}
+
+/// Maps a failed membership change or write to the service's error.
+fn client_write_error(
+    error: RaftError<NodeId, ClientWriteError<NodeId, ClusterNode>>,
+) -> ManifestError {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+            ManifestError::NotLeader {
+                leader: forward.leader_id,
+            }
+        }
+        RaftError::APIError(error) => ManifestError::Raft(error.to_string()),
+        RaftError::Fatal(Fatal::Stopped) => ManifestError::Shutdown,
+        RaftError::Fatal(fatal) => ManifestError::Raft(fatal.to_string()),
     }
 }
 

@@ -5,23 +5,17 @@
 use std::fs;
 use std::fs::File;
 use std::io;
-use std::io::Write;
 use std::path::Path;
 use std::path::PathBuf;
 
 /// Suffix of temporaries; anything ending in it is garbage after a crash.
-pub(crate) const TEMPORARY_SUFFIX: &str = ".tmp";
+pub(crate) const TEMPORARY_SUFFIX: &str = shale_io::publish::TEMPORARY_SUFFIX;
 
-/// Durably replaces (or creates) `dir/name` with `bytes` and returns its path.
+/// Durably replaces (or creates) `dir/name` with `bytes` and returns its path: shale-io's
+/// one durable publish, in its blocking form.
 pub(crate) fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
-    let temporary = dir.join(format!("{name}{TEMPORARY_SUFFIX}"));
     let target = dir.join(name);
-    let mut file = File::create(&temporary)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&temporary, &target)?;
-    sync_directory(dir)?;
+    shale_io::publish::replace_blocking(&target, bytes)?;
     Ok(target)
 }
 

@@ -1,0 +1,80 @@
+//! `shale cluster ...`: the operator's commands. Status and membership commands talk to any
+//! node's cluster API over HTTP with the admin token; credential commands write the cluster CA
+//! and node certificates to files.
+
+use anyhow::{bail, Context};
+
+use crate::http_client::{resolve, Client};
+
+/// Where and how to reach a node's cluster API.
+pub struct Target {
+    pub url: String,
+    pub token: Option<String>,
+}
+
+impl Target {
+    /// Sends one request and returns the parsed JSON answer; a non-2xx answer is an error
+    /// carrying the node's message.
+    pub fn call(&self, method: &str, path: &str, body: &[u8]) -> anyhow::Result<serde_json::Value> {
+        let addr = resolve(&self.url).with_context(|| format!("resolve {}", self.url))?;
+        let mut client =
+            Client::connect(addr).with_context(|| format!("connect to {}", self.url))?;
+        let authorization = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(value) = authorization.as_deref() {
+            headers.push(("authorization", value));
+        }
+        let response = client
+            .request(method, path, &headers, body)
+            .with_context(|| format!("{method} {path}"))?;
+        let value: serde_json::Value = serde_json::from_slice(&response.body)
+            .with_context(|| format!("{method} {path}: answer is not JSON: {}", response.text()))?;
+        if !(200..300).contains(&response.status) {
+            bail!(
+                "{method} {path}: {} {}",
+                response.status,
+                value["error"].as_str().unwrap_or(&response.text())
+            );
+        }
+        Ok(value)
+    }
+}
+
+/// Renders `GET /api/v1/cluster` for a terminal.
+pub fn format_status(status: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "cluster {}  ({})  node {}  leader {}  term {}  applied {}  last log {}  files {}",
+        status["cluster_id"].as_str().unwrap_or("-"),
+        status["mode"].as_str().unwrap_or("-"),
+        status["node_id"],
+        status["leader_id"],
+        status["term"],
+        status["applied_index"],
+        status["last_log_index"],
+        status["manifest_files"],
+    );
+    let _ = writeln!(
+        out,
+        "{:<6} {:<14} {:<8} {:<8} {:<22} {:<22} {:>8} {:>8}",
+        "id", "name", "raft", "state", "quic", "http", "matched", "lag"
+    );
+    for node in status["nodes"].as_array().into_iter().flatten() {
+        let leader = if node["is_leader"] == true { "*" } else { "" };
+        let _ = writeln!(
+            out,
+            "{:<6} {:<14} {:<8} {:<8} {:<22} {:<22} {:>8} {:>8}",
+            format!("{}{leader}", node["id"]),
+            node["name"].as_str().unwrap_or("-"),
+            node["raft_role"].as_str().unwrap_or("-"),
+            node["state"].as_str().unwrap_or("-"),
+            node["quic_addr"].as_str().unwrap_or("-"),
+            node["http_addr"].as_str().unwrap_or("-"),
+            node["matched_index"],
+            node["lag_entries"],
+        );
+    }
+    out
+}
