@@ -242,6 +242,51 @@ struct Proposal {
 /// run as a task of its own on the control runtime.
 type AdminJob = Box<dyn FnOnce(Raft) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
+/// A boxed future that may move between tasks of the control runtime.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What a cluster adds to the control thread. Both calls run on the control thread inside its
+/// tokio runtime (so a QUIC endpoint can be created there): `network` before Raft starts,
+/// `started` once it runs, to spawn what needs the Raft handle (the peers' RPC server, file
+/// replication). A standalone node uses [`NoPeers`].
+pub trait ControlPlane: Send + 'static {
+    type Network: RaftNetworkFactory<TypeConfig>;
+
+    fn network(&mut self) -> Self::Network;
+
+    /// Returns how to forward a proposal to the leader when this node is not the leader.
+    fn started(self, raft: Raft, published: Arc<Published>) -> Option<Arc<dyn Forward>>;
+}
+
+/// Sends a proposal to the leader and returns the leader's receipt (the committed log index).
+pub trait Forward: Send + Sync {
+    fn forward(
+        &self,
+        leader: NodeId,
+        leader_node: Option<ClusterNode>,
+        command: ManifestCommand,
+    ) -> BoxFuture<Result<CommitReceipt, ManifestError>>;
+}
+
+/// The control plane of a standalone node: no peers, nothing to forward.
+pub struct NoPeers<F>(pub F);
+
+impl<N, F> ControlPlane for NoPeers<F>
+where
+    N: RaftNetworkFactory<TypeConfig>,
+    F: FnMut() -> N + Send + 'static,
+{
+    type Network = N;
+
+    fn network(&mut self) -> N {
+        (self.0)()
+    }
+
+    fn started(self, _raft: Raft, _published: Arc<Published>) -> Option<Arc<dyn Forward>> {
+        None
+    }
+}
+
 /// Handle to the manifest for any thread and any async runtime. Cheap to clone.
 #[derive(Clone)]
 pub struct ManifestClient {
@@ -507,6 +552,18 @@ impl ManifestService {
         N: RaftNetworkFactory<TypeConfig>,
         F: FnOnce() -> N + Send + 'static,
     {
+        let mut make_network = Some(make_network);
+        Self::start_with_plane(
+            config,
+            NoPeers(move || (make_network.take().expect("the network is made once"))()),
+        )
+    }
+
+    /// Like [`Self::start_with_network`], with a cluster's control plane.
+    pub fn start_with_plane<P: ControlPlane>(
+        config: ManifestConfig,
+        plane: P,
+    ) -> Result<(ManifestService, ManifestClient), ManifestError> {
         let started = Instant::now();
         let raft_config = config.raft_config()?;
         let log_store = LogStore::open(&config.dir, config.log_rewrite_garbage_bytes_min)?;
@@ -528,7 +585,7 @@ impl ManifestService {
         };
         let thread = std::thread::Builder::new()
             .name("shale-control".to_owned())
-            .spawn(move || control.run(log_store, state_machine, make_network, ready))
+            .spawn(move || control.run(log_store, state_machine, plane, ready))
             .map_err(ManifestError::Thread)?;
         let mut service = ManifestService {
             stop: Some(stop),
@@ -613,19 +670,16 @@ struct Control {
 
 impl Control {
     /// The body of the `shale-control` thread.
-    fn run<N, F>(
+    fn run<P: ControlPlane>(
         self,
         log_store: LogStore,
         state_machine: ManifestStateMachine,
-        make_network: F,
+        mut plane: P,
         ready: flume::Sender<Result<(), ManifestError>>,
-    ) -> Result<(), ManifestError>
-    where
-        N: RaftNetworkFactory<TypeConfig>,
-        F: FnOnce() -> N,
-    {
+    ) -> Result<(), ManifestError> {
+        let published = state_machine.published();
         let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_time()
+            .enable_all()
             .build()
         {
             Ok(runtime) => runtime,
@@ -638,7 +692,7 @@ impl Control {
         // tasks, which drops the log store and joins its writer thread.
         runtime.block_on(async move {
             let timeout_ms = self.config.start_timeout_ms_max;
-            let boot = self.boot(log_store, state_machine, make_network());
+            let boot = self.boot(log_store, state_machine, plane.network());
             let raft = match tokio::time::timeout(Duration::from_millis(timeout_ms), boot).await {
                 Ok(Ok(raft)) => raft,
                 Ok(Err(error)) => {
@@ -655,8 +709,9 @@ impl Control {
             };
             // Mirror once before answering, so metrics are right from the first call.
             self.counters.mirror(&raft.metrics().borrow());
+            let forward = plane.started(raft.clone(), published);
             let _ = ready.send(Ok(()));
-            self.serve(raft).await
+            self.serve(raft, forward).await
         })
     }
 
@@ -708,7 +763,11 @@ impl Control {
         Ok(raft)
     }
 
-    async fn serve(self, raft: Raft) -> Result<(), ManifestError> {
+    async fn serve(
+        self,
+        raft: Raft,
+        forward: Option<Arc<dyn Forward>>,
+    ) -> Result<(), ManifestError> {
         let metrics = tokio::spawn(mirror_metrics(raft.clone(), self.counters.clone()));
         let permits = Arc::new(tokio::sync::Semaphore::new(
             self.config.proposals_in_flight_max,
@@ -745,9 +804,10 @@ impl Control {
             };
             let raft = raft.clone();
             let counters = self.counters.clone();
+            let forward = forward.clone();
             counters.proposals_in_flight.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
-                let result = propose(&raft, proposal.command).await;
+                let result = propose_or_forward(&raft, forward.as_deref(), proposal.command).await;
                 counters.count(&result);
                 counters.proposals_in_flight.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
@@ -762,6 +822,41 @@ impl Control {
         metrics.abort();
         admin_jobs.abort();
         result
+    }
+}
+
+/// Proposes on this node; when another node leads and a forwarder is installed, sends the
+/// command to the leader and then waits until the committed entry is applied here too, so a
+/// caller that treats the command as done also sees it in `current()` (the exactly-once rule
+/// of flushes needs the registration in the local version).
+async fn propose_or_forward(
+    raft: &Raft,
+    forward: Option<&dyn Forward>,
+    command: ManifestCommand,
+) -> Result<CommitReceipt, ManifestError> {
+    let Some(forward) = forward else {
+        return propose(raft, command).await;
+    };
+    let leader = raft.current_leader().await;
+    let local = raft.metrics().borrow().id;
+    match leader {
+        Some(leader) if leader != local => {
+            let leader_node = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .cloned();
+            let receipt = forward.forward(leader, leader_node, command).await?;
+            raft.wait(Some(Duration::from_secs(60)))
+                .applied_index_at_least(Some(receipt.log_index), "forwarded entry applied")
+                .await
+                .map_err(|e| ManifestError::Raft(e.to_string()))?;
+            Ok(receipt)
+        }
+        None => Err(ManifestError::NotLeader { leader: None }),
+        Some(_) => propose(raft, command).await,
     }
 }
 

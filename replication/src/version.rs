@@ -22,7 +22,7 @@ pub struct ManifestVersion {
 
 /// The shared cell between the state machine and its readers.
 #[derive(Debug)]
-pub(crate) struct Published {
+pub struct Published {
     current: ArcSwap<ManifestVersion>,
     /// Senders woken once the applied index reaches the key; `None` once closed. Dropping the
     /// senders (at shutdown) wakes their waiters with an error.
