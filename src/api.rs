@@ -146,6 +146,11 @@ impl Api {
     }
 
     async fn write(&self, request: Request<Incoming>, flavor: WriteFlavor) -> Response<Body> {
+        if self.node.config.cluster.enabled
+            && self.node.config.cluster.role != crate::config::NodeRole::Writer
+        {
+            return self.not_a_writer();
+        }
         let query = query_pairs(request.uri().query());
         let database = match flavor {
             WriteFlavor::Influx1 => query.get("db").cloned(),
@@ -414,6 +419,45 @@ impl Api {
             .unwrap_or_default();
         let body = serde_json::json!({ "success": true, "count": nodes.len(), "nodes": nodes });
         json(StatusCode::OK, body.to_string())
+    }
+
+    /// A reader or replica-only node refuses writes and names the nodes that take them.
+    fn not_a_writer(&self) -> Response<Body> {
+        let writers: Vec<String> = self
+            .node
+            .manifest
+            .raft_metrics()
+            .map(|metrics| {
+                metrics
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .filter(|(_, node)| node.is_writer())
+                    .map(|(_, node)| format!("http://{}", node.http_addr))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let role = match self.node.config.cluster.role {
+            crate::config::NodeRole::Reader => "a reader",
+            _ => "replica-only",
+        };
+        let mut response = error(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "this node is {role} and takes no writes; write to: {}",
+                if writers.is_empty() {
+                    "(no writer known)".to_string()
+                } else {
+                    writers.join(", ")
+                }
+            ),
+        );
+        if let Some(first) = writers.first() {
+            if let Ok(value) = header::HeaderValue::from_str(first) {
+                response.headers_mut().insert("x-shale-writer", value);
+            }
+        }
+        response
     }
 
     /// Liveness: 200 while every shard's heartbeat is recent and the manifest service runs;

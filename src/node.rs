@@ -45,6 +45,17 @@ impl NodeShared {
         self.ready_shards() == self.shard_count
             && !self.stopping.load(Ordering::Relaxed)
             && self.health().is_ok()
+            && self.has_leader()
+    }
+
+    /// A cluster node without a Raft leader (no quorum, or not yet added) cannot register
+    /// anything: it stays not ready, and keeps trying, until it has one.
+    pub fn has_leader(&self) -> bool {
+        !self.config.cluster.enabled
+            || self
+                .manifest
+                .raft_metrics()
+                .is_some_and(|metrics| metrics.current_leader.is_some())
     }
 
     /// `Err` names what is wrong: a shard whose executor has not run its heartbeat for
@@ -480,6 +491,12 @@ fn manifest_config(config: &Config) -> shale_replication::ManifestConfig {
             or(&cluster.advertise_quic_addr, cluster.quic_addr.to_string()),
             or(&cluster.advertise_http_addr, config.http.addr.to_string()),
         );
+        manifest.node.role = match cluster.role {
+            crate::config::NodeRole::Writer => "writer",
+            crate::config::NodeRole::Reader => "reader",
+            crate::config::NodeRole::ReplicaOnly => "replica-only",
+        }
+        .to_string();
         manifest.initialize_if_fresh = cluster.bootstrap;
         manifest.heartbeat_interval_ms = cluster.heartbeat_ms;
         manifest.election_timeout_ms_min = cluster.election_timeout_ms_min;

@@ -46,6 +46,9 @@ pub struct ClusterNode {
     pub quic_addr: String,
     #[serde(default, alias = "addr")]
     pub http_addr: String,
+    /// "writer", "reader" or "replica-only"; empty (older records) means writer.
+    #[serde(default)]
+    pub role: String,
 }
 
 impl ClusterNode {
@@ -58,7 +61,15 @@ impl ClusterNode {
             name: name.into(),
             quic_addr: quic_addr.into(),
             http_addr: http_addr.into(),
+            role: String::new(),
         }
+    }
+}
+
+impl ClusterNode {
+    /// Whether the node takes writes (writers, and records from before roles existed).
+    pub fn is_writer(&self) -> bool {
+        self.role.is_empty() || self.role == "writer"
     }
 }
 
