@@ -24,7 +24,8 @@ pub struct FetchTask {
     pub size_bytes: u64,
     pub blake3_hex: String,
     /// The origin first (it certainly has the file), then the other peers in an order that
-    /// depends on the path, so that a catching-up node spreads its load over the peers.
+    /// depends on the path, so that a catching-up node spreads its load over the peers. Empty
+    /// when no peer can serve it now: only a local copy can then be adopted.
     pub sources: Vec<NodeId>,
 }
 
@@ -94,9 +95,11 @@ pub fn plan(manifest: &Manifest, presence: &dyn Presence, input: PlanInput<'_>) 
             let start = (blake3::hash(path.as_bytes()).as_bytes()[0] as usize) % others.len();
             sources.extend(others[start..].iter().chain(&others[..start]));
         }
+        // A file without a usable source is still planned: its copy may be on disk already
+        // (this node's own flush, or a fetch renamed just before a crash), and the fetch adopts
+        // it after hashing. This is also how a standalone node records its own files.
         if sources.is_empty() {
             result.unsourced_files += 1;
-            continue;
         }
         result.tasks.push(FetchTask {
             path: path.clone(),
@@ -206,7 +209,8 @@ mod tests {
                 ..input
             },
         );
-        assert!(stuck.tasks.iter().all(|t| t.path != "b"));
+        let b_task = stuck.tasks.iter().find(|t| t.path == "b").unwrap();
+        assert!(b_task.sources.is_empty());
         assert_eq!(stuck.unsourced_files, 1);
         assert_eq!(stuck.missing_files, 3);
     }

@@ -374,20 +374,12 @@ impl Replicator {
             let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
             metrics.fetch_failures_total += outcome.failures;
             metrics.bad_source_total += outcome.bad_sources.len() as u64;
-            match &outcome.got {
-                Some(Got::Fetched { bytes, .. }) => {
-                    metrics.files_fetched_total += 1;
-                    metrics.bytes_fetched_total += bytes;
-                }
-                Some(Got::Adopted) => metrics.files_adopted_total += 1,
-                None => {}
-            }
         }
         let Some(got) = outcome.got else {
             deferred.insert(path, now + retry);
             return Ok(());
         };
-        if let Got::Fetched { node, bytes } = got {
+        if let Got::Fetched { node, bytes } = &got {
             tracing::debug!(path = %path, node, bytes, "fetched file");
         }
         let verified_at_ms = SystemTime::now()
@@ -405,6 +397,18 @@ impl Replicator {
                 },
             )
             .await?;
+        {
+            // Counted once the file is recorded, so a reader of the metrics that sees the file
+            // counted also finds it in the presence index.
+            let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+            match got {
+                Got::Fetched { bytes, .. } => {
+                    metrics.files_fetched_total += 1;
+                    metrics.bytes_fetched_total += bytes;
+                }
+                Got::Adopted => metrics.files_adopted_total += 1,
+            }
+        }
         bad.remove(&path);
         for candidate in candidates.iter_mut() {
             let same = candidate
