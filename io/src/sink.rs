@@ -532,6 +532,8 @@ async fn publish(partial: &Path, target: &Path) -> Result<(), SinkError> {
 
 async fn append_durable(path: &Path, bytes: Vec<u8>) -> Result<(), SinkError> {
     create_parent(path).await?;
+    // A file created here needs its directory entry synced too, or a crash could lose it whole.
+    let created = !path.exists();
     let file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -547,7 +549,19 @@ async fn append_durable(path: &Path, bytes: Vec<u8>) -> Result<(), SinkError> {
     if let Err(error) = file.close().await {
         tracing::warn!(path = %path.display(), %error, "close appended file");
     }
-    result
+    result?;
+    if created {
+        if let Some(parent) = path.parent() {
+            crate::publish::sync_directory(parent)
+                .await
+                .map_err(|e| SinkError::Io {
+                    action: "sync directory of",
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use shale_replication::files::fetch::Connector;
 use shale_replication::files::fetch::ExpectedFile;
 use shale_replication::files::fetch::FetchError;
 use shale_replication::files::fetch::FileSource;
+use shale_replication::files::fetch::StreamPair;
 use shale_replication::files::fetch::StreamSource;
 use shale_replication::files::partial_path;
 use shale_replication::files::planner::PeerInfo;
@@ -124,7 +125,7 @@ impl Connector for Pipes {
     type Send = tokio::io::WriteHalf<tokio::io::DuplexStream>;
     type Recv = tokio::io::ReadHalf<tokio::io::DuplexStream>;
 
-    fn connect(&self, node: NodeId) -> BoxFuture<'_, Result<(Self::Send, Self::Recv), FetchError>> {
+    fn connect(&self, node: NodeId) -> BoxFuture<'_, Result<StreamPair<Self>, FetchError>> {
         Box::pin(async move {
             let server =
                 self.servers
@@ -372,7 +373,7 @@ impl Connector for Tcp {
     type Send = tokio::net::tcp::OwnedWriteHalf;
     type Recv = tokio::net::tcp::OwnedReadHalf;
 
-    fn connect(&self, node: NodeId) -> BoxFuture<'_, Result<(Self::Send, Self::Recv), FetchError>> {
+    fn connect(&self, node: NodeId) -> BoxFuture<'_, Result<StreamPair<Self>, FetchError>> {
         Box::pin(async move {
             let stream =
                 tokio::net::TcpStream::connect(self.0)

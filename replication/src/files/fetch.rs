@@ -120,8 +120,11 @@ pub trait Connector: Send + Sync {
     type Send: AsyncWrite + Unpin + Send + 'static;
     type Recv: AsyncRead + Unpin + Send + 'static;
 
-    fn connect(&self, node: NodeId) -> BoxFuture<'_, Result<(Self::Send, Self::Recv), FetchError>>;
+    fn connect(&self, node: NodeId) -> BoxFuture<'_, Result<StreamPair<Self>, FetchError>>;
 }
+
+/// The (send, receive) halves a [`Connector`] opens.
+pub type StreamPair<C> = (<C as Connector>::Send, <C as Connector>::Recv);
 
 /// A [`FileSource`] that speaks the FileFetch protocol over streams from a [`Connector`].
 #[derive(Debug)]

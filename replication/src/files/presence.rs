@@ -95,7 +95,15 @@ impl PresenceIndex {
                 source,
             }
         };
-        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+            // Make the new directory's entry durable; the log's own appends sync the file.
+            if let Some(parent) = dir.parent() {
+                std::fs::File::open(parent)
+                    .and_then(|parent| parent.sync_all())
+                    .map_err(io("sync", parent))?;
+            }
+        }
         let log_path = dir.join(PRESENCE_LOG_NAME);
         let bytes = match std::fs::read(&log_path) {
             Ok(bytes) => bytes,

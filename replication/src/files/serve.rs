@@ -96,7 +96,8 @@ pub enum Served {
     Refused(Refusal),
 }
 
-type CurrentVersion = dyn Fn() -> Arc<ManifestVersion> + Send + Sync;
+/// Returns the manifest version in force.
+pub type CurrentVersion = dyn Fn() -> Arc<ManifestVersion> + Send + Sync;
 
 /// Serves FileFetch streams for one data directory. Cheap to clone.
 #[derive(Clone)]
