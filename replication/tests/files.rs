@@ -254,9 +254,10 @@ fn presence_survives_reopen_and_torn_tail() {
 
 #[tokio::test]
 async fn server_refuses_paths_outside_the_manifest_or_the_data_dir() {
-    // A node serves only current manifest paths and never follows a symlink out of its data
-    // directory: `..`, absolute paths, unknown paths, a symlinked file pointing outside and a
-    // symlinked directory component are all refused, while a real manifest file is served whole.
+    // A node serves only current manifest paths and never follows a symlink: `..`, absolute
+    // paths, unknown paths, a symlinked file pointing outside, a symlinked directory component
+    // and even a symlink to a file inside the data directory are all refused, while a real
+    // manifest file is accepted.
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let outside = dir.path().join("outside");
@@ -272,12 +273,15 @@ async fn server_refuses_paths_outside_the_manifest_or_the_data_dir() {
     )
     .unwrap();
     std::os::unix::fs::symlink(&outside, data_dir.join("db/linked")).unwrap();
+    // Even a symlink that stays inside the data directory is not followed.
+    std::os::unix::fs::symlink("good.parquet", data_dir.join("db/m/inner.parquet")).unwrap();
     let version = version(
         3,
         vec![
             entry("db/m/good.parquet", &good, 1, 1),
             entry("db/m/link.parquet", &secret, 1, 2),
             entry("db/linked/secret.parquet", &secret, 1, 3),
+            entry("db/m/inner.parquet", &good, 1, 4),
         ],
     );
     let server = server(&data_dir, version);
@@ -289,6 +293,7 @@ async fn server_refuses_paths_outside_the_manifest_or_the_data_dir() {
         ("db/m/absent.parquet", FetchStatus::NotInManifest),
         ("db/m/link.parquet", FetchStatus::BadPath),
         ("db/linked/secret.parquet", FetchStatus::BadPath),
+        ("db/m/inner.parquet", FetchStatus::BadPath),
     ];
     for (path, status) in cases {
         let request = FetchRequest {
