@@ -6,4 +6,5 @@
 pub mod http;
 pub mod publish;
 pub mod runtime;
+pub mod sink;
 pub mod wal;

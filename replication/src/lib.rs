@@ -7,6 +7,7 @@
 
 pub mod control;
 mod durable;
+pub mod files;
 pub mod log_store;
 pub mod manifest;
 pub mod network;

@@ -1,0 +1,305 @@
+//! The durable presence index: which files this node holds, verified against their blake3, so
+//! that a restart knows what is present without re-hashing every file.
+//!
+//! Format of `_system/presence/presence-log`: frames `[len u32 LE][crc32 u32 LE][payload]`
+//! (the Raft log's framing), payload `[format version u8][serde_json of a PresenceRecord]`.
+//! Replaying the records in order rebuilds the index. A torn tail (a partial or damaged last
+//! record, or zeroes) is cut off at open; damage before the tail refuses to open. When dead
+//! records outweigh the live ones the log is rewritten as one record per entry.
+//!
+//! Threads: owned by the replicator on the control thread. Reads are from memory; every write is
+//! an append plus fdatasync on the `shale-fetch` sink thread, and the in-memory index changes only
+//! after the write is durable, so it never claims more than a restart would find.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde::Serialize;
+use shale_io::sink::FileSink;
+use shale_io::sink::SinkError;
+
+/// Name of the log inside the presence directory.
+pub const PRESENCE_LOG_NAME: &str = "presence-log";
+
+/// Version byte at the start of every record payload.
+pub const PRESENCE_FORMAT_VERSION: u8 = 1;
+
+/// Largest record payload accepted; an entry is a path and two numbers.
+const RECORD_BYTES_MAX: usize = 64 << 10;
+
+const FRAME_HEADER_BYTES: usize = 8;
+
+/// Below this many log bytes a rewrite is not worth it.
+const COMPACT_BYTES_MIN: u64 = 1 << 20;
+
+/// One verified local file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEntry {
+    /// Relative to the data directory, as in the manifest.
+    pub path: String,
+    pub size_bytes: u64,
+    /// 64 lowercase hex digits, as in the manifest.
+    pub blake3_hex: String,
+    /// Wall-clock time of the verification, milliseconds since the Unix epoch.
+    pub verified_at_ms: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum PresenceRecord {
+    Insert(PresenceEntry),
+    Remove { path: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PresenceError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("presence log {path} is corrupt at byte offset {offset}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("encode presence record: {0}")]
+    Encode(String),
+    #[error("write presence log: {0}")]
+    Sink(#[from] SinkError),
+}
+
+/// The index. See the module documentation for the format and threads.
+#[derive(Debug)]
+pub struct PresenceIndex {
+    log_path: PathBuf,
+    entries: BTreeMap<String, PresenceEntry>,
+    /// Bytes in the log file, and the frame bytes of each live entry's latest insert.
+    log_bytes: u64,
+    live_bytes: BTreeMap<String, u64>,
+    live_bytes_total: u64,
+}
+
+impl PresenceIndex {
+    /// Opens (or creates) the index in `dir`, typically `<data dir>/_system/presence`. Blocks on
+    /// the disk: call it at start-up, before the control thread serves anything.
+    pub fn open(dir: &Path) -> Result<PresenceIndex, PresenceError> {
+        let io = |action, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| PresenceError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+            // Make the new directory's entry durable; the log's own appends sync the file.
+            if let Some(parent) = dir.parent() {
+                std::fs::File::open(parent)
+                    .and_then(|parent| parent.sync_all())
+                    .map_err(io("sync", parent))?;
+            }
+        }
+        let log_path = dir.join(PRESENCE_LOG_NAME);
+        let bytes = match std::fs::read(&log_path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io("read", &log_path)(e)),
+        };
+        let mut index = PresenceIndex {
+            log_path: log_path.clone(),
+            entries: BTreeMap::new(),
+            log_bytes: 0,
+            live_bytes: BTreeMap::new(),
+            live_bytes_total: 0,
+        };
+        let valid = index.replay(&bytes)?;
+        if valid < bytes.len() {
+            tracing::warn!(
+                path = %log_path.display(),
+                valid_bytes = valid,
+                file_bytes = bytes.len(),
+                "cut torn tail of presence log"
+            );
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&log_path)
+                .map_err(io("open", &log_path))?;
+            file.set_len(valid as u64)
+                .map_err(io("truncate", &log_path))?;
+            file.sync_all().map_err(io("sync", &log_path))?;
+        }
+        index.log_bytes = valid as u64;
+        Ok(index)
+    }
+
+    /// Whether `path` is present with exactly this blake3 (a re-registered path with other bytes
+    /// is not present).
+    pub fn contains(&self, path: &str, blake3_hex: &str) -> bool {
+        self.entries
+            .get(path)
+            .is_some_and(|entry| entry.blake3_hex == blake3_hex)
+    }
+
+    pub fn get(&self, path: &str) -> Option<&PresenceEntry> {
+        self.entries.get(path)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &PresenceEntry> + '_ {
+        self.entries.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Records `entry` durably (replacing any entry of its path). Not cancellation-safe: a
+    /// dropped call may still have appended the record, which the next open replays.
+    pub async fn insert(
+        &mut self,
+        sink: &FileSink,
+        entry: PresenceEntry,
+    ) -> Result<(), PresenceError> {
+        let frame = encode_frame(&PresenceRecord::Insert(entry.clone()))?;
+        let frame_bytes = frame.len() as u64;
+        sink.append_durable(&self.log_path, frame).await?;
+        self.log_bytes += frame_bytes;
+        self.note(PresenceRecord::Insert(entry), frame_bytes);
+        self.compact_if_worth_it(sink).await
+    }
+
+    /// Forgets `path` durably; answers whether it was present.
+    pub async fn remove(&mut self, sink: &FileSink, path: &str) -> Result<bool, PresenceError> {
+        if !self.entries.contains_key(path) {
+            return Ok(false);
+        }
+        let record = PresenceRecord::Remove {
+            path: path.to_owned(),
+        };
+        let frame = encode_frame(&record)?;
+        let frame_bytes = frame.len() as u64;
+        sink.append_durable(&self.log_path, frame).await?;
+        self.log_bytes += frame_bytes;
+        self.note(record, frame_bytes);
+        self.compact_if_worth_it(sink).await?;
+        Ok(true)
+    }
+
+    fn note(&mut self, record: PresenceRecord, frame_bytes: u64) {
+        match record {
+            PresenceRecord::Insert(entry) => {
+                let old = self.live_bytes.insert(entry.path.clone(), frame_bytes);
+                self.live_bytes_total += frame_bytes;
+                self.live_bytes_total -= old.unwrap_or(0);
+                self.entries.insert(entry.path.clone(), entry);
+            }
+            PresenceRecord::Remove { path } => {
+                self.live_bytes_total -= self.live_bytes.remove(&path).unwrap_or(0);
+                self.entries.remove(&path);
+            }
+        }
+    }
+
+    async fn compact_if_worth_it(&mut self, sink: &FileSink) -> Result<(), PresenceError> {
+        let dead = self.log_bytes - self.live_bytes_total;
+        if self.log_bytes < COMPACT_BYTES_MIN || dead < self.live_bytes_total {
+            return Ok(());
+        }
+        let mut image = Vec::new();
+        let mut live_bytes = BTreeMap::new();
+        for entry in self.entries.values() {
+            let frame = encode_frame(&PresenceRecord::Insert(entry.clone()))?;
+            live_bytes.insert(entry.path.clone(), frame.len() as u64);
+            image.extend_from_slice(&frame);
+        }
+        let image_bytes = image.len() as u64;
+        sink.replace(&self.log_path, image).await?;
+        tracing::debug!(
+            path = %self.log_path.display(),
+            before_bytes = self.log_bytes,
+            after_bytes = image_bytes,
+            "compacted presence log"
+        );
+        self.log_bytes = image_bytes;
+        self.live_bytes_total = image_bytes;
+        self.live_bytes = live_bytes;
+        Ok(())
+    }
+
+    /// Replays the whole file and returns the length of its valid prefix.
+    fn replay(&mut self, bytes: &[u8]) -> Result<usize, PresenceError> {
+        let mut offset = 0;
+        while offset < bytes.len() {
+            let rest = &bytes[offset..];
+            let corrupt = |reason: String| PresenceError::Corrupt {
+                path: self.log_path.clone(),
+                offset: offset as u64,
+                reason,
+            };
+            let zero_from =
+                |start: usize| rest.get(start..).is_none_or(|r| r.iter().all(|b| *b == 0));
+            if rest.len() < FRAME_HEADER_BYTES {
+                break; // A partial header can only be the torn end of the last append.
+            }
+            let payload_bytes = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+            if payload_bytes == 0 {
+                if zero_from(0) {
+                    break; // The file was extended but not written.
+                }
+                return Err(corrupt("zero-length record followed by data".to_owned()));
+            }
+            if payload_bytes > RECORD_BYTES_MAX {
+                if zero_from(FRAME_HEADER_BYTES) || rest.len() < FRAME_HEADER_BYTES + payload_bytes
+                {
+                    break; // A damaged header at the very end.
+                }
+                return Err(corrupt(format!("record length {payload_bytes}")));
+            }
+            let end = FRAME_HEADER_BYTES + payload_bytes;
+            if rest.len() < end {
+                break; // The last record was cut short.
+            }
+            let payload = &rest[FRAME_HEADER_BYTES..end];
+            if crc32fast::hash(payload) != crc {
+                if zero_from(end) {
+                    break; // The last record was only partly written.
+                }
+                return Err(corrupt("checksum mismatch".to_owned()));
+            }
+            if payload[0] != PRESENCE_FORMAT_VERSION {
+                return Err(corrupt(format!("unknown format version {}", payload[0])));
+            }
+            let record: PresenceRecord = serde_json::from_slice(&payload[1..])
+                .map_err(|e| corrupt(format!("decode record: {e}")))?;
+            self.note(record, end as u64);
+            offset += end;
+            self.log_bytes = offset as u64;
+        }
+        Ok(offset)
+    }
+}
+
+fn encode_frame(record: &PresenceRecord) -> Result<Vec<u8>, PresenceError> {
+    let mut frame = vec![0; FRAME_HEADER_BYTES];
+    frame.push(PRESENCE_FORMAT_VERSION);
+    serde_json::to_writer(&mut frame, record).map_err(|e| PresenceError::Encode(e.to_string()))?;
+    let payload_bytes = frame.len() - FRAME_HEADER_BYTES;
+    if payload_bytes > RECORD_BYTES_MAX {
+        return Err(PresenceError::Encode(format!(
+            "record of {payload_bytes} bytes exceeds {RECORD_BYTES_MAX}"
+        )));
+    }
+    let crc = crc32fast::hash(&frame[FRAME_HEADER_BYTES..]);
+    frame[0..4].copy_from_slice(&(payload_bytes as u32).to_le_bytes());
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok(frame)
+}

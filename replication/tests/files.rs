@@ -1,0 +1,639 @@
+//! Peer file replication tests: the presence index on disk, the FileFetch server's refusals, the
+//! protocol end to end over TCP, resumed and corrupted fetches, and the replicator driving it
+//! all. Real disk (temporary directories), the real sink thread, in-process sources.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use shale_io::sink::FileSink;
+use shale_io::sink::SinkConfig;
+use shale_replication::files::fetch::fetch_file;
+use shale_replication::files::fetch::BoxFuture;
+use shale_replication::files::fetch::ChunkStream;
+use shale_replication::files::fetch::Connector;
+use shale_replication::files::fetch::ExpectedFile;
+use shale_replication::files::fetch::FetchError;
+use shale_replication::files::fetch::FileSource;
+use shale_replication::files::fetch::StreamPair;
+use shale_replication::files::fetch::StreamSource;
+use shale_replication::files::partial_path;
+use shale_replication::files::planner::PeerInfo;
+use shale_replication::files::presence::PresenceEntry;
+use shale_replication::files::presence::PresenceError;
+use shale_replication::files::presence::PresenceIndex;
+use shale_replication::files::presence::PRESENCE_LOG_NAME;
+use shale_replication::files::protocol::FetchRequest;
+use shale_replication::files::protocol::FetchStatus;
+use shale_replication::files::replicator::FetchConfig;
+use shale_replication::files::replicator::ManifestWatch;
+use shale_replication::files::replicator::Replicator;
+use shale_replication::files::replicator::ReplicatorParts;
+use shale_replication::files::serve::FetchServer;
+use shale_replication::files::serve::ServeConfig;
+use shale_replication::files::serve::Served;
+use shale_replication::files::throttle::Throttle;
+use shale_replication::files::NodeId;
+use shale_replication::FileEntry;
+use shale_replication::Manifest;
+use shale_replication::ManifestCommand;
+use shale_replication::ManifestResponse;
+use shale_replication::ManifestVersion;
+
+fn sink() -> FileSink {
+    shale_io::runtime::raise_memlock_limit();
+    FileSink::start(SinkConfig::default()).expect("start sink")
+}
+
+fn content(seed: u8, size: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9u32 ^ seed as u32;
+    (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as u8
+        })
+        .collect()
+}
+
+fn entry(path: &str, bytes: &[u8], origin_node: NodeId, lsn: u64) -> FileEntry {
+    FileEntry {
+        path: path.to_owned(),
+        size_bytes: bytes.len() as u64,
+        blake3_hex: blake3::hash(bytes).to_hex().to_string(),
+        rows: 1,
+        time_min_us: 0,
+        time_max_us: 1,
+        database: "db".to_owned(),
+        measurement: "m".to_owned(),
+        origin_node,
+        shard: 0,
+        lsn_first: lsn,
+        lsn_last: lsn,
+        created_at_ms: 0,
+        columns_fingerprint: 0,
+    }
+}
+
+fn version(index: u64, files: Vec<FileEntry>) -> Arc<ManifestVersion> {
+    let mut manifest = Manifest::default();
+    let response = manifest.apply(index, &ManifestCommand::Register { files });
+    assert!(
+        matches!(response, ManifestResponse::Applied { .. }),
+        "{response:?}"
+    );
+    Arc::new(ManifestVersion { index, manifest })
+}
+
+fn write_file(root: &Path, path: &str, bytes: &[u8]) {
+    let target = root.join(path);
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::write(target, bytes).unwrap();
+}
+
+fn expected(file: &FileEntry) -> ExpectedFile {
+    ExpectedFile {
+        path: file.path.clone(),
+        size_bytes: file.size_bytes,
+        blake3: *blake3::Hash::from_hex(&file.blake3_hex).unwrap().as_bytes(),
+    }
+}
+
+fn server(data_dir: &Path, version: Arc<ManifestVersion>) -> FetchServer {
+    FetchServer::new(
+        data_dir,
+        Arc::new(move || version.clone()),
+        ServeConfig {
+            chunk_bytes: 64 << 10,
+            ..ServeConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+/// In-process transport: a fresh tokio duplex pipe per request, served by the node's server.
+#[derive(Clone, Default)]
+struct Pipes {
+    servers: Arc<Mutex<BTreeMap<NodeId, FetchServer>>>,
+    offsets: Arc<Mutex<Vec<(NodeId, u64)>>>,
+}
+
+impl Connector for Pipes {
+    type Send = tokio::io::WriteHalf<tokio::io::DuplexStream>;
+    type Recv = tokio::io::ReadHalf<tokio::io::DuplexStream>;
+
+    fn connect(&self, node: NodeId) -> BoxFuture<'_, Result<StreamPair<Self>, FetchError>> {
+        Box::pin(async move {
+            let server =
+                self.servers
+                    .lock()
+                    .unwrap()
+                    .get(&node)
+                    .cloned()
+                    .ok_or(FetchError::Connect {
+                        node,
+                        message: "no such node".to_owned(),
+                    })?;
+            let (client, remote) = tokio::io::duplex(256 << 10);
+            tokio::spawn(async move {
+                let (recv, send) = tokio::io::split(remote);
+                let _ = server.serve(recv, send).await;
+            });
+            let (recv, send) = tokio::io::split(client);
+            Ok((send, recv))
+        })
+    }
+}
+
+/// Records the offset of every request, and optionally cuts a stream after some bytes (a
+/// connection that breaks).
+struct Recording<S> {
+    inner: S,
+    offsets: Arc<Mutex<Vec<(NodeId, u64)>>>,
+    cut_after_bytes: Option<u64>,
+}
+
+struct Cut {
+    inner: Box<dyn ChunkStream>,
+    left: u64,
+}
+
+impl ChunkStream for Cut {
+    fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Vec<u8>>, FetchError>> {
+        Box::pin(async move {
+            if self.left == 0 {
+                return Ok(None);
+            }
+            let Some(mut chunk) = self.inner.next_chunk().await? else {
+                return Ok(None);
+            };
+            chunk.truncate(self.left.min(chunk.len() as u64) as usize);
+            self.left -= chunk.len() as u64;
+            Ok(Some(chunk))
+        })
+    }
+}
+
+impl<S: FileSource> FileSource for Recording<S> {
+    fn fetch<'a>(
+        &'a self,
+        source: NodeId,
+        file: &'a ExpectedFile,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<Box<dyn ChunkStream>, FetchError>> {
+        Box::pin(async move {
+            self.offsets.lock().unwrap().push((source, offset));
+            let stream = self.inner.fetch(source, file, offset).await?;
+            Ok(match self.cut_after_bytes {
+                Some(left) => Box::new(Cut {
+                    inner: stream,
+                    left,
+                }) as Box<dyn ChunkStream>,
+                None => stream,
+            })
+        })
+    }
+}
+
+#[test]
+fn presence_survives_reopen_and_torn_tail() {
+    // The presence index is what lets a restart skip re-hashing every file: entries written
+    // before a restart must be there after it, a torn last record (a crash mid-append) must be
+    // cut off rather than refuse the start, and damage before the tail must refuse to open.
+    let dir = tempfile::tempdir().unwrap();
+    let presence_dir = dir.path().join("_system/presence");
+    let sink = sink();
+    let entry = |path: &str, hash: char| PresenceEntry {
+        path: path.to_owned(),
+        size_bytes: 10,
+        blake3_hex: hash.to_string().repeat(64),
+        verified_at_ms: 1,
+    };
+    futures_lite::future::block_on(async {
+        let mut index = PresenceIndex::open(&presence_dir).unwrap();
+        index.insert(&sink, entry("a", 'a')).await.unwrap();
+        index.insert(&sink, entry("b", 'b')).await.unwrap();
+        index.insert(&sink, entry("c", 'c')).await.unwrap();
+        index.insert(&sink, entry("a", 'd')).await.unwrap();
+        assert!(index.remove(&sink, "b").await.unwrap());
+    });
+    let log = presence_dir.join(PRESENCE_LOG_NAME);
+    let good_bytes = std::fs::metadata(&log).unwrap().len();
+    let index = PresenceIndex::open(&presence_dir).unwrap();
+    assert!(index.contains("a", &"d".repeat(64)));
+    assert!(!index.contains("a", &"a".repeat(64)));
+    assert!(!index.contains("b", &"b".repeat(64)));
+    assert!(index.contains("c", &"c".repeat(64)));
+    assert_eq!(index.len(), 2);
+
+    // A torn append: a header promising more bytes than follow.
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 1, b'{']);
+    std::fs::write(&log, &bytes).unwrap();
+    let mut index = PresenceIndex::open(&presence_dir).unwrap();
+    assert_eq!(index.len(), 2);
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), good_bytes);
+    futures_lite::future::block_on(index.insert(&sink, entry("e", 'e'))).unwrap();
+    let index = PresenceIndex::open(&presence_dir).unwrap();
+    assert!(index.contains("e", &"e".repeat(64)));
+    assert_eq!(index.len(), 3);
+
+    // Damage in the middle (a flipped byte in the first record) is not a torn tail.
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[12] ^= 0xff;
+    std::fs::write(&log, &bytes).unwrap();
+    assert!(matches!(
+        PresenceIndex::open(&presence_dir),
+        Err(PresenceError::Corrupt { offset: 0, .. })
+    ));
+    sink.shutdown();
+}
+
+#[tokio::test]
+async fn server_refuses_paths_outside_the_manifest_or_the_data_dir() {
+    // A node serves only current manifest paths and never follows a symlink: `..`, absolute
+    // paths, unknown paths, a symlinked file pointing outside, a symlinked directory component
+    // and even a symlink to a file inside the data directory are all refused, while a real
+    // manifest file is accepted.
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let secret = b"secret bytes outside the data dir".to_vec();
+    std::fs::write(outside.join("secret.parquet"), &secret).unwrap();
+    let good = content(1, 100_000);
+    write_file(&data_dir, "db/m/good.parquet", &good);
+    std::fs::create_dir_all(data_dir.join("db/m")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.join("secret.parquet"),
+        data_dir.join("db/m/link.parquet"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&outside, data_dir.join("db/linked")).unwrap();
+    // Even a symlink that stays inside the data directory is not followed.
+    std::os::unix::fs::symlink("good.parquet", data_dir.join("db/m/inner.parquet")).unwrap();
+    let version = version(
+        3,
+        vec![
+            entry("db/m/good.parquet", &good, 1, 1),
+            entry("db/m/link.parquet", &secret, 1, 2),
+            entry("db/linked/secret.parquet", &secret, 1, 3),
+            entry("db/m/inner.parquet", &good, 1, 4),
+        ],
+    );
+    let server = server(&data_dir, version);
+
+    let cases = [
+        ("../outside/secret.parquet", FetchStatus::BadPath),
+        ("db/../../outside/secret.parquet", FetchStatus::BadPath),
+        ("/etc/passwd", FetchStatus::BadPath),
+        ("db/m/absent.parquet", FetchStatus::NotInManifest),
+        ("db/m/link.parquet", FetchStatus::BadPath),
+        ("db/linked/secret.parquet", FetchStatus::BadPath),
+        ("db/m/inner.parquet", FetchStatus::BadPath),
+    ];
+    for (path, status) in cases {
+        let request = FetchRequest {
+            path: path.to_owned(),
+            offset: 0,
+        };
+        let refusal = server.open_checked(&request).err();
+        assert_eq!(refusal.map(|r| r.status), Some(status), "{path}");
+
+        // The same over the wire: the client gets the refusal, never bytes.
+        let (client, remote) = tokio::io::duplex(64 << 10);
+        let serving = {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let (recv, send) = tokio::io::split(remote);
+                server.serve(recv, send).await
+            })
+        };
+        let (mut recv, mut send) = tokio::io::split(client);
+        shale_replication::files::protocol::write_request(&mut send, &request)
+            .await
+            .unwrap();
+        let response = shale_replication::files::protocol::read_response(&mut recv)
+            .await
+            .unwrap();
+        assert!(
+            matches!(response, shale_replication::files::protocol::FetchResponse::Refused { status: s, .. } if s == status),
+            "{path}: {response:?}"
+        );
+        assert!(matches!(serving.await.unwrap(), Ok(Served::Refused(_))));
+    }
+
+    let request = FetchRequest {
+        path: "db/m/good.parquet".to_owned(),
+        offset: 0,
+    };
+    assert!(server.open_checked(&request).is_ok());
+}
+
+#[tokio::test]
+async fn fetch_over_tcp_end_to_end() {
+    // The FileFetch protocol over a real socket pair: the client verifies and publishes the
+    // exact bytes under the manifest path, and leaves no partial behind.
+    let dir = tempfile::tempdir().unwrap();
+    let (remote_dir, local_dir) = (dir.path().join("remote"), dir.path().join("local"));
+    let bytes = content(2, 3_000_123);
+    write_file(&remote_dir, "db/m/f.parquet", &bytes);
+    let file = entry("db/m/f.parquet", &bytes, 2, 1);
+    let server = server(&remote_dir, version(1, vec![file.clone()]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let (recv, send) = stream.into_split();
+                let _ = server.serve(recv, send).await;
+            });
+        }
+    });
+    let source = StreamSource::new(Tcp(address), 1 << 20);
+    let sink = sink();
+    let fetched = fetch_file(
+        &sink,
+        &local_dir,
+        &expected(&file),
+        &source,
+        2,
+        &Throttle::new(0, 0),
+    )
+    .await
+    .unwrap();
+    assert_eq!(fetched.transferred_bytes, bytes.len() as u64);
+    assert_eq!(std::fs::read(local_dir.join(&file.path)).unwrap(), bytes);
+    assert!(!partial_path(&local_dir.join(&file.path)).exists());
+    sink.shutdown();
+}
+
+struct Tcp(std::net::SocketAddr);
+
+impl Connector for Tcp {
+    type Send = tokio::net::tcp::OwnedWriteHalf;
+    type Recv = tokio::net::tcp::OwnedReadHalf;
+
+    fn connect(&self, node: NodeId) -> BoxFuture<'_, Result<StreamPair<Self>, FetchError>> {
+        Box::pin(async move {
+            let stream =
+                tokio::net::TcpStream::connect(self.0)
+                    .await
+                    .map_err(|e| FetchError::Connect {
+                        node,
+                        message: e.to_string(),
+                    })?;
+            let (recv, send) = stream.into_split();
+            Ok((send, recv))
+        })
+    }
+}
+
+#[tokio::test]
+async fn fetch_resumes_from_a_partial() {
+    // A transfer that breaks off keeps its partial, and the next attempt asks only for the bytes
+    // after it (the prefix is hashed locally, not fetched again) and still verifies the whole.
+    let dir = tempfile::tempdir().unwrap();
+    let (remote_dir, local_dir) = (dir.path().join("remote"), dir.path().join("local"));
+    let bytes = content(3, 1_500_000);
+    write_file(&remote_dir, "db/m/f.parquet", &bytes);
+    let file = entry("db/m/f.parquet", &bytes, 2, 1);
+    let pipes = Pipes::default();
+    pipes
+        .servers
+        .lock()
+        .unwrap()
+        .insert(2, server(&remote_dir, version(1, vec![file.clone()])));
+    let sink = sink();
+    let throttle = Throttle::new(0, 0);
+
+    let breaking = Recording {
+        inner: StreamSource::new(pipes.clone(), 64 << 10),
+        offsets: pipes.offsets.clone(),
+        cut_after_bytes: Some(600_000),
+    };
+    let error = fetch_file(&sink, &local_dir, &expected(&file), &breaking, 2, &throttle)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, FetchError::Truncated { .. }), "{error}");
+    let partial = partial_path(&local_dir.join(&file.path));
+    assert_eq!(std::fs::metadata(&partial).unwrap().len(), 600_000);
+    assert!(!local_dir.join(&file.path).exists());
+
+    let whole = Recording {
+        inner: StreamSource::new(pipes.clone(), 64 << 10),
+        offsets: pipes.offsets.clone(),
+        cut_after_bytes: None,
+    };
+    let fetched = fetch_file(&sink, &local_dir, &expected(&file), &whole, 2, &throttle)
+        .await
+        .unwrap();
+    assert_eq!(fetched.resumed_bytes, 600_000);
+    assert_eq!(fetched.transferred_bytes, 900_000);
+    assert_eq!(*pipes.offsets.lock().unwrap(), vec![(2, 0), (2, 600_000)]);
+    assert_eq!(std::fs::read(local_dir.join(&file.path)).unwrap(), bytes);
+    assert!(!partial.exists());
+    sink.shutdown();
+}
+
+struct Versions(tokio::sync::watch::Sender<Arc<ManifestVersion>>);
+
+impl ManifestWatch for Versions {
+    fn current(&self) -> Arc<ManifestVersion> {
+        self.0.borrow().clone()
+    }
+
+    fn changed(&self, index: u64) -> BoxFuture<'_, bool> {
+        let mut receiver = self.0.subscribe();
+        Box::pin(async move {
+            let newer = receiver.wait_for(|v| v.index > index).await.is_ok();
+            newer
+        })
+    }
+}
+
+#[tokio::test]
+async fn replicator_skips_a_corrupt_source_and_publishes_the_present_version() {
+    // The whole driver: node 1 must end up with every file of the manifest. The origin (node 2)
+    // holds a corrupt copy of one file (right size, one flipped byte): that is detected by blake3,
+    // node 2 is marked bad for that file and node 3's copy is used. The present version moves to
+    // the new manifest index only once every file is present, and the presence index says so
+    // after a reopen.
+    let dir = tempfile::tempdir().unwrap();
+    let local_dir = dir.path().join("n1");
+    let good_a = content(4, 700_000);
+    let good_b = content(5, 300_001);
+    let file_a = entry("db/m/a.parquet", &good_a, 2, 1);
+    let file_b = entry("db/m/b.parquet", &good_b, 2, 2);
+    let first = version(1, vec![]);
+    let second = version(2, vec![file_a.clone(), file_b.clone()]);
+    let pipes = Pipes::default();
+    for node in [2, 3] {
+        let node_dir = dir.path().join(format!("n{node}"));
+        let mut a = good_a.clone();
+        if node == 2 {
+            a[123_456] ^= 1;
+        }
+        write_file(&node_dir, &file_a.path, &a);
+        write_file(&node_dir, &file_b.path, &good_b);
+        pipes
+            .servers
+            .lock()
+            .unwrap()
+            .insert(node, server(&node_dir, second.clone()));
+    }
+    let sink = sink();
+    let (versions, _) = tokio::sync::watch::channel(first);
+    let versions = Arc::new(Versions(versions));
+    let (replicator, handle) = Replicator::new(ReplicatorParts {
+        local: 1,
+        data_dir: local_dir.clone(),
+        presence: PresenceIndex::open(&local_dir.join("_system/presence")).unwrap(),
+        sink: sink.clone(),
+        source: Arc::new(StreamSource::new(pipes.clone(), 64 << 10)),
+        watch: versions.clone(),
+        peers: Arc::new(|| vec![PeerInfo { node_id: 2 }, PeerInfo { node_id: 3 }]),
+        config: FetchConfig::default(),
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(replicator.run(async move {
+        let _ = stopped.await;
+    }));
+
+    let deadline = Duration::from_secs(30);
+    tokio::time::timeout(deadline, handle.wait_present(1))
+        .await
+        .unwrap();
+    versions.0.send_replace(second);
+    assert!(tokio::time::timeout(deadline, handle.wait_present(2))
+        .await
+        .unwrap());
+    let metrics = handle.metrics();
+    assert_eq!(metrics.present_index, Some(2));
+    assert_eq!(metrics.files_fetched_total, 2);
+    assert_eq!(metrics.bad_source_total, 1);
+    assert_eq!(std::fs::read(local_dir.join(&file_a.path)).unwrap(), good_a);
+    assert_eq!(std::fs::read(local_dir.join(&file_b.path)).unwrap(), good_b);
+
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    let presence = PresenceIndex::open(&local_dir.join("_system/presence")).unwrap();
+    assert!(presence.contains(&file_a.path, &file_a.blake3_hex));
+    assert!(presence.contains(&file_b.path, &file_b.blake3_hex));
+    sink.shutdown();
+}
+
+#[tokio::test]
+async fn replicator_adopts_files_already_on_disk() {
+    // A node's own flushed files (and a fetch renamed just before a crash) are on disk but not
+    // in the presence index: the driver must adopt them after hashing, without any source, and
+    // must not adopt a local copy whose bytes differ from the manifest.
+    let dir = tempfile::tempdir().unwrap();
+    let local_dir = dir.path().join("n1");
+    let own = content(6, 200_000);
+    let file = entry("db/m/own.parquet", &own, 1, 1);
+    write_file(&local_dir, &file.path, &own);
+    let mut wrong = content(7, 1000);
+    let other = entry("db/m/other.parquet", &wrong, 2, 1);
+    wrong[0] ^= 1;
+    write_file(&local_dir, &other.path, &wrong);
+    let sink = sink();
+    let (versions, _) = tokio::sync::watch::channel(version(5, vec![file.clone(), other.clone()]));
+    let (replicator, handle) = Replicator::new(ReplicatorParts {
+        local: 1,
+        data_dir: local_dir.clone(),
+        presence: PresenceIndex::open(&local_dir.join("_system/presence")).unwrap(),
+        sink: sink.clone(),
+        source: Arc::new(StreamSource::new(Pipes::default(), 64 << 10)),
+        watch: Arc::new(Versions(versions)),
+        peers: Arc::new(Vec::new),
+        config: FetchConfig::default(),
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(replicator.run(async move {
+        let _ = stopped.await;
+    }));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while handle.metrics().files_adopted_total < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "not adopted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    let metrics = handle.metrics();
+    assert_eq!(metrics.files_adopted_total, 1);
+    assert_eq!(metrics.files_missing, 1);
+    assert_eq!(handle.present_version(), None);
+    let presence = PresenceIndex::open(&local_dir.join("_system/presence")).unwrap();
+    assert!(presence.contains(&file.path, &file.blake3_hex));
+    assert!(presence.get(&other.path).is_none());
+    sink.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_throughput_and_blake3_speed() {
+    // Measures (never asserts) the catch-up path's speed: a 1 GiB file over the FileFetch
+    // protocol on a local TCP socket, written and hashed by the sink thread, against
+    // single-core blake3. Slow, so gated: SHALE_BENCH_FETCH=1 (size in MiB with
+    // SHALE_BENCH_FETCH_MIB, default 1024).
+    if std::env::var_os("SHALE_BENCH_FETCH").is_none() {
+        return;
+    }
+    let mib: usize = std::env::var("SHALE_BENCH_FETCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let dir =
+        tempfile::tempdir_in(std::env::var("SHALE_BENCH_DIR").unwrap_or("/tmp".into())).unwrap();
+    let (remote_dir, local_dir) = (dir.path().join("remote"), dir.path().join("local"));
+    let bytes = content(8, mib << 20);
+
+    let started = std::time::Instant::now();
+    let hash = blake3::hash(&bytes);
+    let hash_seconds = started.elapsed().as_secs_f64();
+    println!(
+        "blake3 single core: {:.0} MB/s",
+        bytes.len() as f64 / 1e6 / hash_seconds
+    );
+
+    write_file(&remote_dir, "db/m/big.parquet", &bytes);
+    let mut file = entry("db/m/big.parquet", &bytes, 2, 1);
+    file.blake3_hex = hash.to_hex().to_string();
+    drop(bytes);
+    let server = server(&remote_dir, version(1, vec![file.clone()]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let (recv, send) = stream.into_split();
+                let _ = server.serve(recv, send).await;
+            });
+        }
+    });
+    let sink = sink();
+    let source = StreamSource::new(Tcp(address), 1 << 20);
+    let started = std::time::Instant::now();
+    fetch_file(
+        &sink,
+        &local_dir,
+        &expected(&file),
+        &source,
+        2,
+        &Throttle::new(0, 0),
+    )
+    .await
+    .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "fetch {} MiB over local tcp (verified, fdatasync, rename): {:.0} MB/s",
+        mib,
+        (mib << 20) as f64 / 1e6 / seconds
+    );
+    sink.shutdown();
+}
