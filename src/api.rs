@@ -572,6 +572,11 @@ impl Api {
                     engine.files_pruned.get() as f64,
                 ),
                 (
+                    "shale_query_files_absent_total",
+                    "Manifest files a query skipped because this node has not fetched them yet.",
+                    engine.files_absent.get() as f64,
+                ),
+                (
                     "shale_query_buffer_pieces_total",
                     "Unflushed buffer pieces queries read.",
                     engine.buffer_pieces.get() as f64,

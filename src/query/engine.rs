@@ -90,6 +90,8 @@ pub struct EngineMetrics {
     pub query_timeouts: crate::metrics::Counter,
     pub files_read: crate::metrics::Counter,
     pub files_pruned: crate::metrics::Counter,
+    /// Files of the pinned version not on this node's disk yet (still being fetched).
+    pub files_absent: crate::metrics::Counter,
     pub buffer_pieces: crate::metrics::Counter,
 }
 
@@ -393,16 +395,23 @@ impl Worker {
                 .manifest
                 .files_for(&table.database, &table.measurement)
                 .collect();
+            // In a cluster a file is registered before every node has fetched it. A file
+            // reaches its final path only once verified (a flush publishes before it
+            // registers; a fetch renames after checking size and blake3), so a query skips
+            // the ones not there yet instead of failing: it reads that origin's data as of
+            // what has arrived (eventual consistency; `shale_query_files_absent_total`).
+            let before = entries.len();
+            entries.retain(|f| self.data_dir.join(&f.path).exists());
+            if entries.len() < before {
+                self.metrics.files_absent.add((before - entries.len()) as u64);
+            }
             let total = entries.len();
+            let first_present = entries.first().copied();
             entries.retain(|f| f.time_max_us >= lower && f.time_min_us <= upper);
-            if entries.is_empty() && total > 0 {
+            if entries.is_empty() {
                 // Keep one file so the view has the table's columns; the query's own WHERE
                 // filters its rows.
-                entries = version
-                    .manifest
-                    .files_for(&table.database, &table.measurement)
-                    .take(1)
-                    .collect();
+                entries.extend(first_present);
             }
             self.metrics.files_read.add(entries.len() as u64);
             self.metrics
