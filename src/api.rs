@@ -138,6 +138,13 @@ impl Api {
                 let body = serde_json::json!({ "success": true, "node": local, "cluster": all });
                 (Endpoint::Other, json(StatusCode::OK, body.to_string()))
             }
+            Handler::AddPeer => (Endpoint::Other, self.add_peer(request).await),
+            Handler::RemovePeer => (
+                Endpoint::Other,
+                self.remove_peer(parameter.as_deref().unwrap_or_default())
+                    .await,
+            ),
+            Handler::TransferLeader => (Endpoint::Other, self.transfer_leader(request).await),
             Handler::Measurements => (
                 Endpoint::Other,
                 self.measurements(parameter.as_deref().unwrap_or_default()),
@@ -419,6 +426,151 @@ impl Api {
             .unwrap_or_default();
         let body = serde_json::json!({ "success": true, "count": nodes.len(), "nodes": nodes });
         json(StatusCode::OK, body.to_string())
+    }
+
+    /// `POST /api/v1/cluster/peer {"id", "name", "quic_addr", "http_addr", "role"}`: adds a node
+    /// as a learner, waits until it has the log, then makes it a voter (unless replica-only).
+    /// Only the leader changes the membership; elsewhere the answer is 421 naming the leader.
+    async fn add_peer(&self, request: Request<Incoming>) -> Response<Body> {
+        let body = match self
+            .read_body(request, 64 * 1024, "the peer request limit")
+            .await
+        {
+            Ok(body) => body,
+            Err(response) => return response,
+        };
+        #[derive(serde::Deserialize)]
+        struct PeerRequest {
+            id: u64,
+            #[serde(default)]
+            name: String,
+            quic_addr: String,
+            http_addr: String,
+            #[serde(default)]
+            role: String,
+        }
+        let peer: PeerRequest = match serde_json::from_slice(&body) {
+            Ok(peer) => peer,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("body must be {{\"id\", \"quic_addr\", \"http_addr\", \"name\", \"role\"}}: {e}"),
+                )
+            }
+        };
+        if peer.id == 0
+            || !matches!(
+                peer.role.as_str(),
+                "" | "writer" | "reader" | "replica-only"
+            )
+        {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "id must be > 0 and role one of writer, reader, replica-only",
+            );
+        }
+        let node = shale_replication::raft_types::ClusterNode {
+            name: if peer.name.is_empty() {
+                format!("node-{}", peer.id)
+            } else {
+                peer.name
+            },
+            quic_addr: peer.quic_addr,
+            http_addr: peer.http_addr,
+            role: peer.role,
+        };
+        let voter = node.role != "replica-only";
+        let manifest = &self.node.manifest;
+        if let Err(e) = manifest.add_learner(peer.id, node).await {
+            return self.membership_error(e);
+        }
+        if voter {
+            let add = std::collections::BTreeSet::from([peer.id]);
+            if let Err(e) = manifest.change_voters(add, Default::default()).await {
+                return self.membership_error(e);
+            }
+        }
+        json(
+            StatusCode::OK,
+            crate::cluster_api::cluster(&self.node).to_string(),
+        )
+    }
+
+    /// `DELETE /api/v1/cluster/peer/{id}`: removes a node from the membership.
+    async fn remove_peer(&self, id: &str) -> Response<Body> {
+        let Ok(id) = id.parse::<u64>() else {
+            return error(StatusCode::BAD_REQUEST, "the peer id must be a number");
+        };
+        match self.node.manifest.remove_node(id).await {
+            Ok(()) => json(
+                StatusCode::OK,
+                crate::cluster_api::cluster(&self.node).to_string(),
+            ),
+            Err(e) => self.membership_error(e),
+        }
+    }
+
+    /// `POST /api/v1/cluster/leader {"id": N}`: asks node N to take the leadership. openraft
+    /// 0.9 has no transfer: the target starts an election, which it wins when its log is up to
+    /// date (the old leader steps down on seeing the higher term).
+    async fn transfer_leader(&self, request: Request<Incoming>) -> Response<Body> {
+        let body = match self
+            .read_body(request, 4096, "the leader request limit")
+            .await
+        {
+            Ok(body) => body,
+            Err(response) => return response,
+        };
+        let target = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["id"].as_u64());
+        let Some(target) = target else {
+            return error(StatusCode::BAD_REQUEST, "body must be {\"id\": <node id>}");
+        };
+        if target != self.node.manifest.node_id() {
+            return error(
+                StatusCode::MISDIRECTED_REQUEST,
+                &format!(
+                    "send this request to node {target} itself: the new leader starts the election"
+                ),
+            );
+        }
+        match self.node.manifest.trigger_election().await {
+            Ok(()) => json(
+                StatusCode::OK,
+                r#"{"success":true,"election":"started"}"#.into(),
+            ),
+            Err(e) => self.membership_error(e),
+        }
+    }
+
+    /// A failed membership change: not the leader answers 421 naming the leader's HTTP address.
+    fn membership_error(&self, e: shale_replication::ManifestError) -> Response<Body> {
+        if let shale_replication::ManifestError::NotLeader { leader } = &e {
+            let leader_http = leader.and_then(|id| {
+                let metrics = self.node.manifest.raft_metrics()?;
+                let node = metrics
+                    .membership_config
+                    .membership()
+                    .get_node(&id)?
+                    .clone();
+                Some(node.http_addr)
+            });
+            let body = serde_json::json!({
+                "success": false,
+                "error": format!("this node is not the leader (leader: {leader:?})"),
+                "leader_id": leader,
+                "leader_http_addr": leader_http,
+            });
+            let mut response = json(StatusCode::MISDIRECTED_REQUEST, body.to_string());
+            if let Some(Ok(value)) =
+                leader_http.map(|h| header::HeaderValue::from_str(&format!("http://{h}")))
+            {
+                response.headers_mut().insert(header::LOCATION, value);
+            }
+            return response;
+        }
+        error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
     }
 
     /// A reader or replica-only node refuses writes and names the nodes that take them.
@@ -746,6 +898,9 @@ enum Handler {
     Cluster,
     ClusterNodes,
     ClusterLocal,
+    AddPeer,
+    RemovePeer,
+    TransferLeader,
 }
 
 /// The write endpoints differ in where the database name comes from and in body format.
@@ -767,7 +922,7 @@ struct Route {
 
 /// Every endpoint of the node, in one place: matching, 405s and the `Allow` header all come
 /// from this table.
-static ROUTES: [Route; 16] = [
+static ROUTES: [Route; 19] = [
     Route {
         pattern: "/write",
         methods: &[Method::POST],
@@ -837,6 +992,21 @@ static ROUTES: [Route; 16] = [
         pattern: "/api/v1/cluster/local",
         methods: &[Method::GET],
         handler: Handler::ClusterLocal,
+    },
+    Route {
+        pattern: "/api/v1/cluster/peer",
+        methods: &[Method::POST],
+        handler: Handler::AddPeer,
+    },
+    Route {
+        pattern: "/api/v1/cluster/peer/{}",
+        methods: &[Method::DELETE],
+        handler: Handler::RemovePeer,
+    },
+    Route {
+        pattern: "/api/v1/cluster/leader",
+        methods: &[Method::POST],
+        handler: Handler::TransferLeader,
     },
     Route {
         pattern: "/api/v1/databases",

@@ -16,6 +16,23 @@ impl Target {
     /// Sends one request and returns the parsed JSON answer; a non-2xx answer is an error
     /// carrying the node's message.
     pub fn call(&self, method: &str, path: &str, body: &[u8]) -> anyhow::Result<serde_json::Value> {
+        let (status, value) = self.call_raw(method, path, body)?;
+        if !(200..300).contains(&status) {
+            bail!(
+                "{method} {path}: {status} {}",
+                value["error"].as_str().unwrap_or("(no message)")
+            );
+        }
+        Ok(value)
+    }
+
+    /// Sends one request and returns the status and the JSON answer, whatever the status.
+    pub fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
         let addr = resolve(&self.url).with_context(|| format!("resolve {}", self.url))?;
         let mut client =
             Client::connect(addr).with_context(|| format!("connect to {}", self.url))?;
@@ -29,14 +46,7 @@ impl Target {
             .with_context(|| format!("{method} {path}"))?;
         let value: serde_json::Value = serde_json::from_slice(&response.body)
             .with_context(|| format!("{method} {path}: answer is not JSON: {}", response.text()))?;
-        if !(200..300).contains(&response.status) {
-            bail!(
-                "{method} {path}: {} {}",
-                response.status,
-                value["error"].as_str().unwrap_or(&response.text())
-            );
-        }
-        Ok(value)
+        Ok((response.status, value))
     }
 }
 

@@ -219,6 +219,9 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         identity,
     });
     spawn_monitor_thread(shared.clone())?;
+    if config.cluster.enabled && !config.cluster.bootstrap {
+        spawn_join_thread(shared.clone(), manifest_config(&config).node)?;
+    }
     let mut shutdown_senders = Vec::with_capacity(shard_count);
     let mut shutdown_receivers = Vec::with_capacity(shard_count);
     for _ in 0..shard_count {
@@ -432,6 +435,73 @@ fn retired_shards(data_dir: &std::path::Path, shard_count: usize) -> anyhow::Res
         }
     }
     Ok(retired.into_iter().collect())
+}
+
+/// A node that is not the cluster's bootstrap node asks its peers to add it (through the
+/// cluster API, with the admin token) until the membership it receives names it. Requests to
+/// a follower are answered with the leader's address, which is tried next.
+fn spawn_join_thread(
+    shared: Arc<NodeShared>,
+    me: shale_replication::raft_types::ClusterNode,
+) -> anyhow::Result<()> {
+    let peers = shared.config.cluster.peer_addresses()?;
+    let token = shared.config.cluster.admin_token.expose().to_string();
+    std::thread::Builder::new()
+        .name("shale-join".into())
+        .spawn(move || {
+            let id = shared.manifest.node_id();
+            let body = serde_json::json!({
+                "id": id,
+                "name": me.name,
+                "quic_addr": me.quic_addr,
+                "http_addr": me.http_addr,
+                "role": me.role,
+            })
+            .to_string();
+            let member = || {
+                shared.manifest.raft_metrics().is_some_and(|m| {
+                    m.membership_config.membership().get_node(&id).is_some()
+                })
+            };
+            let mut backoff = Duration::from_millis(500);
+            while !shared.stopping.load(Ordering::Relaxed) && !member() {
+                let mut targets: Vec<String> = peers.iter().map(|p| p.http_addr.to_string()).collect();
+                while let Some(target) = targets.pop() {
+                    let target_api = crate::cluster_cli::Target {
+                        url: format!("http://{target}"),
+                        token: Some(token.clone()),
+                    };
+                    match target_api.call_raw("POST", "/api/v1/cluster/peer", body.as_bytes()) {
+                        Ok((200, _)) => {
+                            tracing::info!(node_id = id, via = %target, "joined the cluster");
+                            break;
+                        }
+                        Ok((status, answer)) => {
+                            tracing::info!(
+                                node_id = id,
+                                via = %target,
+                                status,
+                                error = answer["error"].as_str().unwrap_or(""),
+                                "join attempt refused"
+                            );
+                            // A follower names the leader: try it next.
+                            if let Some(leader) = answer["leader_http_addr"].as_str() {
+                                if leader != target {
+                                    targets.push(leader.to_string());
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            tracing::info!(node_id = id, via = %target, error = %format!("{error:#}"), "join attempt failed");
+                        }
+                    }
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        })
+        .context("start the join thread")?;
+    Ok(())
 }
 
 /// Watches what no request may be around to notice: the manifest service failing by itself

@@ -403,7 +403,9 @@ impl Worker {
             let before = entries.len();
             entries.retain(|f| self.data_dir.join(&f.path).exists());
             if entries.len() < before {
-                self.metrics.files_absent.add((before - entries.len()) as u64);
+                self.metrics
+                    .files_absent
+                    .add((before - entries.len()) as u64);
             }
             let total = entries.len();
             let first_present = entries.first().copied();
