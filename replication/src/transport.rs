@@ -474,13 +474,13 @@ impl Transport {
         tracing::info!(node_id = self.inner.node_id, "transport shut down");
     }
 
-    fn lost(&self, target: NodeId, error: impl std::fmt::Display) -> TransportError {
+    fn lost(&self, target: NodeId, error: impl std::error::Error) -> TransportError {
         if self.inner.closed.load(Ordering::Acquire) {
             return TransportError::Shutdown;
         }
         TransportError::Connection {
             target,
-            reason: error.to_string(),
+            reason: error_chain(&error),
         }
     }
 
@@ -560,13 +560,26 @@ impl Transport {
             .map_err(|e| connect_error(e.to_string()))?;
         match tokio::time::timeout(self.inner.config.connect_timeout, connecting).await {
             Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(e)) => Err(connect_error(e.to_string())),
+            Ok(Err(e)) => Err(connect_error(error_chain(&e))),
             Err(_) => Err(connect_error(format!(
                 "no handshake within {} ms",
                 self.inner.config.connect_timeout.as_millis()
             ))),
         }
     }
+}
+
+/// An error with its sources, since quinn's stream errors say only "connection lost" and keep
+/// the reason (a refused certificate, a peer shutting down) in their source.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn parse_answer(
