@@ -190,7 +190,9 @@ pub enum TransportError {
         addr: SocketAddr,
         reason: String,
     },
-    #[error("node {target} is backing off after failed connects; next attempt in {retry_in_ms} ms")]
+    #[error(
+        "node {target} is backing off after failed connects; next attempt in {retry_in_ms} ms"
+    )]
     BackingOff { target: NodeId, retry_in_ms: u64 },
     #[error("connection to node {target} lost: {reason}")]
     Connection { target: NodeId, reason: String },
@@ -294,7 +296,9 @@ pub struct Transport {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The maps hold no invariant a panicking holder could break half-way.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Transport {
@@ -691,7 +695,11 @@ async fn serve_stream(inner: Arc<Inner>, peer: NodeId, mut send: SendStream, mut
         }
     }
     if header[0] != PROTOCOL_VERSION {
-        tracing::warn!(peer, version = header[0], "refusing stream of unknown protocol version");
+        tracing::warn!(
+            peer,
+            version = header[0],
+            "refusing stream of unknown protocol version"
+        );
         let message = format!("unsupported protocol version {}", header[0]);
         return refuse(send, STATUS_BAD_VERSION, &message).await;
     }

@@ -243,8 +243,12 @@ fn certificates_outside_the_cluster_are_refused() {
     });
 }
 
-/// Serves a bulk stream: reads a u64 byte count, then sends that many bytes.
-struct Source;
+/// Serves a bulk stream: reads a u64 byte count, then sends that many bytes in `chunk_bytes`
+/// writes, counting in `written` what the peer's flow control let through.
+struct Source {
+    chunk_bytes: usize,
+    written: Arc<AtomicU64>,
+}
 
 impl StreamHandler for Source {
     fn handle(
@@ -253,18 +257,20 @@ impl StreamHandler for Source {
         mut send: SendStream,
         mut recv: RecvStream,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let chunk = vec![0x5au8; self.chunk_bytes];
+        let written = self.written.clone();
         Box::pin(async move {
             let mut size = [0u8; 8];
             if recv.read_exact(&mut size).await.is_err() {
                 return;
             }
             let mut left = u64::from_be_bytes(size);
-            let chunk = vec![0x5au8; 256 << 10];
             while left > 0 {
                 let n = left.min(chunk.len() as u64) as usize;
                 if send.write_all(&chunk[..n]).await.is_err() {
                     return;
                 }
+                written.fetch_add(n as u64, Ordering::Relaxed);
                 left -= n as u64;
             }
             let _ = send.finish();
@@ -293,9 +299,7 @@ impl<T> NodeThread<T> {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let (started, value) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::spawn(move || runtime().block_on(body(started, stopped)));
-        let value = value
-            .recv_timeout(WAIT_MAX)
-            .expect("node thread to start");
+        let value = value.recv_timeout(WAIT_MAX).expect("node thread to start");
         NodeThread {
             value,
             stop: Some(stop),
@@ -339,7 +343,11 @@ fn calls_answer_promptly_during_a_bulk_transfer() {
     let server_tls = node_tls(&ca, CLUSTER, 2);
     let mut server = NodeThread::spawn(move |started, stopped| async move {
         let transport = bind(server_tls, &[1]);
-        transport.set_handler(StreamKind::FileFetch, Arc::new(Source));
+        let source = Source {
+            chunk_bytes: 256 << 10,
+            written: Arc::default(),
+        };
+        transport.set_handler(StreamKind::FileFetch, Arc::new(source));
         transport.set_call_handler(StreamKind::RaftAppend, Arc::new(Echo::default()));
         started.send(transport.local_addr().unwrap()).unwrap();
         let _ = stopped.await;
@@ -398,6 +406,75 @@ fn calls_answer_promptly_during_a_bulk_transfer() {
         );
         assert!(latencies.len() >= 10, "too few calls during the transfer");
         assert!(p99 < Duration::from_millis(100), "call p99 {p99:?} during bulk");
+        client.shutdown().await;
+    });
+    server.stop();
+}
+
+#[test]
+fn calls_answer_while_bulk_readers_stall() {
+    // A fetch whose reader stalls (a slow disk) leaves its bytes unread in the receive windows.
+    // Several such streams exhaust the whole connection's receive credit; Raft answers must not
+    // queue behind them, so calls still complete while the bulk streams are stuck.
+    const STREAMS: usize = 4;
+    let config = TransportConfig {
+        stream_window_bytes: 1 << 20,
+        connection_window_bytes: 2 << 20,
+        ..TransportConfig::default()
+    };
+    let ca = tls::generate_ca(CLUSTER).unwrap();
+    let server_tls = node_tls(&ca, CLUSTER, 2);
+    let written = Arc::new(AtomicU64::new(0));
+    let server_config = config.clone();
+    let source_written = written.clone();
+    let mut server = NodeThread::spawn(move |started, stopped| async move {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let transport = Transport::bind(any, server_tls, admit_ids(&[1]), server_config).unwrap();
+        let source = Source {
+            chunk_bytes: 4 << 10,
+            written: source_written,
+        };
+        transport.set_handler(StreamKind::FileFetch, Arc::new(source));
+        transport.set_call_handler(StreamKind::RaftAppend, Arc::new(Echo::default()));
+        started.send(transport.local_addr().unwrap()).unwrap();
+        let _ = stopped.await;
+        transport.shutdown().await;
+    });
+    let addr = server.value;
+
+    runtime().block_on(async {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let client =
+            Transport::bind(any, node_tls(&ca, CLUSTER, 1), admit_ids(&[2]), config).unwrap();
+        // Open the bulk streams, ask each for more than its window, and never read.
+        let mut stalled = Vec::new();
+        for _ in 0..STREAMS {
+            stalled.push(client.open(2, addr, StreamKind::FileFetch).await.unwrap());
+        }
+        for (send, _) in &mut stalled {
+            send.write_all(&(8u64 << 20).to_be_bytes()).await.unwrap();
+        }
+        // The source stops once the receiver's connection credit (2 MiB) is used up.
+        wait_until("the stalled streams to fill the receive window", || {
+            written.load(Ordering::Relaxed) >= (2 << 20) - STREAMS as u64 * (4 << 10)
+        })
+        .await;
+        for round in 0..20 {
+            let answer = client
+                .call(
+                    2,
+                    addr,
+                    StreamKind::RaftAppend,
+                    vec![1; 256],
+                    Duration::from_secs(2),
+                )
+                .await;
+            assert!(
+                answer.is_ok(),
+                "call {round} during stalled bulk: {answer:?}"
+            );
+        }
+        drop(stalled);
         client.shutdown().await;
     });
     server.stop();
@@ -492,9 +569,9 @@ async fn agreed_leader(members: &[&Member], not: Option<NodeId>) -> NodeId {
 
 async fn applied_everywhere(members: &[&Member], index: u64) {
     wait_until("members to apply the entry", || {
-        members.iter().all(|m| {
-            m.raft.metrics().borrow().last_applied.map(|id| id.index) >= Some(index)
-        })
+        members
+            .iter()
+            .all(|m| m.raft.metrics().borrow().last_applied.map(|id| id.index) >= Some(index))
     })
     .await;
 }
@@ -588,6 +665,18 @@ fn three_members_elect_replicate_fail_over_and_install_a_snapshot() {
         let back = &nodes[&leader].value;
         applied_everywhere(&[back], last).await;
         let snapshot = back.raft.metrics().borrow().snapshot;
+        let snapshot_bytes = std::fs::read_dir(dirs[leader as usize - 1].path())
+            .unwrap()
+            .map(|entry| entry.unwrap())
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with("snapshot-"))
+            .map(|entry| entry.metadata().unwrap().len())
+            .max()
+            .unwrap_or(0);
+        eprintln!("installed snapshot of {snapshot_bytes} bytes in chunks of 256");
+        assert!(
+            snapshot_bytes > 4 * 256,
+            "the snapshot must take several chunks"
+        );
         eprintln!("restarted node {leader} caught up to {last} with snapshot {snapshot:?}");
         assert!(
             snapshot.map(|id| id.index) > Some(written.log_id.index),

@@ -124,10 +124,12 @@ impl QuicPeer {
         let addr = match &self.addr {
             Ok(addr) => *addr,
             Err(reason) => {
-                return Err(RPCError::Unreachable(Unreachable::new(&PeerError::Address {
-                    target: self.target,
-                    reason: reason.clone(),
-                })))
+                return Err(RPCError::Unreachable(Unreachable::new(
+                    &PeerError::Address {
+                        target: self.target,
+                        reason: reason.clone(),
+                    },
+                )))
             }
         };
         let answer = match self
@@ -149,7 +151,11 @@ impl QuicPeer {
                     error,
                 ))))
             }
-            Err(error) => return Err(RPCError::Network(NetworkError::new(&PeerError::from(error)))),
+            Err(error) => {
+                return Err(RPCError::Network(NetworkError::new(&PeerError::from(
+                    error,
+                ))))
+            }
         };
         let decoded: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&answer)
             .map_err(|e| RPCError::Network(NetworkError::new(&PeerError::Decode(e))))?;
@@ -160,7 +166,8 @@ impl QuicPeer {
 fn encode<T: Serialize, E: std::error::Error>(
     value: &T,
 ) -> Result<Vec<u8>, RPCError<NodeId, Node, E>> {
-    serde_json::to_vec(value).map_err(|e| RPCError::Network(NetworkError::new(&PeerError::Encode(e))))
+    serde_json::to_vec(value)
+        .map_err(|e| RPCError::Network(NetworkError::new(&PeerError::Encode(e))))
 }
 
 impl RaftNetwork<TypeConfig> for QuicPeer {
@@ -200,8 +207,13 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         let request = encode(&rpc)?;
-        self.rpc(StreamKind::RaftVote, RPCTypes::Vote, request, option.hard_ttl())
-            .await
+        self.rpc(
+            StreamKind::RaftVote,
+            RPCTypes::Vote,
+            request,
+            option.hard_ttl(),
+        )
+        .await
     }
 }
 

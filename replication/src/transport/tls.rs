@@ -130,8 +130,7 @@ fn parse_node_name(name: &str, cluster_id: &str) -> Option<NodeId> {
     let name = name.to_ascii_lowercase();
     let label = name.strip_suffix(cluster_id)?.strip_suffix('.')?;
     let digits = label.strip_prefix("node-")?;
-    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit())
-    {
+    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     digits.parse::<NodeId>().ok()
@@ -480,7 +479,10 @@ mod tests {
         assert_eq!(parse_node_name("node-7.xprod", "prod"), None);
         assert_eq!(parse_node_name("x.node-7.prod", "prod"), None);
         assert_eq!(parse_node_name("node-.prod", "prod"), None);
-        assert_eq!(parse_node_name("node-99999999999999999999.prod", "prod"), None);
+        assert_eq!(
+            parse_node_name("node-99999999999999999999.prod", "prod"),
+            None
+        );
     }
 
     #[test]
@@ -490,7 +492,10 @@ mod tests {
         let ca = generate_ca("prod").unwrap();
         let node = issue_node_cert(&ca, "prod", 3, &["127.0.0.3".parse().unwrap()], &[]).unwrap();
         let tls = ClusterTls::new("prod", 3, ca.cert_pem.clone(), node.clone()).unwrap();
-        assert_eq!(peer_node_id(&tls.cert_chain().unwrap()[0], "prod").unwrap(), 3);
+        assert_eq!(
+            peer_node_id(&tls.cert_chain().unwrap()[0], "prod").unwrap(),
+            3
+        );
         assert!(tls.server_config(Arc::new(|_| true)).is_ok());
         assert!(tls.client_config().is_ok());
         assert!(matches!(
