@@ -276,6 +276,9 @@ struct Slot {
     retry_at: Option<Instant>,
 }
 
+/// Outgoing connection slots by peer and lane; a slot's own lock serializes dialing.
+type Slots = HashMap<(NodeId, Lane), Arc<tokio::sync::Mutex<Slot>>>;
+
 struct Inner {
     endpoint: Endpoint,
     client: quinn::ClientConfig,
@@ -284,7 +287,7 @@ struct Inner {
     admit: Admit,
     config: TransportConfig,
     handlers: Mutex<HashMap<StreamKind, Handler>>,
-    slots: Mutex<HashMap<(NodeId, Lane), Arc<tokio::sync::Mutex<Slot>>>>,
+    slots: Mutex<Slots>,
     closed: AtomicBool,
 }
 

@@ -163,11 +163,12 @@ impl QuicPeer {
     }
 }
 
-fn encode<T: Serialize, E: std::error::Error>(
-    value: &T,
-) -> Result<Vec<u8>, RPCError<NodeId, Node, E>> {
-    serde_json::to_vec(value)
-        .map_err(|e| RPCError::Network(NetworkError::new(&PeerError::Encode(e))))
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, PeerError> {
+    serde_json::to_vec(value).map_err(PeerError::Encode)
+}
+
+fn network_error<E: std::error::Error>(error: PeerError) -> RPCError<NodeId, Node, E> {
+    RPCError::Network(NetworkError::new(&error))
 }
 
 impl RaftNetwork<TypeConfig> for QuicPeer {
@@ -176,7 +177,7 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        let request = encode(&rpc)?;
+        let request = encode(&rpc).map_err(network_error)?;
         self.rpc(
             StreamKind::RaftAppend,
             RPCTypes::AppendEntries,
@@ -191,7 +192,7 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        let request = encode_snapshot_chunk(rpc)?;
+        let request = encode_snapshot_chunk(rpc).map_err(network_error)?;
         self.rpc(
             StreamKind::RaftSnapshot,
             RPCTypes::InstallSnapshot,
@@ -206,7 +207,7 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        let request = encode(&rpc)?;
+        let request = encode(&rpc).map_err(network_error)?;
         self.rpc(
             StreamKind::RaftVote,
             RPCTypes::Vote,
@@ -226,9 +227,7 @@ struct ChunkHeader {
     done: bool,
 }
 
-fn encode_snapshot_chunk(
-    rpc: InstallSnapshotRequest<TypeConfig>,
-) -> Result<Vec<u8>, RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>> {
+fn encode_snapshot_chunk(rpc: InstallSnapshotRequest<TypeConfig>) -> Result<Vec<u8>, PeerError> {
     let header = encode(&ChunkHeader {
         vote: rpc.vote,
         meta: rpc.meta,
@@ -236,10 +235,10 @@ fn encode_snapshot_chunk(
         done: rpc.done,
     })?;
     let header_len = u32::try_from(header.len()).map_err(|_| {
-        RPCError::Network(NetworkError::new(&TransportError::TooLarge {
+        PeerError::Transport(TransportError::TooLarge {
             what: "snapshot chunk header",
             limit: u32::MAX as usize,
-        }))
+        })
     })?;
     let mut frame = Vec::with_capacity(4 + header.len() + rpc.data.len());
     frame.extend_from_slice(&header_len.to_be_bytes());
