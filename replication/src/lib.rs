@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod network;
 pub mod raft_types;
 pub mod state_machine;
+pub mod transport;
 pub mod version;
 
 pub use control::CommitReceipt;
