@@ -88,3 +88,63 @@ pub fn format_status(status: &serde_json::Value) -> String {
     }
     out
 }
+
+/// Writes a new cluster CA to `dir/ca.pem` and `dir/ca.key`; refuses to overwrite one.
+pub fn init_ca(dir: &std::path::Path, cluster_id: &str) -> anyhow::Result<()> {
+    use shale_replication::transport::tls;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    if cert.exists() || key.exists() {
+        bail!(
+            "{} already holds a CA; remove it first to make a new one",
+            dir.display()
+        );
+    }
+    let ca = tls::generate_ca(cluster_id)?;
+    write_secret(&key, ca.key_pem.as_bytes())?;
+    shale_io::publish::replace_blocking(&cert, ca.cert_pem.as_bytes())
+        .with_context(|| format!("write {}", cert.display()))
+}
+
+/// Issues `dir/node-<id>.pem` and `.key`, signed by the CA in `dir`.
+pub fn issue_cert(
+    dir: &std::path::Path,
+    cluster_id: &str,
+    node_id: u64,
+    ips: &[std::net::IpAddr],
+    dns: &[String],
+) -> anyhow::Result<()> {
+    use shale_replication::transport::tls;
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
+    };
+    let ca = tls::CaMaterial {
+        cert_pem: read("ca.pem")?,
+        key_pem: read("ca.key")?,
+    };
+    let node = tls::issue_node_cert(&ca, cluster_id, node_id, ips, dns)?;
+    write_secret(
+        &dir.join(format!("node-{node_id}.key")),
+        node.key_pem.as_bytes(),
+    )?;
+    let cert = dir.join(format!("node-{node_id}.pem"));
+    shale_io::publish::replace_blocking(&cert, node.cert_pem.as_bytes())
+        .with_context(|| format!("write {}", cert.display()))
+}
+
+/// Writes a private key readable by its owner only.
+fn write_secret(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("write {}", path.display()))
+}

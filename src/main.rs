@@ -75,6 +75,32 @@ impl ClusterTarget {
 
 #[derive(Subcommand)]
 enum ClusterAction {
+    /// Create the cluster CA: <dir>/ca.pem and <dir>/ca.key (keep ca.key off the nodes).
+    InitCa {
+        /// Where to write the CA files.
+        #[arg(long, default_value = "./certs")]
+        dir: PathBuf,
+        /// The cluster's name (cluster.cluster_id).
+        #[arg(long)]
+        cluster_id: String,
+    },
+    /// Issue a node certificate signed by the CA: <dir>/node-<id>.pem and .key, named
+    /// node-<id>.<cluster_id>.
+    IssueCert {
+        /// The folder holding ca.pem and ca.key; the node's files are written there too.
+        #[arg(long, default_value = "./certs")]
+        dir: PathBuf,
+        #[arg(long)]
+        cluster_id: String,
+        #[arg(long)]
+        node_id: u64,
+        /// IP addresses the node is reached at (repeatable).
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        /// DNS names the node is reached at (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+    },
     /// Leader, term, indexes and every member with its role, state and replication lag.
     Status {
         #[command(flatten)]
@@ -213,6 +239,23 @@ fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
 
 fn cluster(action: ClusterAction) -> anyhow::Result<()> {
     match action {
+        ClusterAction::InitCa { dir, cluster_id } => {
+            shale::cluster_cli::init_ca(&dir, &cluster_id)?;
+            println!("wrote {}/ca.pem and ca.key", dir.display());
+        }
+        ClusterAction::IssueCert {
+            dir,
+            cluster_id,
+            node_id,
+            ip,
+            dns,
+        } => {
+            shale::cluster_cli::issue_cert(&dir, &cluster_id, node_id, &ip, &dns)?;
+            println!(
+                "wrote {}/node-{node_id}.pem and node-{node_id}.key",
+                dir.display()
+            );
+        }
         ClusterAction::Status { target, json } => {
             let status = target.target().call("GET", "/api/v1/cluster", b"")?;
             if json {

@@ -37,6 +37,8 @@ pub struct NodeShared {
     started: Instant,
     fatal: FatalReporter,
     pub identity: crate::identity::Identity,
+    /// The cluster's control plane views (file replication lag); `None` when standalone.
+    pub cluster: Option<shale_replication::cluster::ClusterView>,
 }
 
 impl NodeShared {
@@ -188,8 +190,16 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     let (events, stop) = flume::bounded::<StopEvent>(16);
     spawn_signal_thread(signals, events.clone())?;
 
-    let (manifest_service, manifest) = ManifestService::start(manifest_config(&config))
-        .context("start the manifest (Raft) service")?;
+    let (manifest_service, manifest, cluster_view) = if config.cluster.enabled {
+        let (plane, view) = cluster_plane(&config)?;
+        let (service, client) = ManifestService::start_with_plane(manifest_config(&config), plane)
+            .context("start the manifest (Raft) service and the QUIC endpoint")?;
+        (service, client, Some(view))
+    } else {
+        let (service, client) = ManifestService::start(manifest_config(&config))
+            .context("start the manifest (Raft) service")?;
+        (service, client, None)
+    };
 
     let shard_count = config.shard_count();
     let retired = retired_shards(data_dir, shard_count)?;
@@ -217,6 +227,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         started: Instant::now(),
         fatal: FatalReporter(events.clone()),
         identity,
+        cluster: cluster_view,
     });
     spawn_monitor_thread(shared.clone())?;
     if config.cluster.enabled && !config.cluster.bootstrap {
@@ -538,6 +549,45 @@ fn spawn_monitor_thread(shared: Arc<NodeShared>) -> anyhow::Result<()> {
         })
         .context("start the monitor thread")?;
     Ok(())
+}
+
+/// The control plane of a cluster node: TLS material from `cluster.tls_dir`, the file sink
+/// thread and the presence index.
+fn cluster_plane(
+    config: &Config,
+) -> anyhow::Result<(
+    shale_replication::cluster::ClusterPlane,
+    shale_replication::cluster::ClusterView,
+)> {
+    use shale_replication::cluster::{ClusterPlane, ClusterSettings};
+    let cluster = &config.cluster;
+    let tls = shale_replication::transport::tls::ClusterTls::load(
+        &cluster.tls_dir,
+        &cluster.cluster_id,
+        config.node.id,
+    )
+    .with_context(|| {
+        format!(
+            "load cluster certificates from {} (shale cluster init-ca / issue-cert make them)",
+            cluster.tls_dir.display()
+        )
+    })?;
+    let sink = shale_io::sink::FileSink::start(shale_io::sink::SinkConfig::default())
+        .context("start the file sink thread")?;
+    let presence = shale_replication::files::presence::PresenceIndex::open(
+        &system_dir(&config.node.data_dir).join("presence"),
+    )
+    .context("open the presence index")?;
+    Ok(ClusterPlane::new(ClusterSettings {
+        data_dir: config.node.data_dir.clone(),
+        quic_addr: cluster.quic_addr,
+        tls,
+        transport: Default::default(),
+        fetch: Default::default(),
+        serve: Default::default(),
+        sink,
+        presence,
+    }))
 }
 
 /// The manifest service's settings: this node as the membership records it, Raft timings.

@@ -111,6 +111,9 @@ impl ManifestConfig {
             heartbeat_interval: self.heartbeat_interval_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last_max),
             max_in_snapshot_log_to_keep: self.snapshot_logs_kept_max,
+            // Snapshots travel to peers in chunks; each chunk has this long.
+            install_snapshot_timeout: 10_000,
+            snapshot_max_chunk_size: 1 << 20,
             ..Default::default()
         }
         .validate()
@@ -252,7 +255,7 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub trait ControlPlane: Send + 'static {
     type Network: RaftNetworkFactory<TypeConfig>;
 
-    fn network(&mut self) -> Self::Network;
+    fn network(&mut self) -> Result<Self::Network, ManifestError>;
 
     /// Returns how to forward a proposal to the leader when this node is not the leader.
     fn started(self, raft: Raft, published: Arc<Published>) -> Option<Arc<dyn Forward>>;
@@ -278,8 +281,8 @@ where
 {
     type Network = N;
 
-    fn network(&mut self) -> N {
-        (self.0)()
+    fn network(&mut self) -> Result<N, ManifestError> {
+        Ok((self.0)())
     }
 
     fn started(self, _raft: Raft, _published: Arc<Published>) -> Option<Arc<dyn Forward>> {
@@ -692,7 +695,14 @@ impl Control {
         // tasks, which drops the log store and joins its writer thread.
         runtime.block_on(async move {
             let timeout_ms = self.config.start_timeout_ms_max;
-            let boot = self.boot(log_store, state_machine, plane.network());
+            let network = match plane.network() {
+                Ok(network) => network,
+                Err(error) => {
+                    let _ = ready.send(Err(error));
+                    return Ok(());
+                }
+            };
+            let boot = self.boot(log_store, state_machine, network);
             let raft = match tokio::time::timeout(Duration::from_millis(timeout_ms), boot).await {
                 Ok(Ok(raft)) => raft,
                 Ok(Err(error)) => {
@@ -874,6 +884,14 @@ fn client_write_error(
         RaftError::Fatal(Fatal::Stopped) => ManifestError::Shutdown,
         RaftError::Fatal(fatal) => ManifestError::Raft(fatal.to_string()),
     }
+}
+
+/// Proposes on this node's Raft (the leader's side of a forwarded proposal).
+pub(crate) async fn propose_here(
+    raft: &Raft,
+    command: ManifestCommand,
+) -> Result<CommitReceipt, ManifestError> {
+    propose(raft, command).await
 }
 
 async fn propose(raft: &Raft, command: ManifestCommand) -> Result<CommitReceipt, ManifestError> {

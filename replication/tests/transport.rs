@@ -16,11 +16,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use std::time::Instant;
 
-use openraft::BasicNode;
 use openraft::SnapshotPolicy;
 use quinn::RecvStream;
 use quinn::SendStream;
 use shale_replication::log_store::LogStore;
+use shale_replication::raft_types::ClusterNode;
 use shale_replication::raft_types::NodeId;
 use shale_replication::raft_types::Raft;
 use shale_replication::state_machine::ManifestStateMachine;
@@ -601,9 +601,14 @@ fn three_members_elect_replicate_fail_over_and_install_a_snapshot() {
         nodes.iter().map(|(id, n)| (*id, n.value.addr)).collect();
 
     runtime().block_on(async {
-        let members: BTreeMap<NodeId, BasicNode> = addrs
+        let members: BTreeMap<NodeId, ClusterNode> = addrs
             .iter()
-            .map(|(id, addr)| (*id, BasicNode::new(addr.to_string())))
+            .map(|(id, addr)| {
+                (
+                    *id,
+                    ClusterNode::new(format!("node-{id}"), addr.to_string(), ""),
+                )
+            })
             .collect();
         nodes[&1].value.raft.initialize(members).await.unwrap();
         let all: Vec<&Member> = nodes.values().map(|n| &n.value).collect();

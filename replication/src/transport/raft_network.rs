@@ -45,12 +45,23 @@ use crate::raft_types::SnapshotMeta;
 use crate::raft_types::TypeConfig;
 use crate::raft_types::Vote;
 
-/// The QUIC address peers dial a member at, read from its membership entry.
-// When the membership node type gains a separate `quic_addr`, only this function changes.
+/// The QUIC address peers dial a member at, read from its membership entry (a host name is
+/// resolved).
 pub fn node_quic_addr(node: &Node) -> Result<SocketAddr, String> {
-    node.addr
-        .parse()
-        .map_err(|e| format!("member address {:?} is not ip:port: {e}", node.addr))
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = node.quic_addr.parse() {
+        return Ok(addr);
+    }
+    node.quic_addr
+        .to_socket_addrs()
+        .map_err(|e| format!("member QUIC address {:?}: {e}", node.quic_addr))?
+        .next()
+        .ok_or_else(|| {
+            format!(
+                "member QUIC address {:?} resolves to nothing",
+                node.quic_addr
+            )
+        })
 }
 
 #[derive(Debug, thiserror::Error)]

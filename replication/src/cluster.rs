@@ -1,0 +1,388 @@
+//! A cluster node's control plane: the QUIC transport, the Raft network and RPC server over
+//! it, proposal forwarding to the leader, and peer file replication (serving and fetching).
+//!
+//! Threads: everything here runs on the control thread's tokio runtime (`shale-control`); file
+//! bytes are written on the `shale-fetch` glommio thread (the sink) and served from tokio's
+//! blocking pool. Built by the node when `[cluster] enabled`; a standalone node uses
+//! [`crate::control::NoPeers`] instead.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use serde::Deserialize;
+use serde::Serialize;
+use shale_io::sink::FileSink;
+
+use crate::control::BoxFuture;
+use crate::control::CommitReceipt;
+use crate::control::ControlPlane;
+use crate::control::Forward;
+use crate::control::ManifestError;
+use crate::files::fetch::Connector;
+use crate::files::fetch::FetchError;
+use crate::files::fetch::StreamPair;
+use crate::files::fetch::StreamSource;
+use crate::files::planner::PeerInfo;
+use crate::files::presence::PresenceIndex;
+use crate::files::replicator::FetchConfig;
+use crate::files::replicator::ManifestWatch;
+use crate::files::replicator::Replicator;
+use crate::files::replicator::ReplicatorHandle;
+use crate::files::replicator::ReplicatorParts;
+use crate::files::serve::FetchServer;
+use crate::files::serve::ServeConfig;
+use crate::manifest::ManifestCommand;
+use crate::manifest::ManifestResponse;
+use crate::manifest::Rejection;
+use crate::raft_types::ClusterNode;
+use crate::raft_types::NodeId;
+use crate::raft_types::Raft;
+use crate::transport::raft_network::node_quic_addr;
+use crate::transport::raft_network::QuicNetwork;
+use crate::transport::raft_network::RaftServer;
+use crate::transport::tls::Admit;
+use crate::transport::tls::ClusterTls;
+use crate::transport::CallHandler;
+use crate::transport::StreamHandler;
+use crate::transport::StreamKind;
+use crate::transport::Transport;
+use crate::transport::TransportConfig;
+use crate::version::ManifestVersion;
+use crate::version::Published;
+
+/// How long a forwarded proposal may take on the leader, commit included.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything a cluster node's control plane needs, decided by the node's configuration.
+pub struct ClusterSettings {
+    pub data_dir: PathBuf,
+    pub quic_addr: SocketAddr,
+    pub tls: ClusterTls,
+    pub transport: TransportConfig,
+    pub fetch: FetchConfig,
+    pub serve: ServeConfig,
+    /// Writes fetched files; started by the node before the control thread.
+    pub sink: FileSink,
+    pub presence: PresenceIndex,
+}
+
+/// Shared views of the running plane, for the node's API and metrics.
+#[derive(Clone, Default)]
+pub struct ClusterView {
+    replication: Arc<OnceLock<ReplicatorHandle>>,
+}
+
+impl ClusterView {
+    /// The file replicator's handle once it runs (lag, present version).
+    pub fn replication(&self) -> Option<&ReplicatorHandle> {
+        self.replication.get()
+    }
+}
+
+/// The [`ControlPlane`] of a cluster node.
+pub struct ClusterPlane {
+    settings: Option<ClusterSettings>,
+    transport: Option<Transport>,
+    /// Ids that may connect: the membership's voters and learners. `None` until this node
+    /// knows a membership (not initialized yet: it is being added), when any certificate of
+    /// the cluster is admitted so the leader can reach it.
+    members: Arc<ArcSwapOption<BTreeSet<NodeId>>>,
+    view: ClusterView,
+}
+
+impl ClusterPlane {
+    pub fn new(settings: ClusterSettings) -> (ClusterPlane, ClusterView) {
+        let view = ClusterView::default();
+        let plane = ClusterPlane {
+            settings: Some(settings),
+            transport: None,
+            members: Arc::new(ArcSwapOption::empty()),
+            view: view.clone(),
+        };
+        (plane, view)
+    }
+}
+
+impl ControlPlane for ClusterPlane {
+    type Network = QuicNetwork;
+
+    fn network(&mut self) -> Result<QuicNetwork, ManifestError> {
+        let settings = self
+            .settings
+            .as_ref()
+            .expect("network is built once, first");
+        let members = self.members.clone();
+        let admit: Admit = Arc::new(move |peer| match members.load().as_ref() {
+            None => true,
+            Some(members) => members.contains(&peer),
+        });
+        let transport = Transport::bind(
+            settings.quic_addr,
+            settings.tls.clone(),
+            admit,
+            settings.transport.clone(),
+        )
+        .map_err(|e| ManifestError::Config(format!("start the QUIC endpoint: {e}")))?;
+        self.transport = Some(transport.clone());
+        Ok(QuicNetwork::new(transport))
+    }
+
+    fn started(mut self, raft: Raft, published: Arc<Published>) -> Option<Arc<dyn Forward>> {
+        let transport = self
+            .transport
+            .take()
+            .expect("network() ran before started()");
+        let settings = self.settings.take().expect("started once");
+        let local = transport.node_id();
+
+        tokio::spawn(track_members(raft.clone(), self.members.clone()));
+        RaftServer::new(raft.clone()).register(&transport);
+        transport.set_call_handler(
+            StreamKind::RaftForward,
+            Arc::new(ForwardServer { raft: raft.clone() }),
+        );
+
+        let current: Arc<dyn Fn() -> Arc<ManifestVersion> + Send + Sync> = {
+            let published = published.clone();
+            Arc::new(move || published.current())
+        };
+        match FetchServer::new(&settings.data_dir, current, settings.serve.clone()) {
+            Ok(server) => transport.set_handler(
+                StreamKind::FileFetch,
+                Arc::new(FetchHandler {
+                    server: Arc::new(server),
+                }),
+            ),
+            Err(error) => {
+                tracing::error!(%error, "file server not started; peers cannot fetch from this node")
+            }
+        }
+
+        let peers = {
+            let raft = raft.clone();
+            Arc::new(move || {
+                let metrics = raft.metrics().borrow().clone();
+                metrics
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .filter(|(id, _)| **id != local)
+                    .map(|(id, _)| PeerInfo { node_id: *id })
+                    .collect::<Vec<_>>()
+            })
+        };
+        let (replicator, handle) = Replicator::new(ReplicatorParts {
+            local,
+            data_dir: settings.data_dir.clone(),
+            presence: settings.presence,
+            sink: settings.sink,
+            source: Arc::new(StreamSource::new(
+                QuicConnector {
+                    transport: transport.clone(),
+                    raft: raft.clone(),
+                },
+                1 << 20,
+            )),
+            watch: Arc::new(PublishedWatch(published)),
+            peers,
+            config: settings.fetch,
+        });
+        let _ = self.view.replication.set(handle);
+        tokio::spawn(async move {
+            if let Err(error) = replicator.run(std::future::pending()).await {
+                tracing::error!(%error, "file replication stopped");
+            }
+        });
+        Some(Arc::new(QuicForward { transport }))
+    }
+}
+
+/// Keeps the admitted ids equal to the membership's voters and learners.
+async fn track_members(raft: Raft, members: Arc<ArcSwapOption<BTreeSet<NodeId>>>) {
+    let mut metrics = raft.metrics();
+    loop {
+        let ids: BTreeSet<NodeId> = metrics
+            .borrow_and_update()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        members.store((!ids.is_empty()).then(|| Arc::new(ids)));
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The answer to a forwarded proposal, as it travels back to the follower.
+#[derive(Debug, Serialize, Deserialize)]
+enum ForwardReply {
+    Committed {
+        log_index: u64,
+        response: ManifestResponse,
+    },
+    Rejected(Rejection),
+    NotLeader {
+        leader: Option<NodeId>,
+    },
+    Failed(String),
+}
+
+/// The leader's side of forwarding: proposes the command as if it were its own.
+struct ForwardServer {
+    raft: Raft,
+}
+
+impl CallHandler for ForwardServer {
+    fn call(
+        &self,
+        peer: NodeId,
+        request: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>> {
+        let raft = self.raft.clone();
+        Box::pin(async move {
+            let command: ManifestCommand = serde_json::from_slice(&request)
+                .map_err(|e| format!("forwarded command from node {peer}: {e}"))?;
+            let reply = match command.check() {
+                Err(rejection) => ForwardReply::Rejected(rejection),
+                Ok(()) => match crate::control::propose_here(&raft, command).await {
+                    Ok(receipt) => ForwardReply::Committed {
+                        log_index: receipt.log_index,
+                        response: receipt.response,
+                    },
+                    Err(ManifestError::Rejected(rejection)) => ForwardReply::Rejected(rejection),
+                    Err(ManifestError::NotLeader { leader }) => ForwardReply::NotLeader { leader },
+                    Err(error) => ForwardReply::Failed(error.to_string()),
+                },
+            };
+            serde_json::to_vec(&reply).map_err(|e| format!("encode forward reply: {e}"))
+        })
+    }
+}
+
+/// The follower's side of forwarding.
+struct QuicForward {
+    transport: Transport,
+}
+
+impl Forward for QuicForward {
+    fn forward(
+        &self,
+        leader: NodeId,
+        leader_node: Option<ClusterNode>,
+        command: ManifestCommand,
+    ) -> BoxFuture<Result<CommitReceipt, ManifestError>> {
+        let transport = self.transport.clone();
+        Box::pin(async move {
+            let node = leader_node.ok_or(ManifestError::NotLeader {
+                leader: Some(leader),
+            })?;
+            let addr = node_quic_addr(&node).map_err(ManifestError::Raft)?;
+            let request = serde_json::to_vec(&command)
+                .map_err(|e| ManifestError::Raft(format!("encode forwarded command: {e}")))?;
+            let answer = transport
+                .call(
+                    leader,
+                    addr,
+                    StreamKind::RaftForward,
+                    request,
+                    FORWARD_TIMEOUT,
+                )
+                .await
+                .map_err(|e| ManifestError::Raft(format!("forward to leader {leader}: {e}")))?;
+            let reply: ForwardReply = serde_json::from_slice(&answer)
+                .map_err(|e| ManifestError::Raft(format!("decode forward reply: {e}")))?;
+            match reply {
+                ForwardReply::Committed {
+                    log_index,
+                    response,
+                } => Ok(CommitReceipt {
+                    log_index,
+                    response,
+                }),
+                ForwardReply::Rejected(rejection) => Err(ManifestError::Rejected(rejection)),
+                ForwardReply::NotLeader { leader } => Err(ManifestError::NotLeader { leader }),
+                ForwardReply::Failed(error) => Err(ManifestError::Raft(error)),
+            }
+        })
+    }
+}
+
+/// Serves `FileFetch` streams from this node's copies.
+struct FetchHandler {
+    server: Arc<FetchServer>,
+}
+
+impl StreamHandler for FetchHandler {
+    fn handle(
+        &self,
+        peer: NodeId,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let server = self.server.clone();
+        Box::pin(async move {
+            if let Err(error) = server.serve(recv, send).await {
+                tracing::debug!(peer, %error, "file fetch not served");
+            }
+        })
+    }
+}
+
+/// Opens `FileFetch` streams to members at their membership QUIC address.
+struct QuicConnector {
+    transport: Transport,
+    raft: Raft,
+}
+
+impl Connector for QuicConnector {
+    type Send = quinn::SendStream;
+    type Recv = quinn::RecvStream;
+
+    fn connect(
+        &self,
+        node: NodeId,
+    ) -> crate::files::fetch::BoxFuture<'_, Result<StreamPair<Self>, FetchError>> {
+        Box::pin(async move {
+            let member = self
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_node(&node)
+                .cloned();
+            let connect = |message: String| FetchError::Connect { node, message };
+            let member = member.ok_or_else(|| connect("not a member".to_string()))?;
+            let addr = node_quic_addr(&member).map_err(connect)?;
+            self.transport
+                .open(node, addr, StreamKind::FileFetch)
+                .await
+                .map_err(|e| connect(e.to_string()))
+        })
+    }
+}
+
+/// The published manifest as the replicator watches it.
+struct PublishedWatch(Arc<Published>);
+
+impl ManifestWatch for PublishedWatch {
+    fn current(&self) -> Arc<ManifestVersion> {
+        self.0.current()
+    }
+
+    fn changed(&self, index: u64) -> crate::files::fetch::BoxFuture<'_, bool> {
+        Box::pin(async move {
+            match self.0.wait_for(index + 1) {
+                None => true,
+                Some(applied) => applied.recv_async().await.is_ok(),
+            }
+        })
+    }
+}
