@@ -69,7 +69,8 @@ struct SnapshotFile {
     manifest: ManifestImage,
 }
 
-fn encode_snapshot(meta: &SnapshotMeta, manifest: &Manifest) -> Result<Vec<u8>, SnapshotError> {
+/// Encodes a snapshot of `manifest` as of `meta`: the bytes stored on disk and sent to followers.
+pub fn encode_snapshot(meta: &SnapshotMeta, manifest: &Manifest) -> Result<Vec<u8>, SnapshotError> {
     serde_json::to_vec(&SnapshotFile {
         format_version: SNAPSHOT_FORMAT_VERSION,
         meta: meta.clone(),
@@ -79,7 +80,7 @@ fn encode_snapshot(meta: &SnapshotMeta, manifest: &Manifest) -> Result<Vec<u8>, 
 }
 
 /// Decodes and checks snapshot bytes; `origin` names them in errors.
-fn decode_snapshot(bytes: &[u8], origin: &Path) -> Result<(SnapshotMeta, Manifest), SnapshotError> {
+pub fn decode_snapshot(bytes: &[u8], origin: &Path) -> Result<(SnapshotMeta, Manifest), SnapshotError> {
     let invalid = |reason: String| SnapshotError::Invalid {
         path: origin.to_path_buf(),
         reason,
