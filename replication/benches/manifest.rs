@@ -133,10 +133,7 @@ fn lookups(c: &mut Criterion) {
 
 /// Files of table m500 overlapping `[lower, upper]`.
 fn files_in(manifest: &Manifest, lower: i64, upper: i64) -> usize {
-    manifest
-        .files_for("bench", "m500")
-        .filter(|f| f.time_max_us >= lower && f.time_min_us <= upper)
-        .count()
+    manifest.files_in("bench", "m500", lower, upper).len()
 }
 
 fn snapshot_meta(manifest: &Manifest) -> SnapshotMeta {

@@ -30,6 +30,7 @@ use serde::Serialize;
 use crate::durable;
 use crate::manifest::Manifest;
 use crate::manifest::ManifestImage;
+use crate::manifest::ManifestImageRef;
 use crate::manifest::ManifestResponse;
 use crate::raft_types::Entry;
 use crate::raft_types::LogId;
@@ -62,7 +63,14 @@ pub enum SnapshotError {
     Task(String),
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
+struct SnapshotFileRef<'a> {
+    format_version: u8,
+    meta: &'a SnapshotMeta,
+    manifest: ManifestImageRef<'a>,
+}
+
+#[derive(Deserialize)]
 struct SnapshotFile {
     format_version: u8,
     meta: SnapshotMeta,
@@ -71,16 +79,19 @@ struct SnapshotFile {
 
 /// Encodes a snapshot of `manifest` as of `meta`: the bytes stored on disk and sent to followers.
 pub fn encode_snapshot(meta: &SnapshotMeta, manifest: &Manifest) -> Result<Vec<u8>, SnapshotError> {
-    serde_json::to_vec(&SnapshotFile {
+    serde_json::to_vec(&SnapshotFileRef {
         format_version: SNAPSHOT_FORMAT_VERSION,
-        meta: meta.clone(),
-        manifest: manifest.to_image(),
+        meta,
+        manifest: manifest.image_ref(),
     })
     .map_err(|e| SnapshotError::Encode(e.to_string()))
 }
 
 /// Decodes and checks snapshot bytes; `origin` names them in errors.
-pub fn decode_snapshot(bytes: &[u8], origin: &Path) -> Result<(SnapshotMeta, Manifest), SnapshotError> {
+pub fn decode_snapshot(
+    bytes: &[u8],
+    origin: &Path,
+) -> Result<(SnapshotMeta, Manifest), SnapshotError> {
     let invalid = |reason: String| SnapshotError::Invalid {
         path: origin.to_path_buf(),
         reason,
@@ -539,8 +550,13 @@ mod tests {
         let version = reopened.published().current();
         assert_eq!(version.index, 3);
         assert_eq!(
-            version.manifest.files().keys().cloned().collect::<Vec<_>>(),
-            vec!["a".to_owned(), "b".to_owned()]
+            version
+                .manifest
+                .files()
+                .keys()
+                .map(|k| &**k)
+                .collect::<Vec<_>>(),
+            vec!["a", "b"]
         );
         assert_eq!(version.manifest.node_state(1), Some(NodeState::Active));
     }

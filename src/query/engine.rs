@@ -389,12 +389,13 @@ impl Worker {
                 .iter()
                 .find(|(name, _, _)| name == placeholder)
                 .map_or((i64::MIN, i64::MAX), |(_, lower, upper)| (*lower, *upper));
-            let mut entries: Vec<_> = version
+            let total = version
                 .manifest
-                .files_for(&table.database, &table.measurement)
-                .collect();
-            let total = entries.len();
-            entries.retain(|f| f.time_max_us >= lower && f.time_min_us <= upper);
+                .file_count_for(&table.database, &table.measurement);
+            let mut entries =
+                version
+                    .manifest
+                    .files_in(&table.database, &table.measurement, lower, upper);
             if entries.is_empty() && total > 0 {
                 // Keep one file so the view has the table's columns; the query's own WHERE
                 // filters its rows.
