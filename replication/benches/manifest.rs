@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 use std::time::Instant;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use openraft::CommittedLeaderId;
 use shale_replication::raft_types::{LogId, SnapshotMeta};
 use shale_replication::state_machine::{decode_snapshot, encode_snapshot};
@@ -24,6 +24,21 @@ const HOUR_US: i64 = 3_600_000_000;
 const BASE_US: i64 = 1_780_000_000_000_000;
 const SIZES: [usize; 2] = [100_000, 1_000_000];
 
+/// 64 hex digits that look like a real hash (as incompressible), derived from `seed`.
+fn pseudo_hash(seed: u64) -> String {
+    let mut state = seed;
+    (0..4)
+        .map(|_| {
+            // splitmix64
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            format!("{:016x}", z ^ (z >> 31))
+        })
+        .collect()
+}
+
 /// The `i`-th file of table `table`: one hour of data, from one of four shards.
 fn entry(table: usize, i: usize) -> FileEntry {
     let time_min_us = BASE_US + i as i64 * HOUR_US;
@@ -31,7 +46,7 @@ fn entry(table: usize, i: usize) -> FileEntry {
     FileEntry {
         path: format!("bench/m{table}/{i:06}/n1-s{shard}-{time_min_us}-{i}.parquet"),
         size_bytes: 1 << 20,
-        blake3_hex: format!("{:064x}", table * 1_000_000 + i),
+        blake3_hex: pseudo_hash((table * 1_000_000 + i) as u64),
         rows: 100_000,
         time_min_us,
         time_max_us: time_min_us + HOUR_US - 1,
@@ -158,6 +173,15 @@ fn snapshots(c: &mut Criterion) {
         println!("snapshot bytes: {} files -> {} bytes", files, bytes.len());
         group.bench_function(BenchmarkId::new("encode", label(files)), |b| {
             b.iter(|| encode_snapshot(&meta, &manifest).expect("encode").len());
+        });
+        // The part of decode that rebuilds the maps and indexes from a decoded image.
+        let image = manifest.to_image();
+        group.bench_function(BenchmarkId::new("rebuild_from_image", label(files)), |b| {
+            b.iter_batched(
+                || image.clone(),
+                |image| Manifest::from_image(image).expect("valid image"),
+                BatchSize::LargeInput,
+            );
         });
         group.bench_function(BenchmarkId::new("decode", label(files)), |b| {
             b.iter(|| {

@@ -101,7 +101,10 @@ pub fn encode_snapshot(meta: &SnapshotMeta, manifest: &Manifest) -> Result<Vec<u
         zstd::stream::Encoder::new(bytes, SNAPSHOT_ZSTD_LEVEL).map_err(|e| encode(&e))?;
     // A damaged snapshot file must fail to load, not load a different manifest.
     encoder.include_checksum(true).map_err(|e| encode(&e))?;
-    rmp_serde::encode::write(&mut encoder, &manifest.image_ref()).map_err(|e| encode(&e))?;
+    // MessagePack writes each field separately; the buffer hands zstd large blocks instead.
+    let mut buffered = io::BufWriter::with_capacity(1 << 16, encoder);
+    rmp_serde::encode::write(&mut buffered, &manifest.image_ref()).map_err(|e| encode(&e))?;
+    let encoder = buffered.into_inner().map_err(|e| encode(e.error()))?;
     encoder.finish().map_err(|e| encode(&e))
 }
 
@@ -155,7 +158,11 @@ fn decode_v2(bytes: &[u8]) -> Result<(SnapshotMeta, ManifestImage), String> {
     let (meta, image) = rest.split_at(length);
     let meta: SnapshotMeta =
         serde_json::from_slice(meta).map_err(|e| format!("decode meta: {e}"))?;
-    let mut decoder = zstd::stream::Decoder::new(image).map_err(|e| format!("decompress: {e}"))?;
+    // MessagePack reads each field separately; the buffer asks zstd for large blocks instead.
+    let mut decoder = io::BufReader::with_capacity(
+        1 << 16,
+        zstd::stream::Decoder::new(image).map_err(|e| format!("decompress: {e}"))?,
+    );
     let image = ManifestImage::deserialize(&mut rmp_serde::Deserializer::new(&mut decoder))
         .map_err(|e| format!("decode manifest: {e}"))?;
     // The frame must end right after the image; reading on checks its checksum.
