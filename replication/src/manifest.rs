@@ -4,14 +4,17 @@
 //! the disk, the clock or the network, so every rule is tested here without Raft. Every command is
 //! validated completely before anything changes: a command with one bad item changes nothing.
 //!
-//! A [`Manifest`] is cheap to clone (its maps sit behind `Arc`s), which is how immutable versions
-//! are published to readers; the first change after a publish copies the touched map once.
+//! A [`Manifest`] is cheap to clone (its maps are persistent maps that share structure), which is
+//! how immutable versions are published to readers. A change after a publish copies only the
+//! tree nodes on the changed keys' paths, O(log n) per changed file, never the whole manifest, so
+//! a reader pinning an old version costs the apply path nothing at millions of files.
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use imbl::OrdMap;
 use serde::Deserialize;
 use serde::Serialize;
 
@@ -284,21 +287,49 @@ fn check_declaration(
 /// Declared column kinds of one table, by column name.
 pub type TableColumns = BTreeMap<String, String>;
 
+/// Every registered file, by path. A persistent map: cloning it is O(1), and a change to a clone
+/// copies only the O(log n) nodes on the changed paths, so a pinned version never makes an apply
+/// copy the whole manifest.
+pub type FileMap = OrdMap<Arc<str>, Arc<FileEntry>>;
+
+/// Declared column kinds by (database, measurement).
+pub type TableMap = OrdMap<(String, String), Arc<TableColumns>>;
+
 /// (origin node, shard, database, measurement): the WAL stream a file's rows came from.
 type StreamKey = (u64, u32, String, String);
+
+/// For each WAL stream, how many files end at each `lsn_last`.
+type StreamMap = OrdMap<StreamKey, OrdMap<u64, u32>>;
+
+/// The files of one table, indexed for query planning. Derived from [`Manifest::files`]; every
+/// map shares the entries (and path keys) with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct TableFiles {
+    /// By path: the order `files_for` and `files_in` return.
+    by_path: OrdMap<Arc<str>, Arc<FileEntry>>,
+    /// By (time_min_us, path): the files that may overlap a time range are one key range.
+    by_start: OrdMap<(i64, Arc<str>), Arc<FileEntry>>,
+    /// How many files cover each time span (`time_max_us - time_min_us`). The longest span
+    /// bounds how long before a range's start a file that overlaps the range can begin; kept as
+    /// counts so that removing a file keeps it exact.
+    spans: OrdMap<u64, u32>,
+}
 
 /// The manifest state. Owned by the Raft state machine on the control thread; published to
 /// readers as immutable clones.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Manifest {
     applied_index: u64,
-    files: Arc<BTreeMap<String, FileEntry>>,
+    files: FileMap,
+    /// Derived index: the files of each (database, measurement).
+    by_table: OrdMap<(String, String), TableFiles>,
     /// Derived index: for each WAL stream, how many files end at each `lsn_last`. Kept as counts
     /// so that removing a file is exact; the last key is the stream's flushed-through LSN.
-    streams: Arc<BTreeMap<StreamKey, BTreeMap<u64, u32>>>,
+    streams: StreamMap,
+    /// A handful of nodes: copying it on a change costs nothing worth sharing structure for.
     node_states: Arc<BTreeMap<u64, NodeState>>,
     /// Declared column kinds by (database, measurement).
-    tables: Arc<BTreeMap<(String, String), TableColumns>>,
+    tables: TableMap,
 }
 
 /// The serialized form of a [`Manifest`] (snapshots). The stream index is derived, not stored.
@@ -320,6 +351,47 @@ pub struct TableImage {
     pub columns: TableColumns,
 }
 
+/// A [`ManifestImage`] borrowed from a manifest: serializes to the same form without copying
+/// every entry first, so a snapshot of millions of files needs no second copy of them in memory.
+#[derive(Serialize)]
+pub struct ManifestImageRef<'a> {
+    applied_index: u64,
+    #[serde(serialize_with = "serialize_files")]
+    files: &'a FileMap,
+    node_states: &'a BTreeMap<u64, NodeState>,
+    #[serde(serialize_with = "serialize_tables")]
+    tables: &'a TableMap,
+}
+
+#[derive(Serialize)]
+struct TableImageRef<'a> {
+    database: &'a str,
+    measurement: &'a str,
+    columns: &'a TableColumns,
+}
+
+fn serialize_files<S: serde::Serializer>(
+    files: &&FileMap,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(files.values().map(|file| &**file))
+}
+
+fn serialize_tables<S: serde::Serializer>(
+    tables: &&TableMap,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(
+        tables
+            .iter()
+            .map(|((database, measurement), columns)| TableImageRef {
+                database,
+                measurement,
+                columns,
+            }),
+    )
+}
+
 impl Manifest {
     /// The Raft log index of the last entry applied (0 before anything but the initial entry).
     pub fn applied_index(&self) -> u64 {
@@ -327,24 +399,69 @@ impl Manifest {
     }
 
     /// All files, by path.
-    pub fn files(&self) -> &BTreeMap<String, FileEntry> {
+    pub fn files(&self) -> &FileMap {
         &self.files
     }
 
     pub fn file(&self, path: &str) -> Option<&FileEntry> {
-        self.files.get(path)
+        self.files.get(path).map(|file| &**file)
     }
 
-    /// Files of one table. A scan over all files: queries plan once per request, and the
-    /// manifest holds files, not rows.
+    fn table_files(&self, database: &str, measurement: &str) -> Option<&TableFiles> {
+        self.by_table
+            .get(&(database.to_owned(), measurement.to_owned()))
+    }
+
+    /// Files of one table, by path. An index lookup, then only the table's files.
     pub fn files_for<'a>(
         &'a self,
         database: &'a str,
         measurement: &'a str,
     ) -> impl Iterator<Item = &'a FileEntry> + 'a {
-        self.files
-            .values()
-            .filter(move |file| file.database == database && file.measurement == measurement)
+        self.table_files(database, measurement)
+            .into_iter()
+            .flat_map(|table| table.by_path.values())
+            .map(|file| &**file)
+    }
+
+    /// How many files one table has.
+    pub fn file_count_for(&self, database: &str, measurement: &str) -> usize {
+        self.table_files(database, measurement)
+            .map_or(0, |table| table.by_path.len())
+    }
+
+    /// Files of one table whose time range overlaps `[time_min_us, time_max_us]` (both
+    /// inclusive): `time_max_us >= time_min_us(range)` and `time_min_us <= time_max_us(range)`,
+    /// by path. Reads only the files that start between the range's start minus the table's
+    /// longest file span and the range's end, not every file of the table.
+    pub fn files_in(
+        &self,
+        database: &str,
+        measurement: &str,
+        time_min_us: i64,
+        time_max_us: i64,
+    ) -> Vec<&FileEntry> {
+        let Some(table) = self.table_files(database, measurement) else {
+            return Vec::new();
+        };
+        let longest = table.spans.get_max().map_or(0, |(span, _)| *span);
+        // A file that starts before this ends before `time_min_us`: it cannot overlap.
+        let earliest_start = (i128::from(time_min_us) - i128::from(longest))
+            .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+        if earliest_start > time_max_us {
+            return Vec::new();
+        }
+        let from = (earliest_start, Arc::<str>::from(""));
+        let candidates = match time_max_us.checked_add(1) {
+            Some(end) => table.by_start.range(from..(end, Arc::<str>::from(""))),
+            None => table.by_start.range(from..),
+        };
+        let mut found: Vec<&FileEntry> = candidates
+            .map(|(_, file)| &**file)
+            .filter(|file| file.time_max_us >= time_min_us && file.time_min_us <= time_max_us)
+            .collect();
+        found.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        found
     }
 
     /// The highest WAL LSN of `origin_node`'s `shard` that is in a registered file for this table,
@@ -355,7 +472,7 @@ impl Manifest {
         self.streams
             .range((origin_node, shard, String::new(), String::new())..)
             .take_while(|(key, _)| key.0 == origin_node && key.1 == shard)
-            .filter_map(|(_, ends)| ends.keys().next_back().copied())
+            .filter_map(|(_, ends)| ends.get_max().map(|(lsn, _)| *lsn))
             .max()
     }
 
@@ -374,7 +491,7 @@ impl Manifest {
         );
         self.streams
             .get(&key)
-            .and_then(|ends| ends.keys().next_back().copied())
+            .and_then(|ends| ends.get_max().map(|(lsn, _)| *lsn))
     }
 
     /// Every table with registered files from `origin_node`'s `shard`, with its flushed-through
@@ -389,7 +506,7 @@ impl Manifest {
             .range(start..)
             .take_while(move |((node, s, _, _), _)| *node == origin_node && *s == shard)
             .filter_map(|((_, _, database, measurement), ends)| {
-                let lsn = *ends.keys().next_back()?;
+                let (lsn, _) = *ends.get_max()?;
                 Some((database.as_str(), measurement.as_str(), lsn))
             })
     }
@@ -405,10 +522,11 @@ impl Manifest {
     pub fn table_columns(&self, database: &str, measurement: &str) -> Option<&TableColumns> {
         self.tables
             .get(&(database.to_owned(), measurement.to_owned()))
+            .map(|columns| &**columns)
     }
 
     /// Every table with declared columns.
-    pub fn tables(&self) -> &BTreeMap<(String, String), TableColumns> {
+    pub fn tables(&self) -> &TableMap {
         &self.tables
     }
 
@@ -459,9 +577,9 @@ impl Manifest {
         // Plan against the current state first; nothing changes unless the whole plan is valid.
         let mut to_add = Vec::with_capacity(add.len());
         for file in add {
-            match self.files.get(&file.path) {
+            match self.files.get(file.path.as_str()) {
                 None => to_add.push(file),
-                Some(existing) if existing == file => {}
+                Some(existing) if **existing == *file => {}
                 Some(_) => {
                     return ManifestResponse::Rejected(Rejection::Conflict {
                         path: file.path.clone(),
@@ -474,18 +592,11 @@ impl Manifest {
             .filter(|path| self.files.contains_key(path.as_str()))
             .collect();
 
-        if !to_add.is_empty() || !to_remove.is_empty() {
-            let files = Arc::make_mut(&mut self.files);
-            let streams = Arc::make_mut(&mut self.streams);
-            for path in &to_remove {
-                if let Some(file) = files.remove(path.as_str()) {
-                    stream_remove(streams, &file);
-                }
-            }
-            for file in &to_add {
-                stream_add(streams, file);
-                files.insert(file.path.clone(), (*file).clone());
-            }
+        for path in &to_remove {
+            self.remove_file(path);
+        }
+        for file in &to_add {
+            self.add_file(Arc::new((*file).clone()));
         }
         ManifestResponse::Applied {
             files_added: to_add.len() as u64,
@@ -500,7 +611,7 @@ impl Manifest {
         columns: &[ColumnDeclaration],
     ) -> ManifestResponse {
         let key = (database.to_owned(), measurement.to_owned());
-        let existing = self.tables.get(&key);
+        let existing = self.tables.get(&key).map(|table| &**table);
         // SQL engines fold identifier case, so `Host` and `host` would be one column. Folded
         // names of the table once per command, not a scan per declared column.
         let folded_existing: HashMap<String, &str> = match existing {
@@ -538,7 +649,9 @@ impl Manifest {
             }
         }
         if !new.is_empty() {
-            let table = Arc::make_mut(&mut self.tables).entry(key).or_default();
+            // Copies this table's columns if a pinned version shares them; other tables stay
+            // shared.
+            let table = Arc::make_mut(self.tables.entry(key).or_default());
             for column in new {
                 table.insert(column.name.clone(), column.kind.clone());
             }
@@ -552,7 +665,7 @@ impl Manifest {
     pub fn to_image(&self) -> ManifestImage {
         ManifestImage {
             applied_index: self.applied_index,
-            files: self.files.values().cloned().collect(),
+            files: self.files.values().map(|file| (**file).clone()).collect(),
             node_states: (*self.node_states).clone(),
             tables: self
                 .tables
@@ -560,26 +673,36 @@ impl Manifest {
                 .map(|((database, measurement), columns)| TableImage {
                     database: database.clone(),
                     measurement: measurement.clone(),
-                    columns: columns.clone(),
+                    columns: (**columns).clone(),
                 })
                 .collect(),
         }
     }
 
+    /// The image of this manifest, borrowed: what snapshots serialize.
+    pub fn image_ref(&self) -> ManifestImageRef<'_> {
+        ManifestImageRef {
+            applied_index: self.applied_index,
+            files: &self.files,
+            node_states: &self.node_states,
+            tables: &self.tables,
+        }
+    }
+
     /// Rebuilds a manifest from its image, checking every entry as a registration would.
     pub fn from_image(image: ManifestImage) -> Result<Manifest, Rejection> {
-        let mut files = BTreeMap::new();
-        let mut streams = BTreeMap::new();
+        let mut manifest = Manifest {
+            applied_index: image.applied_index,
+            node_states: Arc::new(image.node_states),
+            ..Manifest::default()
+        };
         for file in image.files {
             file.check()?;
-            stream_add(&mut streams, &file);
-            if let Some(previous) = files.insert(file.path.clone(), file) {
-                return Err(Rejection::DuplicatePath {
-                    path: previous.path,
-                });
+            if manifest.files.contains_key(file.path.as_str()) {
+                return Err(Rejection::DuplicatePath { path: file.path });
             }
+            manifest.add_file(Arc::new(file));
         }
-        let mut tables = BTreeMap::new();
         for table in image.tables {
             let declarations: Vec<ColumnDeclaration> = table
                 .columns
@@ -590,19 +713,61 @@ impl Manifest {
                 })
                 .collect();
             check_declaration(&table.database, &table.measurement, &declarations)?;
-            tables.insert((table.database, table.measurement), table.columns);
+            manifest
+                .tables
+                .insert((table.database, table.measurement), Arc::new(table.columns));
         }
-        Ok(Manifest {
-            applied_index: image.applied_index,
-            files: Arc::new(files),
-            streams: Arc::new(streams),
-            node_states: Arc::new(image.node_states),
-            tables: Arc::new(tables),
-        })
+        Ok(manifest)
+    }
+
+    /// Adds a file that is not registered yet to the file map and every derived index.
+    fn add_file(&mut self, file: Arc<FileEntry>) {
+        let path: Arc<str> = Arc::from(file.path.as_str());
+        stream_add(&mut self.streams, &file);
+        let table = self
+            .by_table
+            .entry((file.database.clone(), file.measurement.clone()))
+            .or_default();
+        table.by_path.insert(path.clone(), file.clone());
+        table
+            .by_start
+            .insert((file.time_min_us, path.clone()), file.clone());
+        *table.spans.entry(span(&file)).or_default() += 1;
+        self.files.insert(path, file);
+    }
+
+    /// Removes a registered file from the file map and every derived index.
+    fn remove_file(&mut self, path: &str) {
+        let Some((path, file)) = self.files.remove_with_key(path) else {
+            return;
+        };
+        stream_remove(&mut self.streams, &file);
+        let key = (file.database.clone(), file.measurement.clone());
+        let Some(table) = self.by_table.get_mut(&key) else {
+            unreachable!("table index lost the table of {}", file.path);
+        };
+        table.by_path.remove(&path);
+        table.by_start.remove(&(file.time_min_us, path));
+        let span = span(&file);
+        let Some(count) = table.spans.get_mut(&span) else {
+            unreachable!("table index lost the time span of {}", file.path);
+        };
+        *count -= 1;
+        if *count == 0 {
+            table.spans.remove(&span);
+        }
+        if table.by_path.is_empty() {
+            self.by_table.remove(&key);
+        }
     }
 }
 
-fn stream_add(streams: &mut BTreeMap<StreamKey, BTreeMap<u64, u32>>, file: &FileEntry) {
+/// The length of a file's time range; its type holds any valid range.
+fn span(file: &FileEntry) -> u64 {
+    file.time_max_us.abs_diff(file.time_min_us)
+}
+
+fn stream_add(streams: &mut StreamMap, file: &FileEntry) {
     *streams
         .entry(file.stream_key())
         .or_default()
@@ -610,7 +775,7 @@ fn stream_add(streams: &mut BTreeMap<StreamKey, BTreeMap<u64, u32>>, file: &File
         .or_default() += 1;
 }
 
-fn stream_remove(streams: &mut BTreeMap<StreamKey, BTreeMap<u64, u32>>, file: &FileEntry) {
+fn stream_remove(streams: &mut StreamMap, file: &FileEntry) {
     let key = file.stream_key();
     let Some(ends) = streams.get_mut(&key) else {
         unreachable!("stream index lost the stream of {}", file.path);
@@ -742,8 +907,8 @@ pub(crate) mod tests {
         );
         assert_eq!(response, applied(1, 2));
         assert_eq!(
-            manifest.files().keys().collect::<Vec<_>>(),
-            vec![&"ab".to_owned()]
+            manifest.files().keys().map(|k| &**k).collect::<Vec<_>>(),
+            vec!["ab"]
         );
     }
 
@@ -923,6 +1088,177 @@ pub(crate) mod tests {
             .map(|f| f.path.as_str())
             .collect();
         assert_eq!(paths, vec!["a"]);
+    }
+
+    /// A small deterministic generator (xorshift), so the index test needs no extra crate.
+    struct Xorshift(u64);
+
+    impl Xorshift {
+        fn below(&mut self, bound: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % bound
+        }
+    }
+
+    /// The files of `db.measurement` overlapping `[lower, upper]`, by path, from a scan of every
+    /// file: what query planning did before the table and time index existed.
+    fn scanned<'a>(
+        manifest: &'a Manifest,
+        measurement: &str,
+        lower: i64,
+        upper: i64,
+    ) -> Vec<&'a str> {
+        manifest
+            .files()
+            .values()
+            .filter(|f| f.database == "db" && f.measurement == measurement)
+            .filter(|f| f.time_max_us >= lower && f.time_min_us <= upper)
+            .map(|f| f.path.as_str())
+            .collect()
+    }
+
+    // The time index must select exactly the files a scan would, in path order, for any range
+    // (also inverted and unbounded ones), as files of different spans come and go: the longest
+    // span bounds the index range, and removing the longest file must shrink it without losing
+    // files.
+    #[test]
+    fn files_in_matches_a_scan_of_the_table() {
+        let mut random = Xorshift(0x2545_f491_4f6c_dd1d);
+        let mut manifest = Manifest::default();
+        let mut files = Vec::new();
+        for i in 0..400u64 {
+            let mut entry = file(&format!("f{:03}", random.below(1000)), i + 1, i + 1);
+            if files.iter().any(|f: &FileEntry| f.path == entry.path) {
+                continue;
+            }
+            entry.measurement = if i % 3 == 0 { "mem" } else { "cpu" }.to_owned();
+            entry.time_min_us = random.below(10_000) as i64 - 5_000;
+            let span = if i % 50 == 0 {
+                random.below(8_000)
+            } else {
+                random.below(100)
+            };
+            entry.time_max_us = entry.time_min_us + span as i64;
+            files.push(entry);
+        }
+        let mut everything = file("all-time", 1, 1);
+        everything.time_min_us = i64::MIN;
+        everything.time_max_us = i64::MAX;
+        files.push(everything);
+        manifest.apply(1, &register(files.clone()));
+
+        let check = |manifest: &Manifest, random: &mut Xorshift| {
+            let mut ranges = vec![
+                (i64::MIN, i64::MAX),
+                (i64::MIN, -4_000),
+                (4_000, i64::MAX),
+                (i64::MAX, i64::MAX),
+                (i64::MIN, i64::MIN),
+                (300, 200),
+            ];
+            for _ in 0..300 {
+                let lower = random.below(14_000) as i64 - 7_000;
+                let upper = lower + random.below(2_000) as i64 - 100;
+                ranges.push((lower, upper));
+            }
+            for (lower, upper) in ranges {
+                for measurement in ["cpu", "mem", "none"] {
+                    let found: Vec<&str> = manifest
+                        .files_in("db", measurement, lower, upper)
+                        .iter()
+                        .map(|f| f.path.as_str())
+                        .collect();
+                    assert_eq!(
+                        found,
+                        scanned(manifest, measurement, lower, upper),
+                        "{measurement} [{lower}, {upper}]"
+                    );
+                }
+            }
+            for measurement in ["cpu", "mem"] {
+                let all = scanned(manifest, measurement, i64::MIN, i64::MAX);
+                assert_eq!(manifest.file_count_for("db", measurement), all.len());
+                let by_path: Vec<&str> = manifest
+                    .files_for("db", measurement)
+                    .map(|f| f.path.as_str())
+                    .collect();
+                assert_eq!(by_path, all);
+            }
+        };
+        check(&manifest, &mut random);
+
+        // Remove the file covering all time and every long file: the bound shrinks.
+        let long: Vec<String> = files
+            .iter()
+            .filter(|f| f.time_max_us.abs_diff(f.time_min_us) >= 100)
+            .map(|f| f.path.clone())
+            .collect();
+        assert!(long.len() > 3, "the test needs long files");
+        manifest.apply(2, &ManifestCommand::Delete { paths: long });
+        check(&manifest, &mut random);
+
+        // Compaction of half the rest into one long file, then every remaining file removed.
+        let half: Vec<String> = manifest
+            .files_for("db", "cpu")
+            .step_by(2)
+            .map(|f| f.path.clone())
+            .collect();
+        let mut merged = file("merged", 1, 1);
+        merged.time_min_us = -6_000;
+        merged.time_max_us = 6_000;
+        manifest.apply(
+            3,
+            &ManifestCommand::Batch {
+                add: vec![merged],
+                remove: half,
+            },
+        );
+        check(&manifest, &mut random);
+        let rest: Vec<String> = manifest.files().keys().map(|k| k.to_string()).collect();
+        manifest.apply(4, &ManifestCommand::Delete { paths: rest });
+        check(&manifest, &mut random);
+        assert_eq!(
+            manifest,
+            Manifest {
+                applied_index: 4,
+                ..Manifest::default()
+            }
+        );
+    }
+
+    // Applying under a pinned version must not copy the manifest: the new version shares every
+    // unchanged file entry and table declaration with the pinned one (the same allocation), which
+    // is what keeps an apply O(log n) at millions of files instead of a copy of every entry.
+    #[test]
+    fn apply_under_a_pinned_version_shares_unchanged_entries() {
+        let mut manifest = Manifest::default();
+        manifest.apply(1, &register(vec![file("a", 1, 5)]));
+        manifest.apply(2, &declare(&[("host", "tag")]));
+        let pinned = manifest.clone();
+        manifest.apply(3, &register(vec![file("b", 6, 9)]));
+        let mut mem = declare(&[("free", "float")]);
+        if let ManifestCommand::DeclareColumns { measurement, .. } = &mut mem {
+            *measurement = "mem".to_owned();
+        }
+        manifest.apply(4, &mem);
+
+        assert!(pinned.file("b").is_none());
+        assert!(pinned.table_columns("db", "mem").is_none());
+        let shared_file = std::ptr::eq(
+            pinned.file("a").expect("pinned a"),
+            manifest.file("a").expect("current a"),
+        );
+        assert!(shared_file, "the entry of an unchanged file was copied");
+        let shared_table = std::ptr::eq(
+            pinned.table_columns("db", "cpu").expect("pinned cpu"),
+            manifest.table_columns("db", "cpu").expect("current cpu"),
+        );
+        assert!(
+            shared_table,
+            "the columns of an unchanged table were copied"
+        );
     }
 
     #[test]

@@ -3,16 +3,23 @@
 //! latest snapshot on disk.
 //!
 //! The state machine itself is not persisted; the snapshot is. Start-up loads the newest
-//! `snapshot-<term>-<index>.json` and openraft re-applies the committed log after it.
-//! Snapshot file: JSON `{"format_version": 1, "meta": <openraft SnapshotMeta>, "manifest":
-//! <ManifestImage>}`; the same bytes are what a leader sends to a follower.
+//! `snapshot-<term>-<index>.snap` (or `.json`, written by format version 1) and openraft
+//! re-applies the committed log after it. The same bytes are what a leader sends to a follower.
 //!
-//! Threads: owned by openraft's state-machine task on the control thread. Snapshot encoding and
-//! file I/O run on tokio's blocking pool so they never stall the control thread.
+//! Snapshot format version 2 (written): the 8 bytes `SHALESNP`, the version byte 2, the length of
+//! the meta as a little-endian u32, the meta (openraft `SnapshotMeta`) as JSON, then one zstd
+//! frame holding the [`ManifestImage`] as MessagePack with structs as arrays: about a fifth of
+//! the JSON's size and several times faster to encode and decode at millions of files. Version 1
+//! (read only): JSON `{"format_version": 1, "meta": <SnapshotMeta>, "manifest": <ManifestImage>}`.
+//!
+//! Threads: owned by openraft's state-machine task on the control thread. Snapshot encoding,
+//! decoding and file I/O run on tokio's blocking pool so they never stall the control thread:
+//! building one serializes a frozen clone of the manifest, which costs O(1) to take.
 
 use std::fs;
 use std::io;
 use std::io::Cursor;
+use std::io::Read;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,7 +32,6 @@ use openraft::OptionalSend;
 use openraft::RaftSnapshotBuilder;
 use openraft::StorageIOError;
 use serde::Deserialize;
-use serde::Serialize;
 
 use crate::durable;
 use crate::manifest::Manifest;
@@ -40,11 +46,20 @@ use crate::raft_types::StoredMembership;
 use crate::raft_types::TypeConfig;
 use crate::version::Published;
 
-/// Version of the snapshot file format.
-pub const SNAPSHOT_FORMAT_VERSION: u8 = 1;
+/// Version of the snapshot format written now. Version 1 is still read.
+pub const SNAPSHOT_FORMAT_VERSION: u8 = 2;
+
+/// Leads every snapshot from version 2 on; a version-1 snapshot is JSON and starts with `{`.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"SHALESNP";
+
+/// zstd level of the image: the fastest levels already shrink the repetitive image several
+/// times, and snapshot building competes with the node for the CPU.
+const SNAPSHOT_ZSTD_LEVEL: i32 = 1;
 
 const SNAPSHOT_PREFIX: &str = "snapshot-";
-const SNAPSHOT_SUFFIX: &str = ".json";
+const SNAPSHOT_SUFFIX: &str = ".snap";
+/// The suffix of snapshots written by format version 1, still loaded at start-up.
+const SNAPSHOT_SUFFIX_V1: &str = ".json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -62,45 +77,100 @@ pub enum SnapshotError {
     Task(String),
 }
 
-#[derive(Serialize, Deserialize)]
-struct SnapshotFile {
+/// A format-version-1 snapshot file.
+#[derive(Deserialize)]
+struct SnapshotFileV1 {
     format_version: u8,
     meta: SnapshotMeta,
     manifest: ManifestImage,
 }
 
-fn encode_snapshot(meta: &SnapshotMeta, manifest: &Manifest) -> Result<Vec<u8>, SnapshotError> {
-    serde_json::to_vec(&SnapshotFile {
-        format_version: SNAPSHOT_FORMAT_VERSION,
-        meta: meta.clone(),
-        manifest: manifest.to_image(),
-    })
-    .map_err(|e| SnapshotError::Encode(e.to_string()))
+/// Encodes a snapshot of `manifest` as of `meta`: the bytes stored on disk and sent to followers.
+/// Serializes straight from the manifest's maps into the compressor, without an intermediate copy
+/// of the entries.
+pub fn encode_snapshot(meta: &SnapshotMeta, manifest: &Manifest) -> Result<Vec<u8>, SnapshotError> {
+    let encode = |e: &dyn std::fmt::Display| SnapshotError::Encode(e.to_string());
+    let meta_json = serde_json::to_vec(meta).map_err(|e| encode(&e))?;
+    let meta_len = u32::try_from(meta_json.len()).map_err(|e| encode(&e))?;
+    let mut bytes = Vec::with_capacity(SNAPSHOT_MAGIC.len() + 5 + meta_json.len());
+    bytes.extend_from_slice(SNAPSHOT_MAGIC);
+    bytes.push(SNAPSHOT_FORMAT_VERSION);
+    bytes.extend_from_slice(&meta_len.to_le_bytes());
+    bytes.extend_from_slice(&meta_json);
+    let mut encoder =
+        zstd::stream::Encoder::new(bytes, SNAPSHOT_ZSTD_LEVEL).map_err(|e| encode(&e))?;
+    // A damaged snapshot file must fail to load, not load a different manifest.
+    encoder.include_checksum(true).map_err(|e| encode(&e))?;
+    // MessagePack writes each field separately; the buffer hands zstd large blocks instead.
+    let mut buffered = io::BufWriter::with_capacity(1 << 16, encoder);
+    rmp_serde::encode::write(&mut buffered, &manifest.image_ref()).map_err(|e| encode(&e))?;
+    let encoder = buffered.into_inner().map_err(|e| encode(e.error()))?;
+    encoder.finish().map_err(|e| encode(&e))
 }
 
-/// Decodes and checks snapshot bytes; `origin` names them in errors.
-fn decode_snapshot(bytes: &[u8], origin: &Path) -> Result<(SnapshotMeta, Manifest), SnapshotError> {
+/// Decodes and checks snapshot bytes of format version 2 or 1; `origin` names them in errors.
+pub fn decode_snapshot(
+    bytes: &[u8],
+    origin: &Path,
+) -> Result<(SnapshotMeta, Manifest), SnapshotError> {
     let invalid = |reason: String| SnapshotError::Invalid {
         path: origin.to_path_buf(),
         reason,
     };
-    let file: SnapshotFile =
-        serde_json::from_slice(bytes).map_err(|e| invalid(format!("decode: {e}")))?;
-    if file.format_version != SNAPSHOT_FORMAT_VERSION {
-        return Err(invalid(format!(
-            "unknown format version {}",
-            file.format_version
-        )));
-    }
-    let meta_index = file.meta.last_log_id.map_or(0, |id| id.index);
-    if file.manifest.applied_index != meta_index {
+    let (meta, image) = match bytes.strip_prefix(SNAPSHOT_MAGIC.as_slice()) {
+        Some(rest) => decode_v2(rest).map_err(invalid)?,
+        None => {
+            let file: SnapshotFileV1 =
+                serde_json::from_slice(bytes).map_err(|e| invalid(format!("decode: {e}")))?;
+            if file.format_version != 1 {
+                return Err(invalid(format!(
+                    "unknown format version {}",
+                    file.format_version
+                )));
+            }
+            (file.meta, file.manifest)
+        }
+    };
+    let meta_index = meta.last_log_id.map_or(0, |id| id.index);
+    if image.applied_index != meta_index {
         return Err(invalid(format!(
             "manifest applied index {} differs from snapshot index {meta_index}",
-            file.manifest.applied_index
+            image.applied_index
         )));
     }
-    let manifest = Manifest::from_image(file.manifest).map_err(|e| invalid(e.to_string()))?;
-    Ok((file.meta, manifest))
+    let manifest = Manifest::from_image(image).map_err(|e| invalid(e.to_string()))?;
+    Ok((meta, manifest))
+}
+
+/// Decodes what follows the magic of a version-2 snapshot.
+fn decode_v2(bytes: &[u8]) -> Result<(SnapshotMeta, ManifestImage), String> {
+    let (&version, rest) = bytes.split_first().ok_or("truncated before the version")?;
+    if version != SNAPSHOT_FORMAT_VERSION {
+        return Err(format!("unknown format version {version}"));
+    }
+    let (length, rest) = rest
+        .split_first_chunk::<4>()
+        .ok_or("truncated in the meta length")?;
+    let length = u32::from_le_bytes(*length) as usize;
+    if rest.len() < length {
+        return Err(format!("truncated in the meta: {length} bytes announced"));
+    }
+    let (meta, image) = rest.split_at(length);
+    let meta: SnapshotMeta =
+        serde_json::from_slice(meta).map_err(|e| format!("decode meta: {e}"))?;
+    // MessagePack reads each field separately; the buffer asks zstd for large blocks instead.
+    let mut decoder = io::BufReader::with_capacity(
+        1 << 16,
+        zstd::stream::Decoder::new(image).map_err(|e| format!("decompress: {e}"))?,
+    );
+    let image = ManifestImage::deserialize(&mut rmp_serde::Deserializer::new(&mut decoder))
+        .map_err(|e| format!("decode manifest: {e}"))?;
+    // The frame must end right after the image; reading on checks its checksum.
+    match decoder.read(&mut [0u8; 1]) {
+        Ok(0) => Ok((meta, image)),
+        Ok(_) => Err("bytes after the manifest".to_owned()),
+        Err(e) => Err(format!("decompress: {e}")),
+    }
 }
 
 fn snapshot_file_name(meta: &SnapshotMeta) -> String {
@@ -111,11 +181,13 @@ fn snapshot_file_name(meta: &SnapshotMeta) -> String {
     )
 }
 
-/// Parses `snapshot-<term>-<index>.json` into `(index, term)` for ordering.
+/// Parses `snapshot-<term>-<index>.snap` (or `.json`, format version 1) into `(index, term)` for
+/// ordering.
 fn parse_snapshot_file_name(name: &str) -> Option<(u64, u64)> {
-    let middle = name
-        .strip_prefix(SNAPSHOT_PREFIX)?
-        .strip_suffix(SNAPSHOT_SUFFIX)?;
+    let rest = name.strip_prefix(SNAPSHOT_PREFIX)?;
+    let middle = rest
+        .strip_suffix(SNAPSHOT_SUFFIX)
+        .or_else(|| rest.strip_suffix(SNAPSHOT_SUFFIX_V1))?;
     let (term, index) = middle.split_once('-')?;
     Some((index.parse().ok()?, term.parse().ok()?))
 }
@@ -378,24 +450,27 @@ impl RaftStateMachine<TypeConfig> for ManifestStateMachine {
             StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
         };
         let bytes = snapshot.into_inner();
-        let origin = PathBuf::from(format!("received {}", meta.snapshot_id));
-        let (received_meta, manifest) = decode_snapshot(&bytes, &origin).map_err(write_error)?;
-        if received_meta.last_log_id != meta.last_log_id {
-            let reason = format!(
-                "carries last log id {:?}, expected {:?}",
-                received_meta.last_log_id, meta.last_log_id
-            );
-            return Err(write_error(SnapshotError::Invalid {
-                path: origin,
-                reason,
-            })
-            .into());
-        }
         let snapshots = self.snapshots.clone();
         let task_meta = meta.clone();
-        blocking(move || snapshots.store(&task_meta, &bytes, true))
-            .await
-            .map_err(write_error)?;
+        // Decoding millions of entries takes a while: off the control thread, with the store.
+        let manifest = blocking(move || {
+            let origin = PathBuf::from(format!("received {}", task_meta.snapshot_id));
+            let (received_meta, manifest) = decode_snapshot(&bytes, &origin)?;
+            if received_meta.last_log_id != task_meta.last_log_id {
+                let reason = format!(
+                    "carries last log id {:?}, expected {:?}",
+                    received_meta.last_log_id, task_meta.last_log_id
+                );
+                return Err(SnapshotError::Invalid {
+                    path: origin,
+                    reason,
+                });
+            }
+            snapshots.store(&task_meta, &bytes, true)?;
+            Ok(manifest)
+        })
+        .await
+        .map_err(write_error)?;
         tracing::info!(
             index = manifest.applied_index(),
             files = manifest.files().len(),
@@ -530,7 +605,7 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            vec!["snapshot-1-3.json".to_owned()],
+            vec!["snapshot-1-3.snap".to_owned()],
             "old snapshot removed"
         );
 
@@ -538,8 +613,13 @@ mod tests {
         let version = reopened.published().current();
         assert_eq!(version.index, 3);
         assert_eq!(
-            version.manifest.files().keys().cloned().collect::<Vec<_>>(),
-            vec!["a".to_owned(), "b".to_owned()]
+            version
+                .manifest
+                .files()
+                .keys()
+                .map(|k| &**k)
+                .collect::<Vec<_>>(),
+            vec!["a", "b"]
         );
         assert_eq!(version.manifest.node_state(1), Some(NodeState::Active));
     }
@@ -560,6 +640,59 @@ mod tests {
             matches!(&error, SnapshotError::Invalid { path, .. } if path.ends_with("snapshot-1-9.json")),
             "{error}"
         );
+    }
+
+    // Upgrade: a node whose newest snapshot is a format-1 JSON file loads it at start-up, and
+    // its next snapshot is written in format 2 and replaces the JSON file. Every truncation of
+    // the format-2 bytes is refused with an error instead of loading a partial manifest.
+    #[test]
+    fn v1_snapshot_file_loads_and_is_replaced_by_v2() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        fs::write(dir.path().join("snapshot-2-4.json"), SNAPSHOT_V1_SAMPLE).expect("write");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let built = runtime.block_on(async {
+            let mut sm = ManifestStateMachine::open(dir.path()).expect("open v1");
+            assert_eq!(sm.published().current().index, 4);
+            assert!(sm.published().current().manifest.file("a").is_some());
+            sm.apply([Entry {
+                log_id: LogId::new(CommittedLeaderId::new(2, 1), 5),
+                payload: EntryPayload::Normal(ManifestCommand::Register {
+                    files: vec![file("b", 6, 9)],
+                }),
+            }])
+            .await
+            .expect("apply");
+            sm.get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .expect("build")
+        });
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["snapshot-2-5.snap".to_owned()]);
+        let bytes = built.snapshot.into_inner();
+        assert!(bytes.starts_with(SNAPSHOT_MAGIC));
+        assert_eq!(bytes[SNAPSHOT_MAGIC.len()], 2);
+
+        let reopened = ManifestStateMachine::open(dir.path()).expect("reopen v2");
+        let version = reopened.published().current();
+        assert_eq!(version.index, 5);
+        assert_eq!(version.manifest.file("b"), Some(&file("b", 6, 9)));
+        assert_eq!(version.manifest.node_state(1), Some(NodeState::Active));
+        assert_eq!(version.manifest.flushed_through(1, 0, "db", "cpu"), Some(9));
+
+        for length in 0..bytes.len() {
+            assert!(
+                decode_snapshot(&bytes[..length], Path::new("cut")).is_err(),
+                "a snapshot cut at {length} of {} bytes decoded",
+                bytes.len()
+            );
+        }
     }
 
     #[test]

@@ -391,29 +391,35 @@ impl Worker {
                 .iter()
                 .find(|(name, _, _)| name == placeholder)
                 .map_or((i64::MIN, i64::MAX), |(_, lower, upper)| (*lower, *upper));
-            let mut entries: Vec<_> = version
+            let total = version
                 .manifest
-                .files_for(&table.database, &table.measurement)
-                .collect();
+                .file_count_for(&table.database, &table.measurement);
+            let mut entries =
+                version
+                    .manifest
+                    .files_in(&table.database, &table.measurement, lower, upper);
             // In a cluster a file is registered before every node has fetched it. A file
             // reaches its final path only once verified (a flush publishes before it
             // registers; a fetch renames after checking size and blake3), so a query skips
             // the ones not there yet instead of failing: it reads that origin's data as of
             // what has arrived (eventual consistency; `shale_query_files_absent_total`).
+            let present = |f: &&FileEntry| self.data_dir.join(&f.path).exists();
             let before = entries.len();
-            entries.retain(|f| self.data_dir.join(&f.path).exists());
+            entries.retain(present);
             if entries.len() < before {
                 self.metrics
                     .files_absent
                     .add((before - entries.len()) as u64);
             }
-            let total = entries.len();
-            let first_present = entries.first().copied();
-            entries.retain(|f| f.time_max_us >= lower && f.time_min_us <= upper);
-            if entries.is_empty() {
+            if entries.is_empty() && total > 0 {
                 // Keep one file so the view has the table's columns; the query's own WHERE
                 // filters its rows.
-                entries.extend(first_present);
+                entries.extend(
+                    version
+                        .manifest
+                        .files_for(&table.database, &table.measurement)
+                        .find(present),
+                );
             }
             self.metrics.files_read.add(entries.len() as u64);
             self.metrics

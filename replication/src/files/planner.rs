@@ -69,6 +69,7 @@ pub struct Plan {
 pub fn plan(manifest: &Manifest, presence: &dyn Presence, input: PlanInput<'_>) -> Plan {
     let mut result = Plan::default();
     for (path, entry) in manifest.files() {
+        let path: &str = path;
         if presence.contains(path, &entry.blake3_hex) {
             continue;
         }
@@ -102,7 +103,7 @@ pub fn plan(manifest: &Manifest, presence: &dyn Presence, input: PlanInput<'_>) 
             result.unsourced_files += 1;
         }
         result.tasks.push(FetchTask {
-            path: path.clone(),
+            path: path.to_string(),
             size_bytes: entry.size_bytes,
             blake3_hex: entry.blake3_hex.clone(),
             sources,

@@ -322,7 +322,7 @@ impl Replicator {
             .files()
             .iter()
             .filter(|(path, entry)| !self.parts.presence.contains(path, &entry.blake3_hex))
-            .map(|(path, _)| path.clone())
+            .map(|(path, _)| path.to_string())
             .collect();
         candidates.push(Candidate { version, missing });
         if candidates.len() > self.parts.config.versions_tracked_max.max(2) {
