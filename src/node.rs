@@ -579,6 +579,7 @@ fn cluster_plane(
     )
     .context("open the presence index")?;
     Ok(ClusterPlane::new(ClusterSettings {
+        node: manifest_config(config).node,
         data_dir: config.node.data_dir.clone(),
         quic_addr: cluster.quic_addr,
         tls,

@@ -60,6 +60,8 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything a cluster node's control plane needs, decided by the node's configuration.
 pub struct ClusterSettings {
+    /// This node as the membership should record it.
+    pub node: ClusterNode,
     pub data_dir: PathBuf,
     pub quic_addr: SocketAddr,
     pub tls: ClusterTls,
@@ -141,6 +143,7 @@ impl ControlPlane for ClusterPlane {
         let local = transport.node_id();
 
         tokio::spawn(track_members(raft.clone(), self.members.clone()));
+        tokio::spawn(keep_own_entry(raft.clone(), local, settings.node.clone()));
         RaftServer::new(raft.clone()).register(&transport);
         transport.set_call_handler(
             StreamKind::RaftForward,
@@ -214,6 +217,41 @@ async fn track_members(raft: Raft, members: Arc<ArcSwapOption<BTreeSet<NodeId>>>
             .map(|(id, _)| *id)
             .collect();
         members.store((!ids.is_empty()).then(|| Arc::new(ids)));
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// While this node leads, keeps its membership entry equal to its configuration: a standalone
+/// node that becomes a cluster's first node was recorded without a QUIC address, and a node
+/// may move to new addresses.
+async fn keep_own_entry(raft: Raft, local: NodeId, node: ClusterNode) {
+    let mut metrics = raft.metrics();
+    loop {
+        let stale = {
+            let current = metrics.borrow_and_update();
+            current.current_leader == Some(local)
+                && current
+                    .membership_config
+                    .membership()
+                    .get_node(&local)
+                    .is_some_and(|recorded| *recorded != node)
+        };
+        if stale {
+            let nodes = std::collections::BTreeMap::from([(local, node.clone())]);
+            match raft
+                .change_membership(openraft::ChangeMembers::SetNodes(nodes), true)
+                .await
+            {
+                Ok(_) => tracing::info!(node_id = local, "updated this node's membership entry"),
+                Err(error) => {
+                    tracing::warn!(node_id = local, %error, "membership entry not updated; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
         if metrics.changed().await.is_err() {
             return;
         }

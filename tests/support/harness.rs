@@ -134,6 +134,13 @@ impl Node {
         )
     }
 
+    /// Starts the same node again without waiting for it to become ready (for a node that
+    /// must stay not ready, or that becomes ready only once others start).
+    pub fn restart_without_waiting(&mut self) {
+        assert!(self.child.is_none(), "node is still running");
+        self.spawn();
+    }
+
     /// Sets (or replaces) an environment variable for the next start of this node.
     pub fn set_env(&mut self, name: &str, value: &str) {
         self.env.retain(|(n, _)| n != name);

@@ -1,0 +1,418 @@
+//! Cluster tests through the real binary: three (or four) node processes on loopback ports,
+//! each with its own data directory and certificates from one cluster CA, forming a Raft
+//! group over QUIC and replicating files. Waits are on conditions (cluster status, the
+//! manifest, files on disk, query answers), never on fixed sleeps.
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::path::{Path, PathBuf};
+
+use harness::{free_port, Node, NodeOptions};
+
+const TOKEN: &str = "cluster-test-token";
+const CLUSTER_ID: &str = "testcluster";
+
+/// Runs `shale cluster ...` to make credentials; panics on failure.
+fn shale_cli(args: &[&str]) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_shale"))
+        .args(args)
+        .output()
+        .expect("run shale");
+    assert!(
+        output.status.success(),
+        "shale {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A cluster CA and certificates for nodes 1..=count in `dir`.
+fn make_certs(dir: &Path, count: u64) -> PathBuf {
+    let certs = dir.join("certs");
+    let certs_arg = certs.to_str().unwrap();
+    shale_cli(&[
+        "cluster",
+        "init-ca",
+        "--dir",
+        certs_arg,
+        "--cluster-id",
+        CLUSTER_ID,
+    ]);
+    for id in 1..=count {
+        let id = id.to_string();
+        shale_cli(&[
+            "cluster",
+            "issue-cert",
+            "--dir",
+            certs_arg,
+            "--cluster-id",
+            CLUSTER_ID,
+            "--node-id",
+            &id,
+            "--ip",
+            "127.0.0.1",
+        ]);
+    }
+    certs
+}
+
+/// Settings of one cluster node.
+struct Member {
+    id: u64,
+    quic_port: u16,
+}
+
+/// The environment that makes a test node a cluster member.
+fn member_options(
+    certs: &Path,
+    member: &Member,
+    bootstrap: bool,
+    seed: Option<&Node>,
+    seed_quic: u16,
+    role: &str,
+) -> NodeOptions {
+    let peers = seed
+        .map(|node| format!("127.0.0.1:{seed_quic}:{}", node.addr.port()))
+        .unwrap_or_default();
+    NodeOptions {
+        shards: 1,
+        flush_age_ms: 200,
+        extra_env: vec![
+            ("SHALE_NODE_ID".into(), member.id.to_string()),
+            ("SHALE_CLUSTER_ENABLED".into(), "true".into()),
+            ("SHALE_CLUSTER_CLUSTER_ID".into(), CLUSTER_ID.into()),
+            ("SHALE_CLUSTER_BOOTSTRAP".into(), bootstrap.to_string()),
+            ("SHALE_CLUSTER_ROLE".into(), role.into()),
+            (
+                "SHALE_CLUSTER_QUIC_ADDR".into(),
+                format!("127.0.0.1:{}", member.quic_port),
+            ),
+            ("SHALE_CLUSTER_PEERS".into(), peers),
+            ("SHALE_CLUSTER_TLS_DIR".into(), certs.display().to_string()),
+            ("SHALE_CLUSTER_ADMIN_TOKEN".into(), TOKEN.into()),
+            // Three processes share two cores: give elections room.
+            ("SHALE_CLUSTER_HEARTBEAT_MS".into(), "200".into()),
+            (
+                "SHALE_CLUSTER_ELECTION_TIMEOUT_MS_MIN".into(),
+                "1500".into(),
+            ),
+            (
+                "SHALE_CLUSTER_ELECTION_TIMEOUT_MS_MAX".into(),
+                "3000".into(),
+            ),
+            ("SHALE_LOG_FILTER".into(), "info,openraft=error".into()),
+        ],
+        ..NodeOptions::default()
+    }
+}
+
+/// `GET /api/v1/cluster` of a node, with the admin token.
+fn status(node: &Node) -> serde_json::Value {
+    let response = harness::request(
+        node.addr,
+        "GET",
+        "/api/v1/cluster",
+        &[("authorization", &format!("Bearer {TOKEN}"))],
+        b"",
+    )
+    .expect("GET /api/v1/cluster");
+    assert_eq!(response.status, 200, "{}", response.text());
+    harness::json(&response)
+}
+
+/// Node ids with the given Raft role in a node's view.
+fn members_with_role(node: &Node, role: &str) -> Vec<u64> {
+    status(node)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["raft_role"] == role)
+        .map(|n| n["id"].as_u64().unwrap())
+        .collect()
+}
+
+/// Every file of `node`'s manifest is on its disk with the manifest's size and blake3.
+fn holds_every_file(node: &Node, expected_files: usize) -> bool {
+    let files = node.manifest_files();
+    files.len() == expected_files
+        && files.iter().all(|f| {
+            let path = node.data_dir.join(f["path"].as_str().unwrap());
+            std::fs::read(&path).is_ok_and(|bytes| {
+                bytes.len() as u64 == f["size_bytes"].as_u64().unwrap()
+                    && blake3::hash(&bytes).to_hex().as_str() == f["blake3_hex"].as_str().unwrap()
+            })
+        })
+}
+
+/// Writes `count` numbered rows of `host` (precision s) on `node`; panics unless 204.
+fn write_rows(node: &Node, host: &str, first: u64, count: u64) {
+    let body: String = (first..first + count)
+        .map(|i| format!("cpu,host={host} v={i}i {}\n", 1_767_225_600 + i))
+        .collect();
+    let response = node.post("/write?db=c&precision=s", &[], body.as_bytes());
+    assert_eq!(response.status, 204, "{}", response.text());
+}
+
+/// `count(*)` and `sum(v)` of c.cpu on a node.
+fn totals(node: &Node) -> (u64, i64) {
+    let body =
+        serde_json::json!({ "sql": "SELECT count(*), sum(v)::BIGINT FROM c.cpu" }).to_string();
+    let response = node.post("/api/v1/query", &[], body.as_bytes());
+    if response.status != 200 {
+        return (0, 0);
+    }
+    let data = &harness::json(&response)["data"][0];
+    (data[0].as_u64().unwrap_or(0), data[1].as_i64().unwrap_or(0))
+}
+
+// Three nodes form a cluster (one bootstraps, two join through it; the third is a reader),
+// writes on the writers reach every node's disk byte-identical (size and blake3 against the
+// manifest) and every node answers the same query alike; the reader refuses writes naming the
+// writers. A fourth, replica-only node added later receives every file and stays a learner.
+#[test]
+fn nodes_form_a_cluster_and_replicate_every_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 4);
+    let members: Vec<Member> = (1..=4)
+        .map(|id| Member {
+            id,
+            quic_port: free_port(),
+        })
+        .collect();
+    let first = Node::start(
+        &dir.path().join("n1"),
+        member_options(&certs, &members[0], true, None, 0, "writer"),
+    );
+    let seed_quic = members[0].quic_port;
+    let second = Node::start(
+        &dir.path().join("n2"),
+        member_options(
+            &certs,
+            &members[1],
+            false,
+            Some(&first),
+            seed_quic,
+            "writer",
+        ),
+    );
+    let third = Node::start(
+        &dir.path().join("n3"),
+        member_options(
+            &certs,
+            &members[2],
+            false,
+            Some(&first),
+            seed_quic,
+            "reader",
+        ),
+    );
+    first.wait_until("three voters", || {
+        members_with_role(&first, "voter").len() == 3
+    });
+
+    write_rows(&first, "a", 0, 50);
+    write_rows(&second, "b", 100, 30);
+    let refused = third.post(
+        "/write?db=c&precision=s",
+        &[],
+        b"cpu,host=r v=1i 1767225600",
+    );
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert!(
+        refused.text().contains(&format!("http://{}", first.addr)),
+        "{}",
+        refused.text()
+    );
+
+    let nodes = [&first, &second, &third];
+    first.wait_until("both writers' files in the manifest", || {
+        first.manifest_files().len() == 2
+    });
+    for node in nodes {
+        node.wait_until("every file on this node", || holds_every_file(node, 2));
+    }
+    let expected = (80, (0..50).sum::<i64>() + (100..130).sum::<i64>());
+    for node in nodes {
+        node.wait_until("identical answers", || totals(node) == expected);
+    }
+
+    // A node added while the cluster holds data catches up on every file; replica-only nodes
+    // never vote.
+    let fourth = Node::start(
+        &dir.path().join("n4"),
+        member_options(
+            &certs,
+            &members[3],
+            false,
+            Some(&first),
+            seed_quic,
+            "replica-only",
+        ),
+    );
+    fourth.wait_until("the replica holds every file", || {
+        holds_every_file(&fourth, 2)
+    });
+    assert_eq!(totals(&fourth), expected);
+    assert_eq!(members_with_role(&first, "learner"), vec![4]);
+    assert_eq!(members_with_role(&first, "voter").len(), 3);
+}
+
+// Kill -9 of the Raft leader: the survivors elect a new leader, registrations resume (a write
+// on a survivor becomes a file every survivor holds), and the killed node, restarted, catches
+// up on the manifest and files without operator action.
+#[test]
+fn a_killed_leader_is_replaced_and_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 3);
+    let members: Vec<Member> = (1..=3)
+        .map(|id| Member {
+            id,
+            quic_port: free_port(),
+        })
+        .collect();
+    let seed_quic = members[0].quic_port;
+    let mut nodes = vec![Node::start(
+        &dir.path().join("n1"),
+        member_options(&certs, &members[0], true, None, 0, "writer"),
+    )];
+    for member in &members[1..] {
+        let options = member_options(&certs, member, false, Some(&nodes[0]), seed_quic, "writer");
+        nodes.push(Node::start(
+            &dir.path().join(format!("n{}", member.id)),
+            options,
+        ));
+    }
+    nodes[0].wait_until("three voters", || {
+        members_with_role(&nodes[0], "voter").len() == 3
+    });
+    write_rows(&nodes[1], "before", 0, 20);
+    for node in &nodes {
+        node.wait_until("the first file everywhere", || holds_every_file(node, 1));
+    }
+
+    let leader = status(&nodes[0])["leader_id"].as_u64().unwrap();
+    let leader_index = (leader - 1) as usize;
+    nodes[leader_index].kill9();
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != leader_index).collect();
+    let watcher = &nodes[survivors[0]];
+    watcher.wait_until("a new leader", || {
+        status(watcher)["leader_id"]
+            .as_u64()
+            .is_some_and(|id| id != leader)
+    });
+    let writer = &nodes[survivors[1]];
+    writer.wait_until("a write on a survivor", || {
+        let body = "cpu,host=after v=7i 1767229200\n";
+        writer
+            .post("/write?db=c&precision=s", &[], body.as_bytes())
+            .status
+            == 204
+    });
+    for &i in &survivors {
+        nodes[i].wait_until("the new file on every survivor", || {
+            holds_every_file(&nodes[i], 2)
+        });
+    }
+
+    nodes[leader_index].restart();
+    let restarted = &nodes[leader_index];
+    restarted.wait_until("the restarted node catches up", || {
+        holds_every_file(restarted, 2)
+    });
+    restarted.wait_until("its answers match", || {
+        totals(restarted) == (21, (0..20).sum::<i64>() + 7)
+    });
+}
+
+// A cluster node restarting without a quorum stays up and not ready (it cannot register
+// anything), retrying instead of exiting; it becomes ready once a second voter is back.
+#[test]
+fn without_a_quorum_a_node_stays_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 3);
+    let members: Vec<Member> = (1..=3)
+        .map(|id| Member {
+            id,
+            quic_port: free_port(),
+        })
+        .collect();
+    let seed_quic = members[0].quic_port;
+    let mut nodes = vec![Node::start(
+        &dir.path().join("n1"),
+        member_options(&certs, &members[0], true, None, 0, "writer"),
+    )];
+    for member in &members[1..] {
+        let options = member_options(&certs, member, false, Some(&nodes[0]), seed_quic, "writer");
+        nodes.push(Node::start(
+            &dir.path().join(format!("n{}", member.id)),
+            options,
+        ));
+    }
+    nodes[0].wait_until("three voters", || {
+        members_with_role(&nodes[0], "voter").len() == 3
+    });
+    for node in nodes.iter_mut() {
+        node.stop();
+    }
+    nodes[1].restart_without_waiting();
+    let lonely = &nodes[1];
+    lonely.wait_until("the lone node to serve HTTP", || {
+        harness::request(lonely.addr, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    // Election timeouts are 1.5-3 s; a node alone can never win. It must still be running and
+    // not ready after several of them.
+    lonely.wait_until("several election timeouts", || {
+        status(lonely)["term"]
+            .as_u64()
+            .is_some_and(|term| term >= 4)
+    });
+    assert!(nodes[1].is_running(), "a node without quorum must not exit");
+    assert_eq!(nodes[1].must_get("/ready").status, 503);
+    nodes[2].restart();
+    nodes[1].must_become_ready();
+}
+
+// A standalone node's data directory becomes the first node of a cluster without
+// re-ingesting: restarted with [cluster] bootstrap it keeps its rows, and a node that joins
+// receives its files.
+#[test]
+fn a_standalone_directory_becomes_a_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 2);
+    let members: Vec<Member> = (1..=2)
+        .map(|id| Member {
+            id,
+            quic_port: free_port(),
+        })
+        .collect();
+    let mut first = Node::start(
+        &dir.path().join("n1"),
+        NodeOptions {
+            shards: 1,
+            flush_age_ms: 200,
+            ..NodeOptions::default()
+        },
+    );
+    write_rows(&first, "old", 0, 25);
+    first.stop();
+    for (name, value) in member_options(&certs, &members[0], true, None, 0, "writer").extra_env {
+        first.set_env(&name, &value);
+    }
+    first.restart();
+    assert_eq!(totals(&first).0, 25);
+    let second = Node::start(
+        &dir.path().join("n2"),
+        member_options(
+            &certs,
+            &members[1],
+            false,
+            Some(&first),
+            members[0].quic_port,
+            "writer",
+        ),
+    );
+    second.wait_until("the joined node holds the old files", || {
+        holds_every_file(&second, 1)
+    });
+    assert_eq!(totals(&second), (25, (0..25).sum::<i64>()));
+}
