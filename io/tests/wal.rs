@@ -127,8 +127,7 @@ fn groups(data: &[u8]) -> Vec<Group> {
     assert_eq!(segment_version(data), SEGMENT_FORMAT_VERSION);
     let mut groups = Vec::new();
     let mut position = SEGMENT_HEADER_BYTES;
-    while position + GROUP_HEADER_BYTES <= data.len()
-        && data[position..position + 4] == GROUP_MAGIC
+    while position + GROUP_HEADER_BYTES <= data.len() && data[position..position + 4] == GROUP_MAGIC
     {
         let records = u32::from_le_bytes(data[position + 4..position + 8].try_into().unwrap());
         let body_bytes =

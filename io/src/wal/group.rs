@@ -106,7 +106,8 @@ pub(crate) enum GroupFault {
 /// group's end, so a frame can never reach into the next group.
 pub(crate) fn check_group(data: &[u8], position: usize) -> Result<CompleteGroup, GroupFault> {
     let incomplete = |offset: usize, reason: String| GroupFault::Incomplete { offset, reason };
-    let header = GroupHeader::decode(data, position).map_err(|reason| incomplete(position, reason))?;
+    let header =
+        GroupHeader::decode(data, position).map_err(|reason| incomplete(position, reason))?;
     let body_start = position + GROUP_HEADER_BYTES;
     let end = usize::try_from(header.body_bytes)
         .ok()

@@ -205,7 +205,8 @@ pub(crate) async fn recover(
                 data,
                 data_end,
                 next_lsn,
-                format_version: header.map_or(SEGMENT_FORMAT_VERSION, |header| header.format_version),
+                format_version: header
+                    .map_or(SEGMENT_FORMAT_VERSION, |header| header.format_version),
                 torn,
                 header_missing: header.is_none(),
             });

@@ -679,7 +679,12 @@ mod tests {
         let summary = result.unwrap();
         assert_eq!(lsns, (10..17).collect::<Vec<_>>());
         assert_eq!(
-            (summary.data_end, summary.next_lsn, summary.records, summary.torn_tail),
+            (
+                summary.data_end,
+                summary.next_lsn,
+                summary.records,
+                summary.torn_tail
+            ),
             (groups[2].end, 17, 7, None)
         );
     }
@@ -706,11 +711,18 @@ mod tests {
             let (result, lsns) = scan(&data, expect_v2(1, true));
             let summary = result.unwrap_or_else(|error| panic!("{name}: {error:?}"));
             assert_eq!(lsns, vec![1, 2], "{name}");
-            assert_eq!((summary.data_end, summary.next_lsn), (last.offset, 3), "{name}");
+            assert_eq!(
+                (summary.data_end, summary.next_lsn),
+                (last.offset, 3),
+                "{name}"
+            );
             assert!(summary.torn_tail.is_some(), "{name}");
             // The same damage in a segment that is not the last was synced once: corruption.
             assert!(
-                matches!(scan(&data, expect_v2(1, false)).0, Err(ScanError::Corrupt { .. })),
+                matches!(
+                    scan(&data, expect_v2(1, false)).0,
+                    Err(ScanError::Corrupt { .. })
+                ),
                 "{name}"
             );
         }
@@ -730,8 +742,18 @@ mod tests {
         zeroed_start[middle.offset..middle.frames[1]].fill(0);
         for (name, data, offset, reason) in [
             ("damaged frame", damaged_frame, middle.frames[1], "checksum"),
-            ("damaged header", damaged_header, middle.offset, "group header checksum"),
-            ("zeroed start", zeroed_start, middle.offset, "no group header"),
+            (
+                "damaged header",
+                damaged_header,
+                middle.offset,
+                "group header checksum",
+            ),
+            (
+                "zeroed start",
+                zeroed_start,
+                middle.offset,
+                "no group header",
+            ),
         ] {
             let (result, lsns) = scan(&data, expect_v2(1, true));
             match result {
@@ -740,11 +762,18 @@ mod tests {
                     reason: reported_reason,
                 }) => {
                     assert_eq!(reported, offset, "{name}");
-                    assert!(reported_reason.contains(reason), "{name}: {reported_reason}");
+                    assert!(
+                        reported_reason.contains(reason),
+                        "{name}: {reported_reason}"
+                    );
                 }
                 other => panic!("{name}: expected corruption, got {other:?}"),
             }
-            assert_eq!(lsns, vec![1, 2], "{name}: nothing of the damaged group is replayed");
+            assert_eq!(
+                lsns,
+                vec![1, 2],
+                "{name}: nothing of the damaged group is replayed"
+            );
         }
     }
 
