@@ -129,8 +129,41 @@ fn kill9_under_load_keeps_every_acknowledged_row_once() {
     );
 }
 
-// A crash in the middle of a WAL write leaves a torn record at the end of the last segment.
-// Start-up must cut it off and keep every complete record; writes continue afterwards.
+/// The `truncated_bytes` field of every "shard recovered" line in `log` (ANSI colors, if
+/// any, are ignored).
+fn recovered_truncated_bytes(log: &str) -> Vec<u64> {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip a color escape: ESC [ parameters final-letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+        .lines()
+        .filter(|line| line.contains("shard recovered"))
+        .map(|line| {
+            let value = line
+                .split_once("truncated_bytes=")
+                .unwrap_or_else(|| panic!("no truncated_bytes field in: {line}"))
+                .1;
+            let digits: String = value.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().unwrap()
+        })
+        .collect()
+}
+
+// A crash in the middle of a group commit can persist any subset of the group's blocks: here
+// the block holding the group's header is lost while its records persisted after it. Nothing
+// of that group was acknowledged, so start-up must cut it off (the recovered shard reports
+// the bytes it truncated), keep every acknowledged row, and take writes afterwards.
 #[test]
 fn torn_wal_tail_is_truncated() {
     let dir = tempfile::tempdir().unwrap();
@@ -148,28 +181,38 @@ fn torn_wal_tail_is_truncated() {
     let segments = wal_segments(&node.data_dir);
     let last = segments.last().unwrap();
     let mut bytes = std::fs::read(last).unwrap();
-    // Walk the frames ([length u32][crc32 u32][body]) after the 64-byte segment header to the
-    // end of the last record, and put half a record there: a length that promises more bytes
-    // than follow, a wrong checksum and a few payload bytes.
+    // Walk the group commits after the 64-byte segment header (format version 2: a 32-byte
+    // header, magic "SHGC" with the group's byte count at offset 16, then its frames) to the
+    // end of the last one.
+    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2);
+    let mut start = 64;
     let mut end = 64;
-    loop {
-        let length = u32::from_le_bytes(bytes[end..end + 4].try_into().unwrap()) as usize;
-        if length == 0 {
-            break;
-        }
-        end += 8 + length;
+    while bytes.len() >= end + 32 && &bytes[end..end + 4] == b"SHGC" {
+        let body_bytes = u64::from_le_bytes(bytes[end + 16..end + 24].try_into().unwrap());
+        start = end;
+        end += 32 + body_bytes as usize;
     }
-    let torn = [200u8, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3];
-    if bytes.len() < end + torn.len() {
-        bytes.resize(end + torn.len(), 0);
-    }
-    bytes[end..end + torn.len()].copy_from_slice(&torn);
+    assert!(end > 64, "no group found");
+    // The torn group: the last group's records again, after a header that never reached the
+    // disk.
+    let mut torn = bytes[start..end].to_vec();
+    torn[..32].fill(0);
+    bytes.truncate(end);
+    bytes.extend_from_slice(&torn);
     std::fs::write(last, &bytes).unwrap();
 
+    let log_before = node.log().len();
     node.restart();
-    assert!(
-        node.log().contains("trunc"),
-        "recovery did not report the truncation"
+    let truncated = recovered_truncated_bytes(&node.log()[log_before..]);
+    assert_eq!(
+        truncated,
+        vec![torn.len() as u64],
+        "recovery did not cut exactly the torn group"
+    );
+    assert_eq!(
+        std::fs::metadata(last).unwrap().len(),
+        end as u64,
+        "the segment was not truncated to the end of the last complete group"
     );
     node.must_write("torn", "load writer=0i,seq=10i 10000\n");
     node.stop();

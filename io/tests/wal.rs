@@ -10,7 +10,8 @@ use std::{
 
 use glommio::{LocalExecutorBuilder, Placement};
 use shale_io::wal::{
-    RecoveryReport, Wal, WalConfig, WalError, WalRecord, FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES,
+    RecoveryReport, Wal, WalConfig, WalError, WalRecord, FRAME_HEADER_BYTES, GROUP_HEADER_BYTES,
+    GROUP_MAGIC, SEGMENT_FORMAT_VERSION, SEGMENT_FORMAT_VERSION_V1, SEGMENT_HEADER_BYTES,
     SEGMENT_MAGIC,
 };
 
@@ -106,11 +107,49 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// (offset, frame length) of every frame in a segment, read from the length fields.
-fn frame_offsets(data: &[u8]) -> Vec<(usize, usize)> {
-    let mut frames = Vec::new();
+/// The segment format version from a segment's header.
+fn segment_version(data: &[u8]) -> u32 {
+    u32::from_le_bytes(data[8..12].try_into().unwrap())
+}
+
+/// One group commit in a version 2 segment, read from the group headers.
+#[derive(Debug, Clone)]
+struct Group {
+    offset: usize,
+    /// Offset just past its last frame.
+    end: usize,
+    /// (offset, frame length) of each frame.
+    frames: Vec<(usize, usize)>,
+}
+
+/// Every group of a version 2 segment, in order.
+fn groups(data: &[u8]) -> Vec<Group> {
+    assert_eq!(segment_version(data), SEGMENT_FORMAT_VERSION);
+    let mut groups = Vec::new();
     let mut position = SEGMENT_HEADER_BYTES;
-    while position + FRAME_HEADER_BYTES <= data.len() {
+    while position + GROUP_HEADER_BYTES <= data.len() && data[position..position + 4] == GROUP_MAGIC
+    {
+        let records = u32::from_le_bytes(data[position + 4..position + 8].try_into().unwrap());
+        let body_bytes =
+            u64::from_le_bytes(data[position + 16..position + 24].try_into().unwrap()) as usize;
+        let end = position + GROUP_HEADER_BYTES + body_bytes;
+        let frames = frames_from(data, position + GROUP_HEADER_BYTES, end);
+        assert_eq!(frames.len(), records as usize, "group at {position}");
+        groups.push(Group {
+            offset: position,
+            end,
+            frames,
+        });
+        position = end;
+    }
+    groups
+}
+
+/// (offset, frame length) of the frames from `start` up to `end` or a zero length field.
+fn frames_from(data: &[u8], start: usize, end: usize) -> Vec<(usize, usize)> {
+    let mut frames = Vec::new();
+    let mut position = start;
+    while position + FRAME_HEADER_BYTES <= end.min(data.len()) {
         let body_len =
             u32::from_le_bytes(data[position..position + 4].try_into().unwrap()) as usize;
         if body_len == 0 {
@@ -122,6 +161,18 @@ fn frame_offsets(data: &[u8]) -> Vec<(usize, usize)> {
     frames
 }
 
+/// (offset, frame length) of every frame in a segment of either format version.
+fn frame_offsets(data: &[u8]) -> Vec<(usize, usize)> {
+    if segment_version(data) == SEGMENT_FORMAT_VERSION_V1 {
+        frames_from(data, SEGMENT_HEADER_BYTES, data.len())
+    } else {
+        groups(data)
+            .into_iter()
+            .flat_map(|group| group.frames)
+            .collect()
+    }
+}
+
 /// Appends `lsns` to an open WAL, closes it, reopens it replaying from `replay_from`, and
 /// checks that it holds exactly `replay_from..=` the last appended LSN with no torn tail: the
 /// log goes on after whatever recovery did.
@@ -131,10 +182,14 @@ async fn must_continue(
     lsns: std::ops::RangeInclusive<u64>,
     replay_from: u64,
 ) {
+    let config = WalConfig {
+        dir: dir.to_owned(),
+        ..wal.config().clone()
+    };
     let end = *lsns.end();
     must_append(&wal, lsns).await;
     wal.close().await.unwrap();
-    let (wal, report, replayed) = must_open(small_config(dir), replay_from).await;
+    let (wal, report, replayed) = must_open(config, replay_from).await;
     assert_records(&replayed, replay_from..=end);
     assert!(report.torn_tail.is_none());
     wal.close().await.unwrap();
@@ -280,20 +335,22 @@ fn durable_resolves_only_after_sync() {
     });
 }
 
-// Checks recovery from a crash in the middle of writing the last record (the file ends part
-// way through it): the torn record is cut off, everything before it is replayed, and the WAL
-// keeps working and reuses no durable LSN.
+// Checks recovery from a crash in the middle of writing the last group (the file ends part
+// way through its record): the torn group is cut off, everything before it is replayed, and
+// the WAL keeps working and reuses no durable LSN.
 #[test]
 fn torn_tail_mid_record_is_truncated() {
     run(|| async {
         let dir = tempfile::tempdir().unwrap();
         let (wal, _, _) = must_open(small_config(dir.path()), 1).await;
-        must_append(&wal, 1..=5).await;
+        must_append(&wal, 1..=4).await;
+        must_append(&wal, 5..=5).await;
         wal.close().await.unwrap();
 
         let segment = segment_files(dir.path()).pop().unwrap();
         let data = std::fs::read(&segment).unwrap();
-        let (last_offset, last_len) = *frame_offsets(&data).last().unwrap();
+        let last_group = groups(&data).pop().unwrap();
+        let (last_offset, last_len) = last_group.frames[0];
         let cut = last_offset + last_len / 2;
         std::fs::OpenOptions::new()
             .write(true)
@@ -305,15 +362,15 @@ fn torn_tail_mid_record_is_truncated() {
         let (wal, report, replayed) = must_open(small_config(dir.path()), 1).await;
         assert_records(&replayed, 1..=4);
         assert_eq!(report.next_lsn, 5);
-        assert_eq!(report.truncated_bytes, (cut - last_offset) as u64);
+        assert_eq!(report.truncated_bytes, (cut - last_group.offset) as u64);
         let torn = report.torn_tail.expect("torn tail reported");
         assert_eq!(
             (torn.segment, torn.offset),
-            (segment.clone(), last_offset as u64)
+            (segment.clone(), last_group.offset as u64)
         );
         assert_eq!(
             std::fs::metadata(&segment).unwrap().len(),
-            last_offset as u64
+            last_group.offset as u64
         );
 
         must_continue(wal, dir.path(), 5..=8, 1).await;
@@ -399,8 +456,8 @@ fn empty_last_segment_is_reinitialized() {
     });
 }
 
-// Checks that a flipped byte inside a record that is followed by valid records is not
-// mistaken for a torn tail: open refuses with Corrupt naming the segment and the record's
+// Checks that a flipped byte inside a record whose group is followed by complete groups is
+// not mistaken for a torn tail: open refuses with Corrupt naming the segment and the record's
 // offset, both in the last segment (decided by scanning forward) and in an earlier one.
 #[test]
 fn flipped_byte_in_middle_record_refuses_to_start() {
@@ -408,14 +465,22 @@ fn flipped_byte_in_middle_record_refuses_to_start() {
         let dir = tempfile::tempdir().unwrap();
         let (wal, _, _) = must_open(small_config(dir.path()), 1).await;
         must_append(&wal, 1..=60).await;
+        // A few more small groups, so that the last segment holds several.
+        for lsn in 61..=64 {
+            must_append(&wal, lsn..=lsn).await;
+        }
         wal.close().await.unwrap();
         let segments = segment_files(dir.path());
         assert!(segments.len() >= 3);
 
         for segment in [segments[1].clone(), segments.last().unwrap().clone()] {
             let clean = std::fs::read(&segment).unwrap();
-            let frames = frame_offsets(&clean);
-            assert!(frames.len() >= 3, "need a record with records after it");
+            let segment_groups = groups(&clean);
+            assert!(
+                segment_groups.len() >= 2,
+                "need a group with a complete group after it"
+            );
+            let frames = &segment_groups[0].frames;
             let (offset, len) = frames[frames.len() / 2];
             let mut damaged = clean.clone();
             damaged[offset + len - 20] ^= 0x10;
@@ -447,24 +512,26 @@ fn flipped_byte_in_middle_record_refuses_to_start() {
             std::fs::write(&segment, &clean).unwrap();
         }
         let (wal, _, replayed) = must_open(small_config(dir.path()), 1).await;
-        assert_records(&replayed, 1..=60);
+        assert_records(&replayed, 1..=64);
         wal.close().await.unwrap();
     });
 }
 
-// Checks the documented limit of torn-tail detection: damage to the very last record cannot
-// be told apart from a torn write, so it is cut off like one (that record was the newest, and
-// in a real crash it was never acknowledged).
+// Checks the documented limit of torn-tail detection: damage to the last group cannot be told
+// apart from a torn write, so the group is cut off like one (it was the newest, and in a real
+// crash it was never acknowledged).
 #[test]
 fn damaged_final_record_is_treated_as_torn() {
     run(|| async {
         let dir = tempfile::tempdir().unwrap();
         let (wal, _, _) = must_open(small_config(dir.path()), 1).await;
-        must_append(&wal, 1..=4).await;
+        must_append(&wal, 1..=3).await;
+        must_append(&wal, 4..=4).await;
         wal.close().await.unwrap();
         let segment = segment_files(dir.path()).pop().unwrap();
         let mut data = std::fs::read(&segment).unwrap();
-        let (offset, _) = *frame_offsets(&data).last().unwrap();
+        let last_group = groups(&data).pop().unwrap();
+        let (offset, _) = *last_group.frames.last().unwrap();
         data[offset + FRAME_HEADER_BYTES + 2] ^= 0xFF;
         std::fs::write(&segment, &data).unwrap();
 
@@ -472,9 +539,143 @@ fn damaged_final_record_is_treated_as_torn() {
         assert_records(&replayed, 1..=3);
         assert_eq!(
             report.torn_tail.map(|torn| torn.offset),
-            Some(offset as u64)
+            Some(last_group.offset as u64)
         );
         wal.close().await.unwrap();
+    });
+}
+
+/// Large groups in one segment, so that one group spans several disk blocks.
+fn large_group_config(dir: &Path) -> WalConfig {
+    WalConfig {
+        segment_bytes_max: 1 << 20,
+        write_bytes_max: 64 << 10,
+        ..small_config(dir)
+    }
+}
+
+/// Writes three groups (LSNs 1..=10, 11..=20 and 21..=40, the last spanning several 4 KiB
+/// blocks) into one segment and returns its path and groups.
+async fn three_groups(dir: &Path) -> (PathBuf, Vec<Group>) {
+    let (wal, _, _) = must_open(large_group_config(dir), 1).await;
+    must_append(&wal, 1..=10).await;
+    must_append(&wal, 11..=20).await;
+    must_append(&wal, 21..=40).await;
+    wal.close().await.unwrap();
+    let segments = segment_files(dir);
+    assert_eq!(segments.len(), 1);
+    let data = std::fs::read(&segments[0]).unwrap();
+    let segment_groups = groups(&data);
+    assert_eq!(
+        segment_groups
+            .iter()
+            .map(|group| group.frames.len())
+            .collect::<Vec<_>>(),
+        vec![10, 10, 20]
+    );
+    (segments[0].clone(), segment_groups)
+}
+
+/// Zeros a group's first disk block from the group's start: what is on disk when the write
+/// of the block holding the group's start did not persist (it keeps its previous content, the
+/// zero padding after the group before) while later blocks did. Returns the first offset after
+/// the zeroed range.
+fn zero_first_block_of(data: &mut [u8], group: &Group) -> usize {
+    const BLOCK_BYTES: usize = 4096;
+    let block_end = (group.offset + 1).next_multiple_of(BLOCK_BYTES);
+    data[group.offset..block_end].fill(0);
+    block_end
+}
+
+// Checks the power-loss case version 2 exists for: the O_DIRECT write of the last group lost
+// its first block while a later block of the same group persisted, leaving intact records
+// after zeros. Nothing of that group was acknowledged (it was never synced), so recovery must
+// cut it off as a torn tail, replay every record of the earlier groups, and go on appending.
+// Version 1 found the intact later record and refused to start.
+#[test]
+fn last_group_with_lost_first_block_is_a_torn_tail() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let (segment, segment_groups) = three_groups(dir.path()).await;
+        let last = &segment_groups[2];
+        let mut data = std::fs::read(&segment).unwrap();
+        let zeroed_end = zero_first_block_of(&mut data, last);
+        assert!(
+            last.frames
+                .iter()
+                .any(|&(offset, len)| offset >= zeroed_end && offset + len <= last.end),
+            "a whole record of the last group must lie after its first block"
+        );
+        std::fs::write(&segment, &data).unwrap();
+
+        let (wal, report, replayed) = must_open(large_group_config(dir.path()), 1).await;
+        assert_records(&replayed, 1..=20);
+        assert_eq!(report.next_lsn, 21);
+        let torn = report.torn_tail.clone().expect("torn tail reported");
+        assert_eq!(
+            (torn.segment, torn.offset),
+            (segment.clone(), last.offset as u64)
+        );
+        assert_eq!(report.truncated_bytes, (data.len() - last.offset) as u64);
+        assert_eq!(
+            std::fs::metadata(&segment).unwrap().len(),
+            last.offset as u64
+        );
+        must_continue(wal, dir.path(), 21..=30, 1).await;
+    });
+}
+
+// Checks that a torn last group whose only damage is one record in its middle (a lost block
+// in the middle of the write) is cut off whole: the records after the damaged one are valid
+// but belong to the same unsynced group. Version 1 called this corruption.
+#[test]
+fn last_group_with_damaged_middle_record_is_a_torn_tail() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let (segment, segment_groups) = three_groups(dir.path()).await;
+        let last = &segment_groups[2];
+        let mut data = std::fs::read(&segment).unwrap();
+        let (offset, len) = last.frames[10];
+        data[offset + len / 2] ^= 0x08;
+        std::fs::write(&segment, &data).unwrap();
+
+        let (wal, report, replayed) = must_open(large_group_config(dir.path()), 1).await;
+        assert_records(&replayed, 1..=20);
+        assert_eq!(
+            report.torn_tail.as_ref().map(|torn| torn.offset),
+            Some(last.offset as u64)
+        );
+        assert!(report.truncated_bytes > 0);
+        must_continue(wal, dir.path(), 21..=25, 1).await;
+    });
+}
+
+// Checks that the torn-group rule does not reach past the last group: a group in the middle
+// that lost its first block, followed by a complete group, was synced once (the writer syncs
+// each group before writing the next), so acknowledged records are damaged and open must
+// refuse, naming the segment and the group's offset, and leave the file as it was.
+#[test]
+fn damaged_middle_group_before_a_complete_group_refuses_to_start() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let (segment, segment_groups) = three_groups(dir.path()).await;
+        let middle = &segment_groups[1];
+        let mut data = std::fs::read(&segment).unwrap();
+        zero_first_block_of(&mut data, middle);
+        std::fs::write(&segment, &data).unwrap();
+
+        match open_error(large_group_config(dir.path()), 1).await {
+            WalError::Corrupt {
+                segment: reported,
+                offset,
+                ..
+            } => {
+                assert_eq!(reported, segment);
+                assert_eq!(offset, middle.offset as u64);
+            }
+            other => panic!("expected Corrupt, got {other}"),
+        }
+        assert_eq!(std::fs::read(&segment).unwrap(), data);
     });
 }
 
@@ -669,7 +870,8 @@ fn skip_ahead_after_torn_tail_reopens_cleanly() {
     run(|| async {
         let dir = tempfile::tempdir().unwrap();
         let (wal, _, _) = must_open(small_config(dir.path()), 1).await;
-        must_append(&wal, 1..=5).await;
+        must_append(&wal, 1..=4).await;
+        must_append(&wal, 5..=5).await;
         wal.close().await.unwrap();
         let segment = segment_files(dir.path()).pop().unwrap();
         let data = std::fs::read(&segment).unwrap();
@@ -845,18 +1047,14 @@ fn write_error_child(dir: &Path) {
     });
 }
 
-// Checks format compatibility with a segment written by an earlier build (stored under
-// tests/data): it must replay to exactly the records it was made from, and today's encoder
-// must still produce the same bytes. A failure means the on-disk format changed: bump
-// RECORD_FORMAT_VERSION or SEGMENT_FORMAT_VERSION and keep reading the old one.
-// Regenerate (only for a deliberate format change) with SHALE_WAL_SAMPLE_REGENERATE=1.
-#[test]
-fn format_v1_sample_segment_still_reads() {
-    const SAMPLE_NODE: u64 = 42;
-    const SAMPLE_SHARD: u32 = 3;
-    let sample_path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/wal-v1/00000000000000000001.wal");
-    let records: Vec<WalRecord> = [
+/// Node and shard of the stored sample segments.
+const SAMPLE_NODE: u64 = 42;
+const SAMPLE_SHARD: u32 = 3;
+
+/// The records both stored sample segments were made from, written in two groups (LSNs 1..=2
+/// and 3..=5).
+fn sample_records() -> Vec<WalRecord> {
+    [
         (
             1,
             0u8,
@@ -884,63 +1082,140 @@ fn format_v1_sample_segment_still_reads() {
         time_ns,
         payload,
     })
-    .collect();
-    let sample_config = |dir: &Path| WalConfig::new(dir, SAMPLE_NODE, SAMPLE_SHARD);
+    .collect()
+}
 
-    // Writes the records in two groups with today's code and returns the segment bytes up to
-    // the end of the last record (the zero padding after it depends on the disk's block size).
-    let write_current = |records: Vec<WalRecord>| -> Vec<u8> {
-        let dir = tempfile::tempdir().unwrap();
-        let config = sample_config(dir.path());
-        let path = dir.path().join("00000000000000000001.wal");
-        run(move || async move {
-            let (wal, _, _) = must_open(config, 1).await;
-            for group in [&records[..2], &records[2..]] {
-                let appends: Vec<_> = group
-                    .iter()
-                    .map(|record| {
-                        wal.append(record.kind, record.time_ns, &record.payload)
-                            .unwrap()
-                    })
-                    .collect();
-                for append in appends {
-                    append.durable().await.unwrap();
-                }
-            }
-            wal.close().await.unwrap();
-        });
-        let data = std::fs::read(&path).unwrap();
-        let (offset, len) = *frame_offsets(&data).last().unwrap();
-        data[..offset + len].to_vec()
-    };
+fn sample_config(dir: &Path) -> WalConfig {
+    WalConfig::new(dir, SAMPLE_NODE, SAMPLE_SHARD)
+}
 
-    if std::env::var_os("SHALE_WAL_SAMPLE_REGENERATE").is_some() {
-        std::fs::create_dir_all(sample_path.parent().unwrap()).unwrap();
-        std::fs::write(&sample_path, write_current(records.clone())).unwrap();
-    }
-    let stored = std::fs::read(&sample_path).expect("read stored sample segment");
-    assert_eq!(&stored[..8], &SEGMENT_MAGIC);
-    assert_eq!(
-        u32::from_le_bytes(stored[8..12].try_into().unwrap()),
-        1,
-        "segment format version"
-    );
-    assert_eq!(frame_offsets(&stored).len(), records.len());
+fn sample_path(format: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(format)
+        .join("00000000000000000001.wal")
+}
 
+/// Writes the sample records in their two groups with today's code and returns the segment
+/// bytes up to the end of the last record (the zero padding after it depends on the disk's
+/// block size).
+fn write_sample_with_current_code() -> Vec<u8> {
+    let records = sample_records();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(&sample_path, dir.path().join("00000000000000000001.wal")).unwrap();
     let config = sample_config(dir.path());
-    let expected = records.clone();
+    let path = dir.path().join("00000000000000000001.wal");
     run(move || async move {
-        let (wal, report, replayed) = must_open(config, 1).await;
-        assert_eq!(replayed, expected);
-        assert_eq!((report.next_lsn, report.truncated_bytes), (6, 0));
+        let (wal, _, _) = must_open(config, 1).await;
+        for group in [&records[..2], &records[2..]] {
+            let appends: Vec<_> = group
+                .iter()
+                .map(|record| {
+                    wal.append(record.kind, record.time_ns, &record.payload)
+                        .unwrap()
+                })
+                .collect();
+            for append in appends {
+                append.durable().await.unwrap();
+            }
+        }
         wal.close().await.unwrap();
     });
+    let data = std::fs::read(&path).unwrap();
+    let (offset, len) = *frame_offsets(&data).last().unwrap();
+    data[..offset + len].to_vec()
+}
+
+/// Opens a copy of a stored sample segment, checks that it replays to exactly the sample
+/// records, then appends two more and checks that all seven come back after a reopen.
+/// Returns the directory (deleted when dropped) and its segment files after the appends.
+fn replay_sample_and_continue(sample: &Path) -> (tempfile::TempDir, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(sample, dir.path().join("00000000000000000001.wal")).unwrap();
+    let config = sample_config(dir.path());
+    let expected = sample_records();
+    run(move || async move {
+        let (wal, report, replayed) = must_open(config.clone(), 1).await;
+        assert_eq!(replayed, expected);
+        assert_eq!((report.next_lsn, report.truncated_bytes), (6, 0));
+        assert!(report.torn_tail.is_none());
+        for lsn in 6..=7 {
+            let lsn_appended = wal
+                .append(1, lsn as i64, &[lsn as u8; 10])
+                .unwrap()
+                .durable()
+                .await
+                .unwrap();
+            assert_eq!(lsn_appended, lsn);
+        }
+        wal.close().await.unwrap();
+        let (wal, _, replayed) = must_open(config, 1).await;
+        assert_eq!(&replayed[..5], &expected[..]);
+        assert_eq!(
+            replayed.iter().map(|record| record.lsn).collect::<Vec<_>>(),
+            (1..=7).collect::<Vec<_>>()
+        );
+        wal.close().await.unwrap();
+    });
+    let segments = segment_files(dir.path());
+    (dir, segments)
+}
+
+// Checks format compatibility with a version 1 segment written by an earlier build (stored
+// under tests/data, never regenerated: this build no longer writes version 1): it must replay
+// to exactly the records it was made from, and appends after it must go to a new version 2
+// segment, since a segment keeps one layout.
+#[test]
+fn format_v1_sample_segment_still_reads() {
+    let stored = std::fs::read(sample_path("wal-v1")).expect("read stored sample segment");
+    assert_eq!(&stored[..8], &SEGMENT_MAGIC);
+    assert_eq!(segment_version(&stored), SEGMENT_FORMAT_VERSION_V1);
+    assert_eq!(frame_offsets(&stored).len(), sample_records().len());
+
+    let (_dir, segments) = replay_sample_and_continue(&sample_path("wal-v1"));
+    assert_eq!(segments.len(), 2, "appends continue in a new segment");
+    let old = std::fs::read(&segments[0]).unwrap();
+    assert_eq!(old, stored, "the version 1 segment is left as it was");
+    assert!(segments[1].ends_with("00000000000000000006.wal"));
+    let new = std::fs::read(&segments[1]).unwrap();
+    assert_eq!(segment_version(&new), SEGMENT_FORMAT_VERSION);
+    assert_eq!(groups(&new).len(), 2);
+}
+
+// Checks format compatibility with a version 2 segment (stored under tests/data): it must
+// replay to exactly the records it was made from, the WAL must keep appending to it, and
+// today's encoder must still produce the same bytes. A failure of the last check means the
+// on-disk format changed: bump RECORD_FORMAT_VERSION or SEGMENT_FORMAT_VERSION and keep
+// reading the old one. Regenerate (only for a deliberate format change, after storing the
+// old sample under its own version) with SHALE_WAL_SAMPLE_REGENERATE=1.
+#[test]
+fn format_v2_sample_segment_reads() {
+    let sample = sample_path("wal-v2");
+    if std::env::var_os("SHALE_WAL_SAMPLE_REGENERATE").is_some() {
+        std::fs::create_dir_all(sample.parent().unwrap()).unwrap();
+        std::fs::write(&sample, write_sample_with_current_code()).unwrap();
+    }
+    let stored = std::fs::read(&sample).expect("read stored sample segment");
+    assert_eq!(&stored[..8], &SEGMENT_MAGIC);
+    assert_eq!(segment_version(&stored), SEGMENT_FORMAT_VERSION);
+    let sample_groups = groups(&stored);
+    assert_eq!(
+        sample_groups
+            .iter()
+            .map(|group| group.frames.len())
+            .collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    assert_eq!(sample_groups[1].end, stored.len());
+
+    let (_dir, segments) = replay_sample_and_continue(&sample);
+    assert_eq!(segments.len(), 1, "appends continue in the same segment");
+    let continued = std::fs::read(&segments[0]).unwrap();
+    assert_eq!(&continued[..stored.len()], &stored[..]);
+    assert_eq!(groups(&continued).len(), 4);
 
     assert_eq!(
-        write_current(records),
+        write_sample_with_current_code(),
         stored,
-        "today's encoder no longer writes the v1 format"
+        "today's encoder no longer writes the v2 format"
     );
 }

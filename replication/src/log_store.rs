@@ -4,8 +4,9 @@
 //! payload is `[format version u8][serde_json of a LogRecord]`, `len` counts the payload bytes and
 //! the crc covers them. Each record is one operation (an entry, a truncation, a purge, a vote, the
 //! committed id); opening the store replays them into memory. A torn tail (a partial or damaged
-//! last record, or zeroes where records would follow) is truncated; any other damage refuses to
-//! open with the file and byte offset.
+//! record with no valid record anywhere after it, or zeroes where records would follow) is
+//! truncated; any other damage, including a bad record followed by valid ones, refuses to open
+//! with the file and byte offset.
 //!
 //! Threads: the store lives on the control thread; its file writes and fdatasyncs run on a
 //! dedicated writer thread (`shale-raft-log`) fed through a bounded queue, so the control thread
@@ -183,6 +184,13 @@ fn encode_frame(record: &LogRecord) -> Result<Vec<u8>, LogStoreError> {
 }
 
 /// Replays `bytes` (the whole file) and returns the contents and the length of the valid prefix.
+///
+/// A record that cannot be read (cut short, a length running past the end of the file, a bad
+/// checksum, zeros followed by data) is the torn tail of the last write only if no valid record
+/// follows it anywhere in the file: the writer appends in order, so a valid record after it
+/// means the bad one was written and synced before, and may hold committed entries. That
+/// refuses to open, naming the offset. A record whose checksum holds but whose version or
+/// content is wrong is never a torn write and refuses too.
 fn replay(bytes: &[u8], path: &Path) -> Result<(LogContents, usize), LogStoreError> {
     let mut contents = LogContents::default();
     let mut offset = 0;
@@ -193,45 +201,84 @@ fn replay(bytes: &[u8], path: &Path) -> Result<(LogContents, usize), LogStoreErr
             offset: offset as u64,
             reason,
         };
-        let zero_from = |start: usize| rest.get(start..).is_none_or(|r| r.iter().all(|b| *b == 0));
-        if rest.len() < FRAME_HEADER_BYTES {
-            break; // A partial header can only be the torn end of the last write.
-        }
-        let payload_bytes = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-        if payload_bytes == 0 {
-            if zero_from(0) {
-                break; // Zeroes where the next record would be: the file was extended, not written.
+        let payload = match check_frame(rest) {
+            Ok(Some(payload)) => payload,
+            // Zeroes where the next record would be: the file was extended, not written.
+            Ok(None) => break,
+            Err(reason) => {
+                if has_valid_record_after(bytes, offset + 1) {
+                    return Err(corrupt(format!(
+                        "{reason}, and valid records follow (not a torn tail)"
+                    )));
+                }
+                break; // The torn end of the last write: nothing valid follows it.
             }
-            return Err(corrupt("zero-length record followed by data".to_owned()));
-        }
-        if payload_bytes > RECORD_BYTES_MAX {
-            return Err(corrupt(format!(
-                "record length {payload_bytes} exceeds the limit of {RECORD_BYTES_MAX}"
-            )));
-        }
-        let end = FRAME_HEADER_BYTES + payload_bytes;
-        if rest.len() < end {
-            break; // The last record was cut short.
-        }
-        let payload = &rest[FRAME_HEADER_BYTES..end];
-        if crc32fast::hash(payload) != crc {
-            if zero_from(end) {
-                break; // The last record was only partly written.
-            }
-            return Err(corrupt("checksum mismatch".to_owned()));
-        }
+        };
         if payload[0] != LOG_FORMAT_VERSION {
             return Err(corrupt(format!("unknown format version {}", payload[0])));
         }
         let record: LogRecord = serde_json::from_slice(&payload[1..])
             .map_err(|e| corrupt(format!("decode record: {e}")))?;
+        let end = FRAME_HEADER_BYTES + payload.len();
         contents
             .apply(record, end as u64)
             .map_err(|e| corrupt(e.to_string()))?;
         offset += end;
     }
     Ok((contents, offset))
+}
+
+/// Checks the frame at the start of `rest`: its checksummed payload, `None` when only zeroes
+/// remain, or why it is not a whole record.
+fn check_frame(rest: &[u8]) -> Result<Option<&[u8]>, String> {
+    if rest.iter().all(|byte| *byte == 0) {
+        return Ok(None);
+    }
+    if rest.len() < FRAME_HEADER_BYTES {
+        return Err(format!(
+            "partial record header ({} bytes left in the file)",
+            rest.len()
+        ));
+    }
+    let payload_bytes = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+    if payload_bytes == 0 {
+        return Err("zero-length record followed by data".to_owned());
+    }
+    if payload_bytes > RECORD_BYTES_MAX {
+        return Err(format!(
+            "record length {payload_bytes} exceeds the limit of {RECORD_BYTES_MAX}"
+        ));
+    }
+    let end = FRAME_HEADER_BYTES + payload_bytes;
+    if rest.len() < end {
+        return Err(format!(
+            "record length {payload_bytes} runs past the end of the file ({} bytes left)",
+            rest.len() - FRAME_HEADER_BYTES
+        ));
+    }
+    let payload = &rest[FRAME_HEADER_BYTES..end];
+    if crc32fast::hash(payload) != crc {
+        return Err("checksum mismatch".to_owned());
+    }
+    Ok(Some(payload))
+}
+
+/// Scans forward byte by byte for a record that is valid in every respect (length, checksum,
+/// version, decoding). Every payload is a JSON object after the version byte, which rules out
+/// almost every position before the checksum is computed.
+fn has_valid_record_after(bytes: &[u8], start: usize) -> bool {
+    (start..bytes.len()).any(|position| {
+        let rest = &bytes[position..];
+        if rest.get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + 2) != Some(&[LOG_FORMAT_VERSION, b'{'])
+        {
+            return false;
+        }
+        match check_frame(rest) {
+            Ok(Some(payload)) => serde_json::from_slice::<LogRecord>(&payload[1..]).is_ok(),
+            _ => false,
+        }
+    })
 }
 
 /// Something waiting for a queued write to become durable.
@@ -755,13 +802,15 @@ mod tests {
 
     #[test]
     fn torn_tail_is_truncated() {
-        // A crash mid-write leaves a partial last record (or zeroes); it was never acknowledged,
-        // so it is dropped and the log opens with everything before it.
+        // A crash mid-write leaves a partial last record (or zeroes, or a damaged record before a
+        // partial one when the pages of the last write persisted out of order); it was never
+        // acknowledged, so it is dropped and the log opens with everything before it.
         for tail in [
             TornTail::PartialRecord,
             TornTail::PartialHeader,
             TornTail::Zeroes,
             TornTail::DamagedLastRecord,
+            TornTail::DamagedRecordBeforePartialRecord,
         ] {
             let dir = tempfile::tempdir().expect("temp dir");
             with_store(dir.path(), async |store| {
@@ -781,6 +830,14 @@ mod tests {
                     damaged[middle..].fill(0);
                     bytes.extend_from_slice(&damaged);
                     bytes.extend_from_slice(&[0; 512]);
+                }
+                TornTail::DamagedRecordBeforePartialRecord => {
+                    let mut damaged = frame.clone();
+                    let middle = damaged.len() / 2;
+                    damaged[middle..middle + 16].fill(0);
+                    bytes.extend_from_slice(&damaged);
+                    let next = encode_frame(&LogRecord::Entry(entry(4))).expect("encode");
+                    bytes.extend_from_slice(&next[..next.len() - 7]);
                 }
             }
             fs::write(&path, &bytes).expect("write torn log");
@@ -806,6 +863,7 @@ mod tests {
         PartialHeader,
         Zeroes,
         DamagedLastRecord,
+        DamagedRecordBeforePartialRecord,
     }
 
     #[test]
@@ -841,6 +899,44 @@ mod tests {
             message.contains("raft-log") && message.contains("offset"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn length_past_the_end_before_valid_records_is_refused() {
+        // A damaged length field that points past the end of the file looks like a cut-short
+        // last record, but the valid records after it show it was written and synced before
+        // them: truncating there would drop committed entries, so opening must fail and say where.
+        let dir = tempfile::tempdir().expect("temp dir");
+        with_store(dir.path(), async |store| {
+            append_durable(store, (0..3).map(entry).collect()).await;
+            append_durable(store, (3..5).map(entry).collect()).await;
+        });
+        let path = dir.path().join(LOG_FILE_NAME);
+        let mut bytes = fs::read(&path).expect("read log");
+        let first_frame_bytes = encode_frame(&LogRecord::Entry(entry(0)))
+            .expect("encode")
+            .len();
+        let past_the_end = (bytes.len() as u32).to_le_bytes();
+        bytes[first_frame_bytes..first_frame_bytes + 4].copy_from_slice(&past_the_end);
+        fs::write(&path, &bytes).expect("write corrupt log");
+
+        let error = LogStore::open(dir.path(), 1 << 20)
+            .err()
+            .expect("corrupt log must not open");
+        match &error {
+            LogStoreError::Corrupt {
+                path: p,
+                offset,
+                reason,
+            } => {
+                assert_eq!(p, &path);
+                assert_eq!(*offset, first_frame_bytes as u64);
+                assert!(reason.contains("past the end"), "{reason}");
+            }
+            other => panic!("expected corruption error, got {other}"),
+        }
+        // Nothing was truncated: the evidence is left for the operator.
+        assert_eq!(fs::read(&path).expect("read log"), bytes);
     }
 
     #[test]

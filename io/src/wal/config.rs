@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::{error::WalError, record::FRAME_OVERHEAD_BYTES_MAX};
+use super::{error::WalError, group::GROUP_HEADER_BYTES, record::FRAME_OVERHEAD_BYTES_MAX};
 
 /// Configuration of one shard's WAL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,9 +45,10 @@ impl WalConfig {
         }
     }
 
-    /// Most bytes a record with the largest allowed payload takes on disk.
+    /// Most bytes a record with the largest allowed payload takes on disk, counting the
+    /// group header of a group it starts.
     pub fn frame_bytes_max(&self) -> usize {
-        self.record_bytes_max as usize + FRAME_OVERHEAD_BYTES_MAX
+        self.record_bytes_max as usize + FRAME_OVERHEAD_BYTES_MAX + GROUP_HEADER_BYTES
     }
 
     pub(crate) fn validate(&self) -> Result<(), WalError> {
@@ -64,8 +65,12 @@ impl WalConfig {
                 self.segment_bytes_max
             ));
         }
-        if self.write_bytes_max == 0 {
-            return fail("write_bytes_max must be positive".to_owned());
+        // The bound keeps a group's record count within the u32 of its group header.
+        if self.write_bytes_max == 0 || self.write_bytes_max > 1 << 30 {
+            return fail(format!(
+                "write_bytes_max must be in 1..=1 GiB, got {}",
+                self.write_bytes_max
+            ));
         }
         if self.queue_bytes_max < self.frame_bytes_max() {
             return fail(format!(

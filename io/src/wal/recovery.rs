@@ -16,7 +16,7 @@ use super::{
     record::RecordView,
     segment::{
         parse_segment_file_name, scan_segment, HeaderFault, ScanError, ScanExpectation,
-        SegmentHeader, SEGMENT_HEADER_BYTES,
+        SegmentHeader, SEGMENT_FORMAT_VERSION, SEGMENT_HEADER_BYTES,
     },
     writer::ActiveSegment,
     SegmentEntry,
@@ -66,6 +66,10 @@ struct LastSegment {
     first_lsn: u64,
     data: Vec<u8>,
     data_end: usize,
+    /// The next LSN after its records; equal to `first_lsn` when it holds none.
+    next_lsn: u64,
+    /// Segment format version from its header (the current one when the header was missing).
+    format_version: u32,
     torn: bool,
     header_missing: bool,
 }
@@ -141,8 +145,9 @@ pub(crate) async fn recover(
         check_continuity(expected_lsn, first_lsn, replay_from_lsn)
             .map_err(|reason| corrupt(0, reason))?;
 
-        let (data_end, next_lsn, torn) = if header.is_some() {
+        let (data_end, next_lsn, torn) = if let Some(header) = header {
             let expect = ScanExpectation {
+                format_version: header.format_version,
                 origin_node: config.origin_node,
                 shard: config.shard,
                 first_lsn,
@@ -199,6 +204,9 @@ pub(crate) async fn recover(
                 first_lsn,
                 data,
                 data_end,
+                next_lsn,
+                format_version: header
+                    .map_or(SEGMENT_FORMAT_VERSION, |header| header.format_version),
                 torn,
                 header_missing: header.is_none(),
             });
@@ -220,6 +228,7 @@ pub(crate) async fn recover(
     report.next_lsn = next_lsn;
 
     let identity = |first_lsn| SegmentHeader {
+        format_version: SEGMENT_FORMAT_VERSION,
         origin_node: config.origin_node,
         shard: config.shard,
         first_lsn,
@@ -246,8 +255,24 @@ pub(crate) async fn recover(
     let mut created_segment = false;
     let active = match (last, repaired) {
         (Some(_), Some(repaired)) if next_lsn == scanned_next_lsn => repaired,
-        (Some(last), None) if next_lsn == scanned_next_lsn => {
+        (Some(last), None)
+            if next_lsn == scanned_next_lsn && last.format_version == SEGMENT_FORMAT_VERSION =>
+        {
             ActiveSegment::resume(&last.path, &last.data, last.data_end).await?
+        }
+        // A last segment in an older format is never appended to, so that a segment keeps one
+        // layout. Holding no records, it is rewritten in the current format (a new segment
+        // would need its name); otherwise appends go to a new segment below.
+        (Some(last), None) if next_lsn == scanned_next_lsn && last.next_lsn == last.first_lsn => {
+            tracing::info!(path = %last.path.display(), format_version = last.format_version, "rewriting empty wal segment in the current format");
+            ActiveSegment::create(
+                &directory,
+                &config.dir,
+                identity(last.first_lsn),
+                config.fsync,
+                true,
+            )
+            .await?
         }
         (_, repaired) => {
             if let Some(repaired) = repaired {

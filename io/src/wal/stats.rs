@@ -66,7 +66,7 @@ impl LatencyHistogram {
 pub struct WalStats {
     /// Records accepted by `append`.
     pub appends: u64,
-    /// Framed bytes accepted by `append`.
+    /// Framed bytes accepted by `append`, group headers included.
     pub append_bytes: u64,
     /// Appends refused with `WalError::Full`.
     pub appends_rejected_full: u64,

@@ -15,7 +15,7 @@ use glommio::io::{Directory, DmaFile, OpenOptions};
 
 use super::{
     error::WalError,
-    segment::{segment_file_name, SegmentHeader, SEGMENT_HEADER_BYTES},
+    segment::{segment_file_name, SegmentHeader, SEGMENT_FORMAT_VERSION, SEGMENT_HEADER_BYTES},
     Batch, SegmentEntry, Shared,
 };
 
@@ -163,7 +163,8 @@ impl ActiveSegment {
 }
 
 /// The group-commit loop: take the oldest pending group, rotate if it was planned to start a
-/// new segment, write it, fdatasync, then resolve every waiter up to its last LSN. Runs until
+/// new segment, write it (group header and frames in one write), fdatasync, then resolve every
+/// waiter up to its last LSN. Runs until
 /// `close` (after draining what was appended) or the first I/O error, which is fatal.
 pub(crate) async fn run(shared: Rc<Shared>, mut segment: ActiveSegment) {
     while let Some(batch) = next_batch(&shared).await {
@@ -185,7 +186,9 @@ async fn next_batch(shared: &Shared) -> Option<Batch> {
         if state.failure.is_some() {
             return Poll::Ready(None);
         }
-        if let Some(batch) = state.batches.pop_front() {
+        if let Some(mut batch) = state.batches.pop_front() {
+            // Taken from the queue, the group can grow no more: its header is final.
+            batch.seal();
             return Poll::Ready(Some(batch));
         }
         if state.closing {
@@ -201,6 +204,7 @@ async fn commit(shared: &Shared, segment: &mut ActiveSegment, batch: &Batch) -> 
     let config = &shared.config;
     if batch.rotate_before {
         let header = SegmentHeader {
+            format_version: SEGMENT_FORMAT_VERSION,
             origin_node: config.origin_node,
             shard: config.shard,
             first_lsn: batch.first_lsn,
