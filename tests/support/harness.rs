@@ -313,7 +313,18 @@ impl Node {
 
     /// The manifest's file list.
     pub fn manifest_files(&self) -> Vec<serde_json::Value> {
-        let response = self.must_get("/api/v1/cluster/files");
+        // The cluster API wants the admin token when the node has one.
+        let token = self
+            .env
+            .iter()
+            .find(|(name, _)| name == "SHALE_CLUSTER_ADMIN_TOKEN")
+            .map(|(_, token)| format!("Bearer {token}"));
+        let headers: Vec<(&str, &str)> = token
+            .as_deref()
+            .map(|t| vec![("authorization", t)])
+            .unwrap_or_default();
+        let response = request(self.addr, "GET", "/api/v1/cluster/files", &headers, b"")
+            .unwrap_or_else(|e| panic!("GET /api/v1/cluster/files: {e}"));
         assert_eq!(response.status, 200, "{}", response.text());
         let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
         body["files"].as_array().cloned().unwrap_or_default()
