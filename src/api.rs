@@ -1169,7 +1169,7 @@ mod tests {
                 }
                 other => panic!("{path}: {other:?}"),
             }
-            match find_route(&Method::DELETE, &path) {
+            match find_route(&Method::PATCH, &path) {
                 RouteMatch::WrongMethod { allowed } => assert_eq!(allowed, route.methods),
                 other => panic!("{path}: {other:?}"),
             }

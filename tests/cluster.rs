@@ -416,3 +416,89 @@ fn a_standalone_directory_becomes_a_cluster() {
     });
     assert_eq!(totals(&second), (25, (0..25).sum::<i64>()));
 }
+
+// Removing a node (DELETE /api/v1/cluster/peer/{id} on the leader) stops it receiving the
+// manifest and files; the documented rebuild path for a lost disk, a new node id on an empty
+// data directory joining the cluster, ends with that node holding every file.
+#[test]
+fn a_removed_node_stops_receiving_and_a_fresh_node_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 4);
+    let members: Vec<Member> = (1..=4)
+        .map(|id| Member {
+            id,
+            quic_port: free_port(),
+        })
+        .collect();
+    let seed_quic = members[0].quic_port;
+    let mut nodes = vec![Node::start(
+        &dir.path().join("n1"),
+        member_options(&certs, &members[0], true, None, 0, "writer"),
+    )];
+    for member in &members[1..3] {
+        let options = member_options(&certs, member, false, Some(&nodes[0]), seed_quic, "writer");
+        nodes.push(Node::start(
+            &dir.path().join(format!("n{}", member.id)),
+            options,
+        ));
+    }
+    nodes[0].wait_until("three voters", || {
+        members_with_role(&nodes[0], "voter").len() == 3
+    });
+    write_rows(&nodes[0], "one", 0, 10);
+    for node in &nodes {
+        node.wait_until("the first file everywhere", || holds_every_file(node, 1));
+    }
+
+    let leader_id = status(&nodes[0])["leader_id"].as_u64().unwrap();
+    let leader = &nodes[(leader_id - 1) as usize];
+    let victim = if leader_id == 3 { 2 } else { 3 };
+    let response = harness::request(
+        leader.addr,
+        "DELETE",
+        &format!("/api/v1/cluster/peer/{victim}"),
+        &[("authorization", &format!("Bearer {TOKEN}"))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    leader.wait_until("two members", || {
+        status(leader)["nodes"].as_array().unwrap().len() == 2
+    });
+
+    // The replacement: a new id on an empty disk, joining through the seed.
+    let fresh = Node::start(
+        &dir.path().join("n4"),
+        member_options(
+            &certs,
+            &members[3],
+            false,
+            Some(leader),
+            members[(leader_id - 1) as usize].quic_port,
+            "writer",
+        ),
+    );
+    fresh.wait_until("the new node holds every file", || {
+        holds_every_file(&fresh, 1)
+    });
+    write_rows(leader, "two", 100, 10);
+    let keepers: Vec<&Node> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i as u64 + 1 != victim)
+        .map(|(_, n)| n)
+        .chain([&fresh])
+        .collect();
+    for node in &keepers {
+        node.wait_until("the second file on every member", || {
+            holds_every_file(node, 2)
+        });
+    }
+    // The removed node was no longer replicated to when the second file was registered.
+    let removed = &nodes[(victim - 1) as usize];
+    assert_eq!(
+        removed.manifest_files().len(),
+        1,
+        "a removed node must not receive new files"
+    );
+}

@@ -361,18 +361,30 @@ fn manifest_survives_restart() {
 }
 
 // A column's kind is declared once, through the manifest, for every shard and across restarts:
-// after `v` is stored as a float, an integer or string `v` is refused on whichever shard the
-// connection lands, and still after a restart; a new column is accepted.
+// after `v` is stored as a float on shard 0, an integer `v` is refused on both shards (each
+// written through a connection pinned to it), and a string `v` still after a restart; a new
+// column is accepted.
 #[test]
 fn column_kinds_hold_across_shards_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let mut node = Node::start(&dir.path().join("data"), NodeOptions::default());
-    node.must_write("kinds", "m,host=a v=1.5 1000\n");
+    let mut clients = node.shard_clients(2);
+    let first = clients[0]
+        .request("POST", "/write?db=kinds", &[], b"m,host=a v=1.5 1000\n")
+        .unwrap();
+    assert_eq!(first.status, 204, "{}", first.text());
     for attempt in 0..8 {
-        let response = node.post(
-            "/write?db=kinds",
-            &[],
-            format!("m,host=a v={attempt}i 2000\n").as_bytes(),
+        let response = clients[attempt % 2]
+            .request(
+                "POST",
+                "/write?db=kinds",
+                &[],
+                format!("m,host=a v={attempt}i 2000\n").as_bytes(),
+            )
+            .unwrap();
+        assert_eq!(
+            response.header("x-shale-shard"),
+            Some((attempt % 2).to_string().as_str())
         );
         assert_eq!(
             response.status,
@@ -382,6 +394,7 @@ fn column_kinds_hold_across_shards_and_restarts() {
         );
         assert!(response.text().contains("float"), "{}", response.text());
     }
+    drop(clients);
     node.stop();
     node.restart();
     let response = node.post("/write?db=kinds", &[], b"m,host=a v=\"text\" 3000\n");
