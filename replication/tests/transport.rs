@@ -496,7 +496,7 @@ fn raft_config() -> Arc<openraft::Config> {
         election_timeout_max: 600,
         install_snapshot_timeout: 2_000,
         // Small chunks, so the snapshot below travels in several install-snapshot calls.
-        snapshot_max_chunk_size: 256,
+        snapshot_max_chunk_size: 64,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(20),
         max_in_snapshot_log_to_keep: 0,
         purge_batch_size: 1,
@@ -677,9 +677,9 @@ fn three_members_elect_replicate_fail_over_and_install_a_snapshot() {
             .map(|entry| entry.metadata().unwrap().len())
             .max()
             .unwrap_or(0);
-        eprintln!("installed snapshot of {snapshot_bytes} bytes in chunks of 256");
+        eprintln!("installed snapshot of {snapshot_bytes} bytes in chunks of 64");
         assert!(
-            snapshot_bytes > 4 * 256,
+            snapshot_bytes > 4 * 64,
             "the snapshot must take several chunks"
         );
         eprintln!("restarted node {leader} caught up to {last} with snapshot {snapshot:?}");
