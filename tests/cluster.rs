@@ -106,6 +106,24 @@ fn member_options(
     }
 }
 
+/// Starts members 1-3 as writers (1 bootstraps, 2 and 3 join through it) and waits until the
+/// three are voters.
+fn start_three_writers(dir: &Path, certs: &Path, members: &[Member]) -> Vec<Node> {
+    let seed_quic = members[0].quic_port;
+    let mut nodes = vec![Node::start(
+        &dir.join("n1"),
+        member_options(certs, &members[0], true, None, 0, "writer"),
+    )];
+    for member in &members[1..3] {
+        let options = member_options(certs, member, false, Some(&nodes[0]), seed_quic, "writer");
+        nodes.push(Node::start(&dir.join(format!("n{}", member.id)), options));
+    }
+    nodes[0].wait_until("three voters", || {
+        members_with_role(&nodes[0], "voter").len() == 3
+    });
+    nodes
+}
+
 /// `GET /api/v1/cluster` of a node, with the admin token.
 fn status(node: &Node) -> serde_json::Value {
     let response = harness::request(
@@ -270,21 +288,7 @@ fn a_killed_leader_is_replaced_and_catches_up() {
             quic_port: free_port(),
         })
         .collect();
-    let seed_quic = members[0].quic_port;
-    let mut nodes = vec![Node::start(
-        &dir.path().join("n1"),
-        member_options(&certs, &members[0], true, None, 0, "writer"),
-    )];
-    for member in &members[1..] {
-        let options = member_options(&certs, member, false, Some(&nodes[0]), seed_quic, "writer");
-        nodes.push(Node::start(
-            &dir.path().join(format!("n{}", member.id)),
-            options,
-        ));
-    }
-    nodes[0].wait_until("three voters", || {
-        members_with_role(&nodes[0], "voter").len() == 3
-    });
+    let mut nodes = start_three_writers(dir.path(), &certs, &members);
     write_rows(&nodes[1], "before", 0, 20);
     for node in &nodes {
         node.wait_until("the first file everywhere", || holds_every_file(node, 1));
@@ -336,21 +340,7 @@ fn without_a_quorum_a_node_stays_not_ready() {
             quic_port: free_port(),
         })
         .collect();
-    let seed_quic = members[0].quic_port;
-    let mut nodes = vec![Node::start(
-        &dir.path().join("n1"),
-        member_options(&certs, &members[0], true, None, 0, "writer"),
-    )];
-    for member in &members[1..] {
-        let options = member_options(&certs, member, false, Some(&nodes[0]), seed_quic, "writer");
-        nodes.push(Node::start(
-            &dir.path().join(format!("n{}", member.id)),
-            options,
-        ));
-    }
-    nodes[0].wait_until("three voters", || {
-        members_with_role(&nodes[0], "voter").len() == 3
-    });
+    let mut nodes = start_three_writers(dir.path(), &certs, &members);
     for node in nodes.iter_mut() {
         node.stop();
     }
@@ -430,21 +420,7 @@ fn a_removed_node_stops_receiving_and_a_fresh_node_replaces_it() {
             quic_port: free_port(),
         })
         .collect();
-    let seed_quic = members[0].quic_port;
-    let mut nodes = vec![Node::start(
-        &dir.path().join("n1"),
-        member_options(&certs, &members[0], true, None, 0, "writer"),
-    )];
-    for member in &members[1..3] {
-        let options = member_options(&certs, member, false, Some(&nodes[0]), seed_quic, "writer");
-        nodes.push(Node::start(
-            &dir.path().join(format!("n{}", member.id)),
-            options,
-        ));
-    }
-    nodes[0].wait_until("three voters", || {
-        members_with_role(&nodes[0], "voter").len() == 3
-    });
+    let nodes = start_three_writers(dir.path(), &certs, &members);
     write_rows(&nodes[0], "one", 0, 10);
     for node in &nodes {
         node.wait_until("the first file everywhere", || holds_every_file(node, 1));
@@ -501,4 +477,226 @@ fn a_removed_node_stops_receiving_and_a_fresh_node_replaces_it() {
         1,
         "a removed node must not receive new files"
     );
+}
+
+/// Three network namespaces (one per node) on a bridge in a fourth, plus a veth from the test's
+/// own namespace to the bridge so the test reaches every node. Addresses are 198.18.N.x (the
+/// benchmarking range); everything is removed on drop. Needs root.
+struct NamespaceNet {
+    prefix: String,
+    subnet: u8,
+}
+
+impl NamespaceNet {
+    fn create(nodes: u8) -> NamespaceNet {
+        let id = std::process::id();
+        let net = NamespaceNet {
+            prefix: format!("shp{}", id % 100_000),
+            subnet: (id % 200 + 20) as u8,
+        };
+        let p = &net.prefix;
+        let bridge = format!("{p}-br");
+        ip(&["netns", "add", &bridge]);
+        ip(&["-n", &bridge, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &bridge, "link", "set", "br0", "up"]);
+        for k in 1..=nodes {
+            let ns = net.namespace(k);
+            let (inner, outer) = (format!("{p}n{k}"), format!("{p}b{k}"));
+            ip(&["netns", "add", &ns]);
+            ip(&[
+                "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+            ]);
+            ip(&["link", "set", &inner, "netns", &ns]);
+            ip(&["link", "set", &outer, "netns", &bridge]);
+            ip(&["-n", &bridge, "link", "set", &outer, "master", "br0", "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", net.addr(k)),
+                "dev",
+                &inner,
+            ]);
+            ip(&["-n", &ns, "link", "set", &inner, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        let (host, outer) = (format!("{p}h"), format!("{p}hb"));
+        ip(&["link", "add", &host, "type", "veth", "peer", "name", &outer]);
+        ip(&["link", "set", &outer, "netns", &bridge]);
+        ip(&["-n", &bridge, "link", "set", &outer, "master", "br0", "up"]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", net.addr(100)),
+            "dev",
+            &host,
+        ]);
+        ip(&["link", "set", &host, "up"]);
+        net
+    }
+
+    fn namespace(&self, k: u8) -> String {
+        format!("{}-{k}", self.prefix)
+    }
+
+    fn addr(&self, k: u8) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(198, 18, self.subnet, k)
+    }
+
+    /// Cuts (or heals) both directions between node `a` and node `b` with blackhole routes.
+    fn partition(&self, a: u8, b: u8, cut: bool) {
+        let verb = if cut { "add" } else { "del" };
+        for (from, to) in [(a, b), (b, a)] {
+            ip(&[
+                "-n",
+                &self.namespace(from),
+                "route",
+                verb,
+                "blackhole",
+                &format!("{}/32", self.addr(to)),
+            ]);
+        }
+    }
+}
+
+impl Drop for NamespaceNet {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &format!("{}h", self.prefix)])
+            .status();
+        for k in 1..=3 {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.namespace(k)])
+                .status();
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &format!("{}-br", self.prefix)])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let output = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip");
+    assert!(
+        output.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+// A network partition (network namespaces, blackhole routes on both sides): the isolated
+// minority cannot register files while the majority elects a leader and goes on registering;
+// after healing every node converges to the same files and answers, and the rows the minority
+// acknowledged during the partition are among them.
+#[test]
+fn a_partitioned_minority_cannot_register_and_converges_after_healing() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the partition test needs root (network namespaces); CI runs as root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let net = NamespaceNet::create(3);
+    let certs = dir.path().join("certs");
+    let certs_arg = certs.to_str().unwrap();
+    shale_cli(&[
+        "cluster",
+        "init-ca",
+        "--dir",
+        certs_arg,
+        "--cluster-id",
+        CLUSTER_ID,
+    ]);
+    let options = |k: u8, bootstrap: bool| {
+        let quic = format!("{}:7000", net.addr(k));
+        let mut options = member_options(
+            &certs,
+            &Member {
+                id: u64::from(k),
+                quic_port: 7000,
+            },
+            bootstrap,
+            None,
+            0,
+            "writer",
+        );
+        options
+            .extra_env
+            .retain(|(name, _)| name != "SHALE_CLUSTER_QUIC_ADDR" && name != "SHALE_CLUSTER_PEERS");
+        options
+            .extra_env
+            .push(("SHALE_CLUSTER_QUIC_ADDR".into(), quic));
+        options.extra_env.push((
+            "SHALE_CLUSTER_PEERS".into(),
+            format!("{}:7000:8000", net.addr(1)),
+        ));
+        options.http_addr = Some(format!("{}:8000", net.addr(k)).parse().unwrap());
+        options.command_prefix = vec!["ip".into(), "netns".into(), "exec".into(), net.namespace(k)];
+        options
+    };
+    let mut nodes = Vec::new();
+    for k in 1..=3u8 {
+        let id = k.to_string();
+        let addr = net.addr(k).to_string();
+        shale_cli(&[
+            "cluster",
+            "issue-cert",
+            "--dir",
+            certs_arg,
+            "--cluster-id",
+            CLUSTER_ID,
+            "--node-id",
+            &id,
+            "--ip",
+            &addr,
+        ]);
+        nodes.push(Node::start(
+            &dir.path().join(format!("n{k}")),
+            options(k, k == 1),
+        ));
+    }
+    nodes[0].wait_until("three voters", || {
+        members_with_role(&nodes[0], "voter").len() == 3
+    });
+    write_rows(&nodes[0], "before", 0, 10);
+    for node in &nodes {
+        node.wait_until("the first file everywhere", || holds_every_file(node, 1));
+    }
+
+    // Isolate node 1 (the bootstrap node, the leader so far).
+    net.partition(1, 2, true);
+    net.partition(1, 3, true);
+    write_rows(&nodes[0], "minority", 100, 5);
+    let majority = [&nodes[1], &nodes[2]];
+    // Acknowledged by node 2's WAL at once; registered once the majority has a leader.
+    write_rows(majority[0], "majority", 1000, 1);
+    majority[0].wait_until("the majority to register its file", || {
+        majority[0].manifest_files().len() == 2
+    });
+    for node in majority {
+        node.wait_until("the majority's file on both majority nodes", || {
+            holds_every_file(node, 2)
+        });
+    }
+    // The minority's rows were acknowledged (its WAL holds them) but cannot be registered:
+    // its manifest has not moved past the partition.
+    assert_eq!(
+        nodes[0].manifest_files().len(),
+        1,
+        "a minority must not register files"
+    );
+
+    net.partition(1, 2, false);
+    net.partition(1, 3, false);
+    let expected = (16, (0..10).sum::<i64>() + (100..105).sum::<i64>() + 1000);
+    for node in &nodes {
+        node.wait_until("every node converges on every file", || {
+            holds_every_file(node, 3)
+        });
+        node.wait_until("identical answers", || totals(node) == expected);
+    }
 }

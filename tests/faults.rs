@@ -59,6 +59,7 @@ fn kill9_under_load_keeps_every_acknowledged_row_once() {
             flush_age_ms: 50,
             flush_rows_max: 2000,
             extra_env: vec![("SHALE_WAL_SEGMENT_BYTES_MAX".into(), "65536".into())],
+            ..NodeOptions::default()
         },
     );
     let acknowledged = Arc::new(Mutex::new(Vec::<(i64, i64)>::new()));

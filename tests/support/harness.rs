@@ -21,6 +21,7 @@ pub struct Node {
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     env: Vec<(String, String)>,
+    command_prefix: Vec<String>,
     child: Option<Child>,
 }
 
@@ -30,6 +31,10 @@ pub struct NodeOptions {
     pub flush_age_ms: u64,
     pub flush_rows_max: usize,
     pub extra_env: Vec<(String, String)>,
+    /// The HTTP address; `None` picks a free port on 127.0.0.1.
+    pub http_addr: Option<SocketAddr>,
+    /// Runs the binary through this command, e.g. `ip netns exec <ns>`.
+    pub command_prefix: Vec<String>,
 }
 
 impl Default for NodeOptions {
@@ -39,6 +44,8 @@ impl Default for NodeOptions {
             flush_age_ms: 3_600_000,
             flush_rows_max: 1_000_000,
             extra_env: Vec::new(),
+            http_addr: None,
+            command_prefix: Vec::new(),
         }
     }
 }
@@ -46,8 +53,9 @@ impl Default for NodeOptions {
 impl Node {
     /// Starts a node in `data_dir` on a free loopback port and waits until it is ready.
     pub fn start(data_dir: &Path, options: NodeOptions) -> Node {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr: SocketAddr = options
+            .http_addr
+            .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
         let mut env = vec![
             (
                 "SHALE_NODE_DATA_DIR".to_string(),
@@ -86,6 +94,7 @@ impl Node {
             data_dir: data_dir.to_path_buf(),
             log_path: data_dir.with_extension("log"),
             env,
+            command_prefix: options.command_prefix,
             child: None,
         };
         node.spawn();
@@ -99,7 +108,15 @@ impl Node {
             .append(true)
             .open(&self.log_path)
             .expect("open node log");
-        let child = Command::new(env!("CARGO_BIN_EXE_shale"))
+        let mut command = match self.command_prefix.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(env!("CARGO_BIN_EXE_shale"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_shale")),
+        };
+        let child = command
             .arg("serve")
             .envs(self.env.iter().cloned())
             .env_remove("SHALE_CONFIG")
