@@ -132,6 +132,7 @@ pub struct ManifestConfig {
     pub snapshot_logs_since_last_max: u64,
     pub request_queue_depth_max: usize,
     pub registration_retry_ms: u64,
+    pub registration_retry_ms_max: u64,
 }
 
 /// The `[cluster]` section: whether this node is part of a cluster, how it finds and proves
@@ -313,6 +314,13 @@ impl Config {
                 "wal.queue_bytes_max ({}) must hold at least one record of wal.record_bytes_max ({})",
                 self.wal.queue_bytes_max,
                 self.wal.record_bytes_max
+            );
+        }
+        if self.manifest.registration_retry_ms == 0
+            || self.manifest.registration_retry_ms_max < self.manifest.registration_retry_ms
+        {
+            bail!(
+                "manifest.registration_retry_ms must be > 0 and at most registration_retry_ms_max"
             );
         }
         let items_max = shale_replication::manifest::COMMAND_ITEMS_MAX;

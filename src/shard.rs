@@ -698,6 +698,17 @@ impl Shard {
         Ok(())
     }
 
+    /// Pause before registration attempt `attempt + 1`: doubling from
+    /// `manifest.registration_retry_ms`, capped at `manifest.registration_retry_ms_max` so a
+    /// flush that failed during an election registers soon after the new leader is there.
+    fn registration_backoff_ms(&self, attempt: u32) -> u64 {
+        let manifest = &self.config.manifest;
+        manifest
+            .registration_retry_ms
+            .saturating_mul(1 << attempt.min(16))
+            .min(manifest.registration_retry_ms_max)
+    }
+
     /// Whether this shard's WAL refused further writes after an I/O error.
     fn wal_failed(&self) -> bool {
         self.wal().is_some_and(|wal| wal.stats().failed)
@@ -851,9 +862,7 @@ impl Shard {
                         );
                         return false;
                     }
-                    let backoff = Duration::from_millis(
-                        (self.config.manifest.registration_retry_ms << attempt.min(6)).min(30_000),
-                    );
+                    let backoff = Duration::from_millis(self.registration_backoff_ms(attempt));
                     glommio::timer::sleep(backoff).await;
                 }
             }
@@ -1092,9 +1101,7 @@ impl Shard {
                                 error = %format!("{error:#}"),
                                 "journal registration failed; retrying"
                             );
-                            let backoff_ms = (self.config.manifest.registration_retry_ms
-                                << attempt.min(6))
-                            .min(30_000);
+                            let backoff_ms = self.registration_backoff_ms(attempt);
                             glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
                         }
                     }
