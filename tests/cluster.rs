@@ -62,6 +62,16 @@ struct Member {
     quic_port: u16,
 }
 
+/// Members 1..=count, each with a free QUIC port.
+fn members(count: u64) -> Vec<Member> {
+    (1..=count)
+        .map(|id| Member {
+            id,
+            quic_port: free_port(),
+        })
+        .collect()
+}
+
 /// The environment that makes a test node a cluster member.
 fn member_options(
     certs: &Path,
@@ -191,12 +201,7 @@ fn totals(node: &Node) -> (u64, i64) {
 fn nodes_form_a_cluster_and_replicate_every_file() {
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path(), 4);
-    let members: Vec<Member> = (1..=4)
-        .map(|id| Member {
-            id,
-            quic_port: free_port(),
-        })
-        .collect();
+    let members = members(4);
     let first = Node::start(
         &dir.path().join("n1"),
         member_options(&certs, &members[0], true, None, 0, "writer"),
@@ -282,12 +287,7 @@ fn nodes_form_a_cluster_and_replicate_every_file() {
 fn a_killed_leader_is_replaced_and_catches_up() {
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path(), 3);
-    let members: Vec<Member> = (1..=3)
-        .map(|id| Member {
-            id,
-            quic_port: free_port(),
-        })
-        .collect();
+    let members = members(3);
     let mut nodes = start_three_writers(dir.path(), &certs, &members);
     write_rows(&nodes[1], "before", 0, 20);
     for node in &nodes {
@@ -334,12 +334,7 @@ fn a_killed_leader_is_replaced_and_catches_up() {
 fn without_a_quorum_a_node_stays_not_ready() {
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path(), 3);
-    let members: Vec<Member> = (1..=3)
-        .map(|id| Member {
-            id,
-            quic_port: free_port(),
-        })
-        .collect();
+    let members = members(3);
     let mut nodes = start_three_writers(dir.path(), &certs, &members);
     for node in nodes.iter_mut() {
         node.stop();
@@ -369,12 +364,7 @@ fn without_a_quorum_a_node_stays_not_ready() {
 fn a_standalone_directory_becomes_a_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path(), 2);
-    let members: Vec<Member> = (1..=2)
-        .map(|id| Member {
-            id,
-            quic_port: free_port(),
-        })
-        .collect();
+    let members = members(2);
     let mut first = Node::start(
         &dir.path().join("n1"),
         NodeOptions {
@@ -414,12 +404,7 @@ fn a_standalone_directory_becomes_a_cluster() {
 fn a_removed_node_stops_receiving_and_a_fresh_node_replaces_it() {
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path(), 4);
-    let members: Vec<Member> = (1..=4)
-        .map(|id| Member {
-            id,
-            quic_port: free_port(),
-        })
-        .collect();
+    let members = members(4);
     let nodes = start_three_writers(dir.path(), &certs, &members);
     write_rows(&nodes[0], "one", 0, 10);
     for node in &nodes {
