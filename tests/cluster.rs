@@ -39,19 +39,7 @@ fn make_certs(dir: &Path, count: u64) -> PathBuf {
         CLUSTER_ID,
     ]);
     for id in 1..=count {
-        let id = id.to_string();
-        shale_cli(&[
-            "cluster",
-            "issue-cert",
-            "--dir",
-            certs_arg,
-            "--cluster-id",
-            CLUSTER_ID,
-            "--node-id",
-            &id,
-            "--ip",
-            "127.0.0.1",
-        ]);
+        issue_cert(&certs, id, "127.0.0.1");
     }
     certs
 }
@@ -60,6 +48,23 @@ fn make_certs(dir: &Path, count: u64) -> PathBuf {
 struct Member {
     id: u64,
     quic_port: u16,
+}
+
+/// A certificate for node `id` at `ip`, signed by the CA in `certs`.
+fn issue_cert(certs: &Path, id: u64, ip: &str) {
+    let id = id.to_string();
+    shale_cli(&[
+        "cluster",
+        "issue-cert",
+        "--dir",
+        certs.to_str().unwrap(),
+        "--cluster-id",
+        CLUSTER_ID,
+        "--node-id",
+        &id,
+        "--ip",
+        ip,
+    ]);
 }
 
 /// Members 1..=count, each with a free QUIC port.
@@ -625,20 +630,7 @@ fn a_partitioned_minority_cannot_register_and_converges_after_healing() {
     };
     let mut nodes = Vec::new();
     for k in 1..=3u8 {
-        let id = k.to_string();
-        let addr = net.addr(k).to_string();
-        shale_cli(&[
-            "cluster",
-            "issue-cert",
-            "--dir",
-            certs_arg,
-            "--cluster-id",
-            CLUSTER_ID,
-            "--node-id",
-            &id,
-            "--ip",
-            &addr,
-        ]);
+        issue_cert(&certs, u64::from(k), &net.addr(k).to_string());
         nodes.push(Node::start(
             &dir.path().join(format!("n{k}")),
             options(k, k == 1),
