@@ -469,9 +469,17 @@ fn spawn_join_thread(
                 "role": me.role,
             })
             .to_string();
+            // Joined means in the membership as what the role asks for: a node left a learner
+            // (its promotion refused by a concurrent change) asks again until it is a voter.
+            let voter = me.role != "replica-only";
             let member = || {
                 shared.manifest.raft_metrics().is_some_and(|m| {
-                    m.membership_config.membership().get_node(&id).is_some()
+                    let membership = m.membership_config.membership();
+                    if voter {
+                        membership.voter_ids().any(|v| v == id)
+                    } else {
+                        membership.get_node(&id).is_some()
+                    }
                 })
             };
             let mut backoff = Duration::from_millis(500);

@@ -129,10 +129,21 @@ fn start_three_writers(dir: &Path, certs: &Path, members: &[Member]) -> Vec<Node
         &dir.join("n1"),
         member_options(certs, &members[0], true, None, 0, "writer"),
     )];
-    for member in &members[1..3] {
-        let options = member_options(certs, member, false, Some(&nodes[0]), seed_quic, "writer");
-        nodes.push(Node::start(&dir.join(format!("n{}", member.id)), options));
-    }
+    // The two joiners start at once, so their joins reach the leader together: both must end
+    // as voters (a promotion refused by the other's change in progress once left one a learner).
+    let seed = &nodes[0];
+    let joined: Vec<Node> = std::thread::scope(|scope| {
+        let starting: Vec<_> = members[1..3]
+            .iter()
+            .map(|member| {
+                let options = member_options(certs, member, false, Some(seed), seed_quic, "writer");
+                let data_dir = dir.join(format!("n{}", member.id));
+                scope.spawn(move || Node::start(&data_dir, options))
+            })
+            .collect();
+        starting.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    nodes.extend(joined);
     nodes[0].wait_until("three voters", || {
         members_with_role(&nodes[0], "voter").len() == 3
     });

@@ -298,6 +298,10 @@ pub struct ManifestClient {
     admin: flume::Sender<AdminJob>,
     published: Arc<Published>,
     counters: Arc<Counters>,
+    /// Membership changes of this node run one at a time: openraft refuses a change while
+    /// another is still in joint consensus, and two nodes joining at once must both end as
+    /// voters, not one of them left a learner by a refused second step.
+    membership: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ManifestClient {
@@ -420,11 +424,13 @@ impl ManifestClient {
     /// Adds `node` as a learner and waits until it has caught up with the log (the leader
     /// only; elsewhere `NotLeader`). Idempotent: adding a present learner updates its addresses.
     pub async fn add_learner(&self, id: NodeId, node: ClusterNode) -> Result<(), ManifestError> {
+        let _one_at_a_time = self.membership.lock().await;
         self.with_raft(move |raft| async move {
-            raft.add_learner(id, node, true)
-                .await
-                .map(|_| ())
-                .map_err(client_write_error)
+            retry_in_progress(|| {
+                let (raft, node) = (raft.clone(), node.clone());
+                async move { raft.add_learner(id, node, true).await.map(|_| ()) }
+            })
+            .await
         })
         .await
     }
@@ -435,16 +441,29 @@ impl ManifestClient {
         add: std::collections::BTreeSet<NodeId>,
         remove: std::collections::BTreeSet<NodeId>,
     ) -> Result<(), ManifestError> {
+        let _one_at_a_time = self.membership.lock().await;
         self.with_raft(move |raft| async move {
             if !add.is_empty() {
-                raft.change_membership(openraft::ChangeMembers::AddVoterIds(add), true)
-                    .await
-                    .map_err(client_write_error)?;
+                retry_in_progress(|| {
+                    let (raft, add) = (raft.clone(), add.clone());
+                    async move {
+                        raft.change_membership(openraft::ChangeMembers::AddVoterIds(add), true)
+                            .await
+                            .map(|_| ())
+                    }
+                })
+                .await?;
             }
             if !remove.is_empty() {
-                raft.change_membership(openraft::ChangeMembers::RemoveVoters(remove), true)
-                    .await
-                    .map_err(client_write_error)?;
+                retry_in_progress(|| {
+                    let (raft, remove) = (raft.clone(), remove.clone());
+                    async move {
+                        raft.change_membership(openraft::ChangeMembers::RemoveVoters(remove), true)
+                            .await
+                            .map(|_| ())
+                    }
+                })
+                .await?;
             }
             Ok(())
         })
@@ -453,6 +472,7 @@ impl ManifestClient {
 
     /// Removes a node from the membership entirely (it stops receiving the log and files).
     pub async fn remove_node(&self, id: NodeId) -> Result<(), ManifestError> {
+        let _one_at_a_time = self.membership.lock().await;
         self.with_raft(move |raft| async move {
             let voters: std::collections::BTreeSet<NodeId> = raft
                 .with_raft_state(|state| state.membership_state.effective().voter_ids().collect())
@@ -628,6 +648,7 @@ impl ManifestService {
             admin,
             published,
             counters,
+            membership: Arc::new(tokio::sync::Mutex::new(())),
         };
         Ok((service, client))
     }
@@ -839,6 +860,11 @@ impl Control {
 /// command to the leader and then waits until the committed entry is applied here too, so a
 /// caller that treats the command as done also sees it in `current()` (the exactly-once rule
 /// of flushes needs the registration in the local version).
+///
+/// A forward is abandoned as soon as this node learns of another leader, and sent again to
+/// the new one: a dead leader's connection would otherwise hold the proposal until the
+/// transport's idle timeout. Sending again is safe because every command is idempotent (an
+/// identical registration is success), so an entry the old leader did commit is not doubled.
 async fn propose_or_forward(
     raft: &Raft,
     forward: Option<&dyn Forward>,
@@ -847,28 +873,63 @@ async fn propose_or_forward(
     let Some(forward) = forward else {
         return propose(raft, command).await;
     };
-    let leader = raft.current_leader().await;
     let local = raft.metrics().borrow().id;
-    match leader {
-        Some(leader) if leader != local => {
-            let leader_node = raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .get_node(&leader)
-                .cloned();
-            let receipt = forward.forward(leader, leader_node, command).await?;
-            raft.wait(Some(Duration::from_secs(60)))
-                .applied_index_at_least(Some(receipt.log_index), "forwarded entry applied")
+    // Leaders seen by this proposal; bounded so a flapping cluster returns an error to the
+    // caller (who retries with back-off) instead of looping here.
+    for _ in 0..FORWARD_LEADERS_MAX {
+        let mut leader = raft.current_leader().await;
+        if leader.is_none() {
+            // An election is under way (or there is no quorum): wait a moment for its outcome
+            // rather than send the caller into its back-off just before a leader appears.
+            let mut metrics = raft.metrics();
+            let elected = async {
+                metrics
+                    .wait_for(|m| m.current_leader.is_some())
+                    .await
+                    .ok()
+                    .and_then(|m| m.current_leader)
+            };
+            leader = tokio::time::timeout(LEADERLESS_WAIT, elected)
                 .await
-                .map_err(|e| ManifestError::Raft(e.to_string()))?;
-            Ok(receipt)
+                .ok()
+                .flatten();
         }
-        None => Err(ManifestError::NotLeader { leader: None }),
-        Some(_) => propose(raft, command).await,
+        let leader = match leader {
+            None => return Err(ManifestError::NotLeader { leader: None }),
+            Some(leader) if leader == local => return propose(raft, command).await,
+            Some(leader) => leader,
+        };
+        let mut metrics = raft.metrics();
+        let leader_node = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .cloned();
+        let receipt = tokio::select! {
+            receipt = forward.forward(leader, leader_node, command.clone()) => receipt?,
+            moved = metrics.wait_for(|m| m.current_leader != Some(leader)) => {
+                if moved.is_err() {
+                    return Err(ManifestError::Shutdown);
+                }
+                tracing::info!(leader, "leader changed while forwarding a proposal: sending it again");
+                continue;
+            }
+        };
+        raft.wait(Some(Duration::from_secs(60)))
+            .applied_index_at_least(Some(receipt.log_index), "forwarded entry applied")
+            .await
+            .map_err(|e| ManifestError::Raft(e.to_string()))?;
+        return Ok(receipt);
     }
+    Err(ManifestError::NotLeader { leader: None })
 }
+
+/// How many leaders one forwarded proposal follows before it gives up.
+const FORWARD_LEADERS_MAX: usize = 4;
+
+/// How long a proposal waits for an election to end before it reports that there is no leader.
+const LEADERLESS_WAIT: Duration = Duration::from_secs(2);
 
 /// Maps a failed membership change or write to the service's error.
 fn client_write_error(
@@ -883,6 +944,29 @@ fn client_write_error(
         RaftError::APIError(error) => ManifestError::Raft(error.to_string()),
         RaftError::Fatal(Fatal::Stopped) => ManifestError::Shutdown,
         RaftError::Fatal(fatal) => ManifestError::Raft(fatal.to_string()),
+    }
+}
+
+/// Runs a membership change again while openraft reports another change still in progress
+/// (a change this node's lock cannot see: one begun before a restart or by an earlier leader's
+/// entry), for up to ten seconds; any other outcome is returned as it is.
+async fn retry_in_progress<F, Fut>(mut change: F) -> Result<(), ManifestError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), RaftError<NodeId, ClientWriteError<NodeId, ClusterNode>>>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match change().await {
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                openraft::error::ChangeMembershipError::InProgress(_),
+            ))) if tokio::time::Instant::now() + pause < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            outcome => return outcome.map_err(client_write_error),
+        }
     }
 }
 
