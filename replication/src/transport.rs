@@ -134,8 +134,12 @@ impl Default for TransportConfig {
             message_bytes_max: 16 << 20,
             connect_timeout: Duration::from_secs(3),
             header_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(10),
-            keep_alive_interval: Duration::from_secs(2),
+            // A killed peer sends nothing (loopback and most networks drop the ICMP a closed
+            // port answers), so its connections end only at this timeout: short enough that
+            // bulk streams and calls to a dead peer fail within seconds, long enough for a
+            // busy two-core machine's scheduling stalls.
+            idle_timeout: Duration::from_secs(5),
+            keep_alive_interval: Duration::from_secs(1),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
             stream_window_bytes: 16 << 20,
