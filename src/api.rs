@@ -456,9 +456,9 @@ impl Api {
                             .is_none_or(|r| n["raft_role"] == r.as_str())
                     })
                     .filter(|n| {
-                        query.get("state").is_none_or(|s| {
-                            n["state"] == s.as_str() || n["health"] == s.as_str()
-                        })
+                        query
+                            .get("state")
+                            .is_none_or(|s| n["state"] == s.as_str() || n["health"] == s.as_str())
                     })
                     .collect()
             })
@@ -685,10 +685,7 @@ impl Api {
                 .map(|n| n.http_addr.clone())
         });
         match member {
-            None => error(
-                StatusCode::NOT_FOUND,
-                &format!("node {id} is not a member"),
-            ),
+            None => error(StatusCode::NOT_FOUND, &format!("node {id} is not a member")),
             Some(_) if forwarded => error(
                 StatusCode::MISDIRECTED_REQUEST,
                 &format!("this is not node {id}"),
@@ -791,15 +788,18 @@ impl Api {
         {
             return self.not_leader(leader, leader_http);
         }
-        let status =
-            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         error(status, &e.to_string())
     }
 
     fn leader_http(&self, leader: Option<u64>) -> Option<String> {
         let id = leader?;
         let metrics = self.node.manifest.raft_metrics()?;
-        let node = metrics.membership_config.membership().get_node(&id)?.clone();
+        let node = metrics
+            .membership_config
+            .membership()
+            .get_node(&id)?
+            .clone();
         Some(node.http_addr)
     }
 
@@ -834,10 +834,7 @@ impl Api {
                 StatusCode::OK,
                 serde_json::json!({ "success": true, "node": node }).to_string(),
             ),
-            None => error(
-                StatusCode::NOT_FOUND,
-                &format!("node {id} is not a member"),
-            ),
+            None => error(StatusCode::NOT_FOUND, &format!("node {id} is not a member")),
         }
     }
 

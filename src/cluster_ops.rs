@@ -179,7 +179,8 @@ impl OpsState {
             last_answer_ms: None,
         });
         let last_contact_ms = contact.last_answer_ms.map(|at| now_ms.saturating_sub(at));
-        let silent_ms = now_ms.saturating_sub(contact.last_answer_ms.unwrap_or(contact.first_seen_ms));
+        let silent_ms =
+            now_ms.saturating_sub(contact.last_answer_ms.unwrap_or(contact.first_seen_ms));
         PeerHealth {
             healthy: last_contact_ms.is_some_and(|ms| ms < unhealthy_after_ms),
             last_contact_ms,
@@ -279,14 +280,20 @@ fn metrics(shared: &NodeShared) -> Result<Arc<RaftMetrics>, OpError> {
 }
 
 fn member(metrics: &RaftMetrics, id: NodeId) -> Option<ClusterNode> {
-    metrics.membership_config.membership().get_node(&id).cloned()
+    metrics
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .cloned()
 }
 
 fn not_leader(metrics: &RaftMetrics) -> OpError {
     let leader = metrics.current_leader;
     OpError::NotLeader {
         leader,
-        leader_http: leader.and_then(|id| member(metrics, id)).map(|n| n.http_addr),
+        leader_http: leader
+            .and_then(|id| member(metrics, id))
+            .map(|n| n.http_addr),
     }
 }
 
@@ -463,7 +470,9 @@ fn drive_transfer(
                     error = answer["error"].as_str().unwrap_or(""),
                     "transfer target refused to start an election"
                 ),
-                Err(error) => tracing::info!(target, error = %format!("{error:#}"), "transfer target unreachable"),
+                Err(error) => {
+                    tracing::info!(target, error = %format!("{error:#}"), "transfer target unreachable")
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -488,21 +497,25 @@ pub fn stepdown(shared: &NodeShared, preferred: Option<NodeId>) -> Result<Transf
             let voters: Vec<NodeId> = membership.voter_ids().collect();
             let candidates: Vec<Candidate> = membership
                 .nodes()
-                .map(|(id, _)| Candidate {
-                    id: *id,
-                    voter: voters.contains(id),
-                    state: version.manifest.node_state(*id),
-                    healthy: shared
-                        .ops
-                        .peer_health(*id, now_ms, unhealthy_after_ms)
-                        .healthy,
-                    matched: matched_index(&metrics, *id),
+                .map(|(id, _)| {
+                    let health = shared.ops.peer_health(*id, now_ms, unhealthy_after_ms);
+                    let matched = matched_index(&metrics, *id);
+                    Candidate {
+                        id: *id,
+                        voter: voters.contains(id),
+                        state: version.manifest.node_state(*id),
+                        // Not probed yet (this node just started or just led): a node that
+                        // acknowledged the whole log is alive enough to be asked.
+                        healthy: health.healthy
+                            || (health.last_contact_ms.is_none()
+                                && matched.is_some()
+                                && matched == metrics.last_log_index),
+                        matched,
+                    }
                 })
                 .collect();
             choose_successor(me, &candidates).ok_or_else(|| {
-                OpError::Conflict(
-                    "no other healthy, active voter can take the leadership".into(),
-                )
+                OpError::Conflict("no other healthy, active voter can take the leadership".into())
             })?
         }
     };
@@ -612,14 +625,17 @@ fn wait_peers_hold_files(
             if *id == me || version.manifest.node_state(*id) == Some(NodeState::Dead) {
                 continue;
             }
-            let caught_up = match call_node(shared, &node.http_addr, "GET", "/api/v1/cluster/local", b"") {
-                Ok((200, answer)) => {
-                    let replication = &answer["node"]["replication"];
-                    replication["latest_index"].as_u64().is_some_and(|i| i >= index)
-                        && replication["files_missing"].as_u64() == Some(0)
-                }
-                _ => false,
-            };
+            let caught_up =
+                match call_node(shared, &node.http_addr, "GET", "/api/v1/cluster/local", b"") {
+                    Ok((200, answer)) => {
+                        let replication = &answer["node"]["replication"];
+                        replication["latest_index"]
+                            .as_u64()
+                            .is_some_and(|i| i >= index)
+                            && replication["files_missing"].as_u64() == Some(0)
+                    }
+                    _ => false,
+                };
             if !caught_up {
                 behind.push(*id);
             }
@@ -637,7 +653,11 @@ fn wait_peers_hold_files(
     }
 }
 
-fn remove_through_leader(shared: &NodeShared, me: NodeId, deadline: Instant) -> Result<(), OpError> {
+fn remove_through_leader(
+    shared: &NodeShared,
+    me: NodeId,
+    deadline: Instant,
+) -> Result<(), OpError> {
     let path = format!("/api/v1/cluster/peer/{me}");
     loop {
         let metrics = metrics(shared)?;
@@ -680,8 +700,11 @@ pub fn spawn_health_thread(shared: Arc<NodeShared>) -> anyhow::Result<()> {
             let cluster = &shared.config.cluster;
             let interval = Duration::from_millis((cluster.unhealthy_after_ms / 5).clamp(50, 1000));
             let mut next_stepdown = Instant::now();
+            let mut first = true;
             while !shared.is_stopping() {
-                std::thread::sleep(interval);
+                if !std::mem::take(&mut first) {
+                    std::thread::sleep(interval);
+                }
                 let Some(metrics) = shared.manifest.raft_metrics() else {
                     continue;
                 };
@@ -859,14 +882,21 @@ mod tests {
         let mut dead = candidate(8, Some(100));
         dead.state = Some(NodeState::Dead);
         let others = [learner, sick, draining, dead];
-        let mut all = vec![candidate(1, Some(100)), candidate(2, Some(40)), candidate(3, Some(41))];
+        let mut all = vec![
+            candidate(1, Some(100)),
+            candidate(2, Some(40)),
+            candidate(3, Some(41)),
+        ];
         all.extend(others.iter().cloned());
         assert_eq!(choose_successor(1, &all), Some(3));
         all.push(candidate(4, Some(41)));
         assert_eq!(choose_successor(1, &all), Some(3), "lowest id on a tie");
         let mut unknown_state = candidate(9, Some(41));
         unknown_state.state = None;
-        assert_eq!(choose_successor(1, &[candidate(1, None), unknown_state]), Some(9));
+        assert_eq!(
+            choose_successor(1, &[candidate(1, None), unknown_state]),
+            Some(9)
+        );
         let mut only_others = vec![candidate(1, Some(100))];
         only_others.extend(others);
         assert_eq!(choose_successor(1, &only_others), None);
