@@ -132,9 +132,16 @@ impl Api {
             Handler::ClusterNodes => (Endpoint::Other, self.cluster_nodes(&request)),
             Handler::ClusterLocal => {
                 let all = crate::cluster_api::cluster(&self.node);
-                let local = all["nodes"]
+                let mut local = all["nodes"]
                     .as_array()
                     .and_then(|nodes| nodes.iter().find(|n| n["is_local"] == true).cloned());
+                if let Some(serde_json::Value::Object(fields)) = local.as_mut() {
+                    if let serde_json::Value::Object(extras) =
+                        crate::cluster_api::local_extras(&self.node)
+                    {
+                        fields.extend(extras);
+                    }
+                }
                 let body = serde_json::json!({ "success": true, "node": local, "cluster": all });
                 (Endpoint::Other, json(StatusCode::OK, body.to_string()))
             }
@@ -145,6 +152,25 @@ impl Api {
                     .await,
             ),
             Handler::TransferLeader => (Endpoint::Other, self.transfer_leader(request).await),
+            Handler::Stepdown => (Endpoint::Other, self.stepdown(request).await),
+            Handler::Elect => (Endpoint::Other, self.elect().await),
+            Handler::Leave => (
+                Endpoint::Other,
+                self.run_op(crate::cluster_ops::leave_local).await,
+            ),
+            Handler::ClusterNode => (
+                Endpoint::Other,
+                self.cluster_node(parameter.as_deref().unwrap_or_default()),
+            ),
+            Handler::ClusterHealth => (Endpoint::Other, self.cluster_health()),
+            Handler::DrainNode | Handler::ActivateNode => {
+                let id = parameter.as_deref().unwrap_or_default().to_string();
+                (
+                    Endpoint::Other,
+                    self.set_node_state(request, &id, route.handler == Handler::DrainNode)
+                        .await,
+                )
+            }
             Handler::Measurements => (
                 Endpoint::Other,
                 self.measurements(parameter.as_deref().unwrap_or_default()),
@@ -157,6 +183,13 @@ impl Api {
             && self.node.config.cluster.role != crate::config::NodeRole::Writer
         {
             return self.not_a_writer();
+        }
+        if self.node.config.cluster.enabled {
+            if let Some(state) =
+                crate::cluster_ops::own_state(&self.node).filter(|s| s.is_draining())
+            {
+                return self.draining_refusal(state);
+            }
         }
         let query = query_pairs(request.uri().query());
         let database = match flavor {
@@ -406,7 +439,9 @@ impl Api {
         }
     }
 
-    /// `GET /api/v1/cluster/nodes[?role=voter|learner&state=...]`.
+    /// `GET /api/v1/cluster/nodes[?role=voter|learner&state=...]`; `state` matches the
+    /// committed state (joining, active, draining, leaving, dead) or this node's health view
+    /// of the member (healthy, unhealthy).
     fn cluster_nodes(&self, request: &Request<Incoming>) -> Response<Body> {
         let query = query_pairs(request.uri().query());
         let all = crate::cluster_api::cluster(&self.node);
@@ -420,7 +455,11 @@ impl Api {
                             .get("role")
                             .is_none_or(|r| n["raft_role"] == r.as_str())
                     })
-                    .filter(|n| query.get("state").is_none_or(|s| n["state"] == s.as_str()))
+                    .filter(|n| {
+                        query
+                            .get("state")
+                            .is_none_or(|s| n["state"] == s.as_str() || n["health"] == s.as_str())
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -481,12 +520,47 @@ impl Api {
         };
         let voter = node.role != "replica-only";
         let manifest = &self.node.manifest;
+        let me = manifest.node_id();
+        let (leading, known) = manifest
+            .raft_metrics()
+            .map(|m| {
+                (
+                    m.current_leader == Some(me),
+                    m.membership_config
+                        .membership()
+                        .get_node(&peer.id)
+                        .is_some(),
+                )
+            })
+            .unwrap_or((false, false));
+        // A new member is `joining` until it votes (or, replica-only, has caught up); the
+        // leader's health loop repairs the state if this request stops half way.
+        let set_state = |state| {
+            manifest.propose(shale_replication::ManifestCommand::SetNodeState {
+                node_id: peer.id,
+                state,
+            })
+        };
+        if leading && !known {
+            if let Err(e) = set_state(shale_replication::NodeState::Joining).await {
+                return self.membership_error(e);
+            }
+        }
         if let Err(e) = manifest.add_learner(peer.id, node).await {
             return self.membership_error(e);
         }
         if voter {
             let add = std::collections::BTreeSet::from([peer.id]);
             if let Err(e) = manifest.change_voters(add, Default::default()).await {
+                return self.membership_error(e);
+            }
+        }
+        let state = manifest.current().manifest.node_state(peer.id);
+        if matches!(
+            state,
+            None | Some(shale_replication::NodeState::Joining | shale_replication::NodeState::Dead)
+        ) {
+            if let Err(e) = set_state(shale_replication::NodeState::Active).await {
                 return self.membership_error(e);
             }
         }
@@ -510,67 +584,329 @@ impl Api {
         }
     }
 
-    /// `POST /api/v1/cluster/leader {"id": N}`: asks node N to take the leadership. openraft
-    /// 0.9 has no transfer: the target starts an election, which it wins when its log is up to
-    /// date (the old leader steps down on seeing the higher term).
+    /// `POST /api/v1/cluster/leader {"id": N}` (ArcadeDB's `{"peerId": N}` too): makes node N
+    /// the leader and answers once it leads, with the time the transfer took. Any node takes
+    /// it and forwards it to the leader; without an id the leader steps down to the best voter.
     async fn transfer_leader(&self, request: Request<Incoming>) -> Response<Body> {
-        let body = match self
-            .read_body(request, 4096, "the leader request limit")
-            .await
-        {
-            Ok(body) => body,
+        let (forwarded, path, body) = match self.admin_request(request).await {
+            Ok(parts) => parts,
             Err(response) => return response,
         };
-        let target = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["id"].as_u64());
-        let Some(target) = target else {
-            return error(StatusCode::BAD_REQUEST, "body must be {\"id\": <node id>}");
+        let target = match requested_node(&body, &["id", "peerId"]) {
+            Ok(target) => target,
+            Err(response) => return response,
         };
-        if target != self.node.manifest.node_id() {
-            return error(
-                StatusCode::MISDIRECTED_REQUEST,
-                &format!(
-                    "send this request to node {target} itself: the new leader starts the election"
-                ),
+        self.on_leader(forwarded, path, body, move |node| {
+            crate::cluster_ops::stepdown(node, target).map(|report| report.to_json())
+        })
+        .await
+    }
+
+    /// `POST /api/v1/cluster/stepdown [{"preferred": N}]`: the leader hands over to the most
+    /// up-to-date healthy active voter (or to N). Any node takes it and forwards it.
+    async fn stepdown(&self, request: Request<Incoming>) -> Response<Body> {
+        let (forwarded, path, body) = match self.admin_request(request).await {
+            Ok(parts) => parts,
+            Err(response) => return response,
+        };
+        let preferred = match requested_node(&body, &["preferred", "id"]) {
+            Ok(preferred) => preferred,
+            Err(response) => return response,
+        };
+        self.on_leader(forwarded, path, body, move |node| {
+            crate::cluster_ops::stepdown(node, preferred).map(|report| report.to_json())
+        })
+        .await
+    }
+
+    /// `POST /api/v1/cluster/elect`: this node starts an election now. The leader sends it to
+    /// the target of a transfer once the target holds the whole log; operators use
+    /// `/api/v1/cluster/leader`.
+    async fn elect(&self) -> Response<Body> {
+        let manifest = &self.node.manifest;
+        let me = manifest.node_id();
+        let Some(metrics) = manifest.raft_metrics() else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "Raft has not started");
+        };
+        if metrics.current_leader == Some(me) {
+            return json(
+                StatusCode::OK,
+                serde_json::json!({ "success": true, "leader_id": me }).to_string(),
             );
         }
-        match self.node.manifest.trigger_election().await {
+        if !metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == me)
+        {
+            return error(
+                StatusCode::CONFLICT,
+                &format!("node {me} is not a voter: only voters can lead"),
+            );
+        }
+        match manifest.trigger_election().await {
             Ok(()) => json(
                 StatusCode::OK,
                 r#"{"success":true,"election":"started"}"#.into(),
             ),
-            Err(e) => self.membership_error(e),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         }
+    }
+
+    /// `POST /api/v1/cluster/nodes/{id}/drain` and `/activate`: any node takes them and sends
+    /// them to node `id`, which drains itself (hands the leadership over if it leads, commits
+    /// `draining`, flushes every buffer and answers once none holds a row) or becomes active.
+    async fn set_node_state(
+        &self,
+        request: Request<Incoming>,
+        id: &str,
+        drain: bool,
+    ) -> Response<Body> {
+        let Ok(id) = id.parse::<u64>() else {
+            return error(StatusCode::BAD_REQUEST, "the node id must be a number");
+        };
+        let (forwarded, path, body) = match self.admin_request(request).await {
+            Ok(parts) => parts,
+            Err(response) => return response,
+        };
+        let job = if drain {
+            crate::cluster_ops::drain_local
+        } else {
+            crate::cluster_ops::activate_local
+        };
+        if id == self.node.manifest.node_id() {
+            return self.run_op(job).await;
+        }
+        let member = self.node.manifest.raft_metrics().and_then(|m| {
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.http_addr.clone())
+        });
+        match member {
+            None => error(StatusCode::NOT_FOUND, &format!("node {id} is not a member")),
+            Some(_) if forwarded => error(
+                StatusCode::MISDIRECTED_REQUEST,
+                &format!("this is not node {id}"),
+            ),
+            Some(http_addr) => self.forward(http_addr, "POST", path, body).await,
+        }
+    }
+
+    /// Reads an admin request's small JSON body; returns whether another node forwarded it,
+    /// its path and query, and the body.
+    async fn admin_request(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<(bool, String, Bytes), Response<Body>> {
+        let forwarded = header_value(&request, crate::cluster_ops::FORWARDED_HEADER).is_some();
+        let path = request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default();
+        let body = self
+            .read_body(request, 4096, "the cluster request limit")
+            .await?;
+        Ok((forwarded, path, body))
+    }
+
+    /// Runs `job` here when this node leads; otherwise forwards the request to the leader
+    /// once (a forwarded request that finds no leader here answers 421 naming the leader).
+    async fn on_leader(
+        &self,
+        forwarded: bool,
+        path: String,
+        body: Bytes,
+        job: impl FnOnce(&NodeShared) -> Result<serde_json::Value, crate::cluster_ops::OpError>
+            + Send
+            + 'static,
+    ) -> Response<Body> {
+        let me = self.node.manifest.node_id();
+        let metrics = self.node.manifest.raft_metrics();
+        let leader = metrics.as_ref().and_then(|m| m.current_leader);
+        if leader == Some(me) {
+            return self.run_op(job).await;
+        }
+        let leader_http = self.leader_http(leader);
+        match leader_http {
+            Some(http_addr) if !forwarded => self.forward(http_addr, "POST", path, body).await,
+            _ => self.not_leader(leader, leader_http),
+        }
+    }
+
+    /// Runs a lifecycle operation off the shard and answers with its JSON or its error.
+    async fn run_op(
+        &self,
+        job: impl FnOnce(&NodeShared) -> Result<serde_json::Value, crate::cluster_ops::OpError>
+            + Send
+            + 'static,
+    ) -> Response<Body> {
+        let node = self.node.clone();
+        match crate::cluster_ops::off_shard(move || job(&node))
+            .await
+            .and_then(|result| result)
+        {
+            Ok(value) => json(StatusCode::OK, value.to_string()),
+            Err(e) => self.op_error(e),
+        }
+    }
+
+    /// Sends the request on to another node and relays its answer.
+    async fn forward(
+        &self,
+        http_addr: String,
+        method: &'static str,
+        path: String,
+        body: Bytes,
+    ) -> Response<Body> {
+        let node = self.node.clone();
+        let target = http_addr.clone();
+        let answer = crate::cluster_ops::off_shard(move || {
+            crate::cluster_ops::call_node(&node, &target, method, &path, &body)
+        })
+        .await;
+        match answer {
+            Ok(Ok((status, value))) => json(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                value.to_string(),
+            ),
+            Ok(Err(e)) => error(
+                StatusCode::BAD_GATEWAY,
+                &format!("forward to {http_addr}: {e:#}"),
+            ),
+            Err(e) => self.op_error(e),
+        }
+    }
+
+    fn op_error(&self, e: crate::cluster_ops::OpError) -> Response<Body> {
+        if let crate::cluster_ops::OpError::NotLeader {
+            leader,
+            leader_http,
+        } = e
+        {
+            return self.not_leader(leader, leader_http);
+        }
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        error(status, &e.to_string())
+    }
+
+    fn leader_http(&self, leader: Option<u64>) -> Option<String> {
+        let id = leader?;
+        let metrics = self.node.manifest.raft_metrics()?;
+        let node = metrics
+            .membership_config
+            .membership()
+            .get_node(&id)?
+            .clone();
+        Some(node.http_addr)
+    }
+
+    /// 421 naming the leader and its HTTP address (also in `Location`).
+    fn not_leader(&self, leader: Option<u64>, leader_http: Option<String>) -> Response<Body> {
+        let body = serde_json::json!({
+            "success": false,
+            "error": format!("this node is not the leader (leader: {leader:?})"),
+            "leader_id": leader,
+            "leader_http_addr": leader_http,
+        });
+        let mut response = json(StatusCode::MISDIRECTED_REQUEST, body.to_string());
+        if let Some(Ok(value)) =
+            leader_http.map(|h| header::HeaderValue::from_str(&format!("http://{h}")))
+        {
+            response.headers_mut().insert(header::LOCATION, value);
+        }
+        response
+    }
+
+    /// `GET /api/v1/cluster/nodes/{id}`: one member as `/api/v1/cluster/nodes` lists it.
+    fn cluster_node(&self, id: &str) -> Response<Body> {
+        let Ok(id) = id.parse::<u64>() else {
+            return error(StatusCode::BAD_REQUEST, "the node id must be a number");
+        };
+        let all = crate::cluster_api::cluster(&self.node);
+        let node = all["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["id"] == id).cloned());
+        match node {
+            Some(node) => json(
+                StatusCode::OK,
+                serde_json::json!({ "success": true, "node": node }).to_string(),
+            ),
+            None => error(StatusCode::NOT_FOUND, &format!("node {id} is not a member")),
+        }
+    }
+
+    /// `GET /api/v1/cluster/health`: healthy, degraded (a member unhealthy in this node's view,
+    /// dead, or not active) or unavailable (no leader; 503).
+    fn cluster_health(&self) -> Response<Body> {
+        let health = crate::cluster_api::health(&self.node);
+        let status = if health["status"] == "unavailable" {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        json(status, health.to_string())
     }
 
     /// A failed membership change: not the leader answers 421 naming the leader's HTTP address.
     fn membership_error(&self, e: shale_replication::ManifestError) -> Response<Body> {
         if let shale_replication::ManifestError::NotLeader { leader } = &e {
-            let leader_http = leader.and_then(|id| {
-                let metrics = self.node.manifest.raft_metrics()?;
-                let node = metrics
-                    .membership_config
-                    .membership()
-                    .get_node(&id)?
-                    .clone();
-                Some(node.http_addr)
-            });
-            let body = serde_json::json!({
-                "success": false,
-                "error": format!("this node is not the leader (leader: {leader:?})"),
-                "leader_id": leader,
-                "leader_http_addr": leader_http,
-            });
-            let mut response = json(StatusCode::MISDIRECTED_REQUEST, body.to_string());
-            if let Some(Ok(value)) =
-                leader_http.map(|h| header::HeaderValue::from_str(&format!("http://{h}")))
-            {
-                response.headers_mut().insert(header::LOCATION, value);
-            }
-            return response;
+            return self.not_leader(*leader, self.leader_http(*leader));
         }
         error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+    }
+
+    /// The HTTP addresses of the members that take writes now (writers that are not draining,
+    /// leaving or dead), this node excluded.
+    fn writable_nodes(&self) -> Vec<String> {
+        let me = self.node.manifest.node_id();
+        let version = self.node.manifest.current();
+        self.node
+            .manifest
+            .raft_metrics()
+            .map(|metrics| {
+                metrics
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .filter(|(id, node)| {
+                        **id != me
+                            && node.is_writer()
+                            && !version.manifest.node_state(**id).is_some_and(|s| {
+                                s.is_draining() || s == shale_replication::NodeState::Dead
+                            })
+                    })
+                    .map(|(_, node)| format!("http://{}", node.http_addr))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A draining or leaving node refuses writes with 503 + Retry-After, naming the nodes that
+    /// take them (the first also in `X-Shale-Writer`).
+    fn draining_refusal(&self, state: shale_replication::NodeState) -> Response<Body> {
+        let writers = self.writable_nodes();
+        let mut response = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "this node is {} and takes no writes; write to: {}",
+                state.as_str(),
+                if writers.is_empty() {
+                    "(no other writable node known)".to_string()
+                } else {
+                    writers.join(", ")
+                }
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        if let Some(Ok(value)) = writers.first().map(|w| header::HeaderValue::from_str(w)) {
+            response.headers_mut().insert("x-shale-writer", value);
+        }
+        response
     }
 
     /// A reader or replica-only node refuses writes and names the nodes that take them.
@@ -654,6 +990,20 @@ impl Api {
     fn ready(&self) -> Response<Body> {
         if let Err(problem) = self.node.health() {
             return error(StatusCode::SERVICE_UNAVAILABLE, &problem);
+        }
+        // A draining node still answers queries and serves files, but load balancers must
+        // stop sending it writes.
+        if self.node.config.cluster.enabled {
+            if let Some(state) =
+                crate::cluster_ops::own_state(&self.node).filter(|s| s.is_draining())
+            {
+                let body = serde_json::json!({
+                    "success": false,
+                    "status": state.as_str(),
+                    "error": format!("node is {}: it takes no writes", state.as_str()),
+                });
+                return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
+            }
         }
         if self.node.is_ready() {
             json(StatusCode::OK, r#"{"status":"ready"}"#.into())
@@ -867,6 +1217,31 @@ fn write_error(e: WriteError) -> Response<Body> {
     error(status, &e.to_string())
 }
 
+/// The node id a cluster request's JSON body names under one of `keys` (a number or a string
+/// of digits, as ArcadeDB's `peerId`); `None` for an empty body or no such key.
+#[allow(clippy::result_large_err)]
+fn requested_node(body: &[u8], keys: &[&str]) -> Result<Option<u64>, Response<Body>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let bad = || {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("body must be JSON like {{\"{}\": <node id>}}", keys[0]),
+        )
+    };
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| bad())?;
+    for key in keys {
+        match &value[*key] {
+            serde_json::Value::Null => continue,
+            serde_json::Value::Number(n) => return n.as_u64().map(Some).ok_or_else(bad),
+            serde_json::Value::String(s) => return s.parse().map(Some).map_err(|_| bad()),
+            _ => return Err(bad()),
+        }
+    }
+    Ok(None)
+}
+
 fn header_value(request: &Request<Incoming>, name: &str) -> Option<String> {
     request
         .headers()
@@ -901,6 +1276,13 @@ enum Handler {
     AddPeer,
     RemovePeer,
     TransferLeader,
+    Stepdown,
+    Elect,
+    Leave,
+    ClusterNode,
+    ClusterHealth,
+    DrainNode,
+    ActivateNode,
 }
 
 /// The write endpoints differ in where the database name comes from and in body format.
@@ -922,7 +1304,7 @@ struct Route {
 
 /// Every endpoint of the node, in one place: matching, 405s and the `Allow` header all come
 /// from this table.
-static ROUTES: [Route; 19] = [
+static ROUTES: [Route; 26] = [
     Route {
         pattern: "/write",
         methods: &[Method::POST],
@@ -1007,6 +1389,41 @@ static ROUTES: [Route; 19] = [
         pattern: "/api/v1/cluster/leader",
         methods: &[Method::POST],
         handler: Handler::TransferLeader,
+    },
+    Route {
+        pattern: "/api/v1/cluster/stepdown",
+        methods: &[Method::POST],
+        handler: Handler::Stepdown,
+    },
+    Route {
+        pattern: "/api/v1/cluster/elect",
+        methods: &[Method::POST],
+        handler: Handler::Elect,
+    },
+    Route {
+        pattern: "/api/v1/cluster/leave",
+        methods: &[Method::POST],
+        handler: Handler::Leave,
+    },
+    Route {
+        pattern: "/api/v1/cluster/health",
+        methods: &[Method::GET],
+        handler: Handler::ClusterHealth,
+    },
+    Route {
+        pattern: "/api/v1/cluster/nodes/{}",
+        methods: &[Method::GET],
+        handler: Handler::ClusterNode,
+    },
+    Route {
+        pattern: "/api/v1/cluster/nodes/{}/drain",
+        methods: &[Method::POST],
+        handler: Handler::DrainNode,
+    },
+    Route {
+        pattern: "/api/v1/cluster/nodes/{}/activate",
+        methods: &[Method::POST],
+        handler: Handler::ActivateNode,
     },
     Route {
         pattern: "/api/v1/databases",

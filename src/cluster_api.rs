@@ -42,6 +42,7 @@ pub fn nodes(
     let Some(metrics) = metrics else {
         return Vec::new();
     };
+    let now_ms = node.elapsed_ms();
     let membership = metrics.membership_config.membership();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
     let leader_last = metrics.last_log_index;
@@ -57,11 +58,18 @@ pub fn nodes(
                 (Some(last), Some(matched)) => Some(last.saturating_sub(matched.unwrap_or(0))),
                 _ => None,
             };
-            let state = version
-                .manifest
-                .node_states()
-                .get(id)
-                .map(|state| format!("{state:?}").to_lowercase());
+            let state = version.manifest.node_state(*id).map(|s| s.as_str());
+            let local = *id == node.manifest.node_id();
+            let health = if local {
+                crate::cluster_ops::PeerHealth {
+                    healthy: node.health().is_ok(),
+                    last_contact_ms: Some(0),
+                    silent_ms: 0,
+                }
+            } else {
+                node.ops
+                    .peer_health(*id, now_ms, node.config.cluster.unhealthy_after_ms)
+            };
             json!({
                 "id": id,
                 "name": if member.name.is_empty() { format!("node-{id}") } else { member.name.clone() },
@@ -69,11 +77,75 @@ pub fn nodes(
                 "http_addr": member.http_addr,
                 "raft_role": if voters.contains(id) { "voter" } else { "learner" },
                 "is_leader": metrics.current_leader == Some(*id),
-                "is_local": *id == node.manifest.node_id(),
-                "state": state.unwrap_or_else(|| "active".into()),
+                "is_local": local,
+                "state": state.unwrap_or("active"),
+                "health": if health.healthy { "healthy" } else { "unhealthy" },
+                "last_contact_ms": health.last_contact_ms,
                 "matched_index": matched.flatten(),
                 "lag_entries": lag_entries,
             })
         })
         .collect()
+}
+
+/// `GET /api/v1/cluster/health`: this node's summary of the cluster. `unavailable` without a
+/// leader; `degraded` when a member is unhealthy in this node's view or not active; otherwise
+/// `healthy`.
+pub fn health(node: &NodeShared) -> Value {
+    let version = node.manifest.current();
+    let metrics = node.manifest.raft_metrics();
+    let nodes = nodes(node, metrics.as_deref(), &version);
+    let leader = metrics.as_deref().and_then(|m| m.current_leader);
+    let healthy = nodes.iter().filter(|n| n["health"] == "healthy").count();
+    let mut by_state = std::collections::BTreeMap::<String, usize>::new();
+    for n in &nodes {
+        *by_state
+            .entry(n["state"].as_str().unwrap_or("active").to_string())
+            .or_default() += 1;
+    }
+    let all_active = by_state.keys().all(|state| state == "active");
+    let status = match leader {
+        None => "unavailable",
+        Some(_) if healthy < nodes.len() || !all_active => "degraded",
+        Some(_) => "healthy",
+    };
+    let role = match node.config.cluster.role {
+        crate::config::NodeRole::Writer => "writer",
+        crate::config::NodeRole::Reader => "reader",
+        crate::config::NodeRole::ReplicaOnly => "replica-only",
+    };
+    json!({
+        "success": true,
+        "status": status,
+        "cluster_name": node.identity.cluster_id,
+        "node_id": node.manifest.node_id(),
+        "role": role,
+        "leader_id": leader,
+        "node_count": nodes.len(),
+        "healthy_nodes": healthy,
+        "states": by_state,
+    })
+}
+
+/// What `GET /api/v1/cluster/local` adds about this node: rows not yet in files, and file
+/// replication (the manifest index it has seen, files and bytes it still misses).
+pub fn local_extras(node: &NodeShared) -> Value {
+    let replication = node
+        .cluster
+        .as_ref()
+        .and_then(|view| view.replication())
+        .map(|handle| {
+            let m = handle.metrics();
+            json!({
+                "latest_index": m.latest_index,
+                "present_index": m.present_index,
+                "files_missing": m.files_missing,
+                "bytes_missing": m.bytes_missing,
+                "files_in_flight": m.files_in_flight,
+            })
+        });
+    json!({
+        "unflushed_rows": crate::cluster_ops::unflushed_rows(node),
+        "replication": replication,
+    })
 }

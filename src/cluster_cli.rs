@@ -26,11 +26,54 @@ impl Target {
         Ok(value)
     }
 
+    /// [`Self::call`], following a follower's 421 to the leader it names (a few hops at most,
+    /// while leadership moves).
+    pub fn call_following(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut url = self.url.clone();
+        for _ in 0..4 {
+            let target = Target {
+                url: url.clone(),
+                token: self.token.clone(),
+            };
+            let (status, value) = target.call_raw(method, path, body)?;
+            if status == 421 {
+                if let Some(leader) = value["leader_http_addr"].as_str() {
+                    url = format!("http://{leader}");
+                    continue;
+                }
+            }
+            if !(200..300).contains(&status) {
+                bail!(
+                    "{method} {path} on {url}: {status} {}",
+                    value["error"].as_str().unwrap_or("(no message)")
+                );
+            }
+            return Ok(value);
+        }
+        bail!("{method} {path}: no leader answered (leadership kept moving)")
+    }
+
     /// Sends one request and returns the status and the JSON answer, whatever the status.
     pub fn call_raw(
         &self,
         method: &str,
         path: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        self.call_raw_with(method, path, &[], body)
+    }
+
+    /// [`Self::call_raw`] with extra request headers.
+    pub fn call_raw_with(
+        &self,
+        method: &str,
+        path: &str,
+        extra_headers: &[(&str, &str)],
         body: &[u8],
     ) -> anyhow::Result<(u16, serde_json::Value)> {
         let addr = resolve(&self.url).with_context(|| format!("resolve {}", self.url))?;
@@ -41,6 +84,7 @@ impl Target {
         if let Some(value) = authorization.as_deref() {
             headers.push(("authorization", value));
         }
+        headers.extend_from_slice(extra_headers);
         let response = client
             .request(method, path, &headers, body)
             .with_context(|| format!("{method} {path}"))?;

@@ -154,6 +154,10 @@ pub struct ClusterConfig {
     pub heartbeat_ms: u64,
     pub election_timeout_ms_min: u64,
     pub election_timeout_ms_max: u64,
+    pub unhealthy_after_ms: u64,
+    pub dead_after_ms: u64,
+    pub transfer_timeout_ms: u64,
+    pub drain_timeout_ms: u64,
 }
 
 /// What a node does in a cluster (a standalone node does everything).
@@ -351,6 +355,20 @@ impl Config {
                 bail!(
                     "cluster timings: need heartbeat_ms * 2 < election_timeout_ms_min < \
                      election_timeout_ms_max"
+                );
+            }
+            if self.cluster.unhealthy_after_ms < 100
+                || self.cluster.dead_after_ms <= self.cluster.unhealthy_after_ms
+            {
+                bail!(
+                    "cluster health: need 100 <= unhealthy_after_ms < dead_after_ms \
+                     (a node is unhealthy before it is declared dead)"
+                );
+            }
+            if self.cluster.transfer_timeout_ms <= self.cluster.election_timeout_ms_max {
+                bail!(
+                    "cluster.transfer_timeout_ms must exceed election_timeout_ms_max: a \
+                     transfer may have to wait out the followers' leader lease"
                 );
             }
         }

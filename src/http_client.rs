@@ -35,8 +35,19 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> std::io::Result<Client> {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+        Self::connect_with_timeouts(addr, Duration::from_secs(5), Duration::from_secs(120))
+    }
+
+    /// [`Self::connect`] with its own bounds on connecting and on each read (health probes
+    /// must not wait long for a silent peer).
+    pub fn connect_with_timeouts(
+        addr: SocketAddr,
+        connect: Duration,
+        read: Duration,
+    ) -> std::io::Result<Client> {
+        let stream = TcpStream::connect_timeout(&addr, connect)?;
+        stream.set_read_timeout(Some(read))?;
+        stream.set_write_timeout(Some(read))?;
         stream.set_nodelay(true)?;
         Ok(Client {
             reader: BufReader::with_capacity(64 * 1024, stream),

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod buffer;
 pub mod cluster_api;
 pub mod cluster_cli;
+pub mod cluster_ops;
 pub mod config;
 pub mod failpoint;
 pub mod http_client;

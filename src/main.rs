@@ -118,6 +118,63 @@ enum ClusterAction {
         #[arg(long)]
         state: Option<String>,
     },
+    /// Add a node: learner first, a voter once it has the log (replica-only nodes stay
+    /// learners). Nodes with cluster.peers set ask for this themselves when they start.
+    Add {
+        #[command(flatten)]
+        target: ClusterTarget,
+        /// The new node's id (node.id).
+        id: u64,
+        /// Its QUIC address, host:port.
+        #[arg(long)]
+        quic_addr: String,
+        /// Its HTTP address, host:port.
+        #[arg(long)]
+        http_addr: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// writer, reader or replica-only.
+        #[arg(long, default_value = "writer")]
+        role: String,
+    },
+    /// Remove a node from the membership; it stops receiving the log and files.
+    Remove {
+        #[command(flatten)]
+        target: ClusterTarget,
+        id: u64,
+    },
+    /// Transfer the leadership to a node; waits until it leads.
+    Leader {
+        #[command(flatten)]
+        target: ClusterTarget,
+        id: u64,
+    },
+    /// The leader hands over to the most up-to-date healthy voter (or --preferred).
+    Stepdown {
+        #[command(flatten)]
+        target: ClusterTarget,
+        #[arg(long)]
+        preferred: Option<u64>,
+    },
+    /// The node at --target leaves: it drains, hands the leadership over, waits until the
+    /// others hold its files and is removed. Stop its process afterwards.
+    Leave {
+        #[command(flatten)]
+        target: ClusterTarget,
+    },
+    /// Drain a node: it refuses writes (503 naming writable nodes), flushes its buffers,
+    /// reports not ready, hands the leadership over, and still answers queries.
+    Drain {
+        #[command(flatten)]
+        target: ClusterTarget,
+        id: u64,
+    },
+    /// Make a drained node active again.
+    Activate {
+        #[command(flatten)]
+        target: ClusterTarget,
+        id: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -280,7 +337,62 @@ fn cluster(action: ClusterAction) -> anyhow::Result<()> {
             let nodes = target.target().call("GET", &path, b"")?;
             println!("{}", serde_json::to_string_pretty(&nodes)?);
         }
+        ClusterAction::Add {
+            target,
+            id,
+            quic_addr,
+            http_addr,
+            name,
+            role,
+        } => {
+            let body = serde_json::json!({
+                "id": id, "quic_addr": quic_addr, "http_addr": http_addr, "name": name, "role": role,
+            });
+            print_answer(target.target().call_following(
+                "POST",
+                "/api/v1/cluster/peer",
+                body.to_string().as_bytes(),
+            )?)?;
+        }
+        ClusterAction::Remove { target, id } => {
+            let path = format!("/api/v1/cluster/peer/{id}");
+            print_answer(target.target().call_following("DELETE", &path, b"")?)?;
+        }
+        ClusterAction::Leader { target, id } => {
+            let body = serde_json::json!({ "id": id }).to_string();
+            print_answer(target.target().call_following(
+                "POST",
+                "/api/v1/cluster/leader",
+                body.as_bytes(),
+            )?)?;
+        }
+        ClusterAction::Stepdown { target, preferred } => {
+            let body = preferred
+                .map(|id| serde_json::json!({ "preferred": id }).to_string())
+                .unwrap_or_default();
+            print_answer(target.target().call_following(
+                "POST",
+                "/api/v1/cluster/stepdown",
+                body.as_bytes(),
+            )?)?;
+        }
+        ClusterAction::Leave { target } => {
+            print_answer(target.target().call("POST", "/api/v1/cluster/leave", b"")?)?;
+        }
+        ClusterAction::Drain { target, id } => {
+            let path = format!("/api/v1/cluster/nodes/{id}/drain");
+            print_answer(target.target().call("POST", &path, b"")?)?;
+        }
+        ClusterAction::Activate { target, id } => {
+            let path = format!("/api/v1/cluster/nodes/{id}/activate");
+            print_answer(target.target().call("POST", &path, b"")?)?;
+        }
     }
+    Ok(())
+}
+
+fn print_answer(answer: serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(&answer)?);
     Ok(())
 }
 

@@ -39,6 +39,8 @@ pub struct NodeShared {
     pub identity: crate::identity::Identity,
     /// The cluster's control plane views (file replication lag); `None` when standalone.
     pub cluster: Option<shale_replication::cluster::ClusterView>,
+    /// Peer health view and lifecycle operations (drain, transfer, leave) of a cluster node.
+    pub ops: crate::cluster_ops::OpsState,
 }
 
 impl NodeShared {
@@ -94,6 +96,11 @@ impl NodeShared {
 
     pub fn ready_shards(&self) -> usize {
         self.ready_shards.load(Ordering::Relaxed)
+    }
+
+    /// Whether the node is shutting down.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 }
 
@@ -228,10 +235,14 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         fatal: FatalReporter(events.clone()),
         identity,
         cluster: cluster_view,
+        ops: Default::default(),
     });
     spawn_monitor_thread(shared.clone())?;
     if config.cluster.enabled && !config.cluster.bootstrap {
         spawn_join_thread(shared.clone(), manifest_config(&config).node)?;
+    }
+    if config.cluster.enabled {
+        crate::cluster_ops::spawn_health_thread(shared.clone())?;
     }
     let mut shutdown_senders = Vec::with_capacity(shard_count);
     let mut shutdown_receivers = Vec::with_capacity(shard_count);

@@ -720,7 +720,9 @@ impl Shard {
         loop {
             self.refresh_wal_metrics();
             let stopping = shutdown.is_raised();
-            for key in self.due_tables(stopping) {
+            // A draining or leaving node must end up holding no unflushed rows.
+            let everything = stopping || self.draining();
+            for key in self.due_tables(everything) {
                 if !self.flush_table(&key, stopping).await {
                     // Shutting down with the manifest unreachable: the rows stay in the WAL
                     // and are replayed at the next start.
@@ -737,6 +739,17 @@ impl Shard {
             )
             .await;
         }
+    }
+
+    /// Whether this node's committed cluster state is draining or leaving.
+    fn draining(&self) -> bool {
+        self.config.cluster.enabled
+            && self
+                .manifest
+                .current()
+                .manifest
+                .node_state(self.manifest.node_id())
+                .is_some_and(|state| state.is_draining())
     }
 
     /// Tables whose buffer is over a threshold (or non-empty at all, when `everything`).

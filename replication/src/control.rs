@@ -174,7 +174,7 @@ pub struct ManifestMetrics {
 }
 
 /// Counters shared by the control thread (writer) and clients (readers).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counters {
     commits_total: AtomicU64,
     rejections_total: AtomicU64,
@@ -192,6 +192,9 @@ struct Counters {
     /// The latest Raft metrics as a whole (membership, replication progress), for the cluster
     /// API; replaced on every change.
     raft: arc_swap::ArcSwapOption<RaftMetrics<NodeId, ClusterNode>>,
+    /// While `true`, new proposals wait before they reach Raft (a leadership transfer holds
+    /// them, so the target's log can equal the leader's when it asks for votes).
+    paused: tokio::sync::watch::Sender<bool>,
 }
 
 const NONE: u64 = u64::MAX;
@@ -202,7 +205,20 @@ fn load_option(value: &AtomicU64) -> Option<u64> {
 
 impl Counters {
     fn new() -> Counters {
-        let counters = Counters::default();
+        let counters = Counters {
+            commits_total: AtomicU64::new(0),
+            rejections_total: AtomicU64::new(0),
+            commit_errors_total: AtomicU64::new(0),
+            proposals_in_flight: AtomicU64::new(0),
+            current_leader: AtomicU64::new(0),
+            current_term: AtomicU64::new(0),
+            last_log_index: AtomicU64::new(0),
+            snapshot_index: AtomicU64::new(0),
+            purged_index: AtomicU64::new(0),
+            failure: std::sync::OnceLock::new(),
+            raft: arc_swap::ArcSwapOption::empty(),
+            paused: tokio::sync::watch::Sender::new(false),
+        };
         for value in [
             &counters.current_leader,
             &counters.last_log_index,
@@ -515,6 +531,38 @@ impl ManifestClient {
         .await
     }
 
+    /// Turns this node's leader heartbeats on or off (openraft's runtime switch). A leadership
+    /// transfer turns them off so followers' leader leases run out and they grant the target
+    /// their votes; it always turns them back on.
+    pub async fn set_heartbeat(&self, enabled: bool) -> Result<(), ManifestError> {
+        self.with_raft(move |raft| async move {
+            raft.runtime_config().heartbeat(enabled);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Lets this node start elections on its own (the default) or not: a draining or leaving
+    /// node must not take the leadership back. It still votes, and an explicit
+    /// [`Self::trigger_election`] still runs.
+    pub async fn set_elect(&self, enabled: bool) -> Result<(), ManifestError> {
+        self.with_raft(move |raft| async move {
+            raft.runtime_config().elect(enabled);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Holds new proposals (local and forwarded ones) before they reach Raft until the
+    /// returned guard is dropped. Proposals already in Raft go on. For a leadership transfer:
+    /// with nothing new appended, the target's log can become equal to the leader's.
+    pub fn pause_proposals(&self) -> ProposalPause {
+        self.counters.paused.send_replace(true);
+        ProposalPause {
+            paused: self.counters.paused.clone(),
+        }
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.node_id
@@ -546,6 +594,36 @@ impl ManifestClient {
             proposals_in_flight: counters.proposals_in_flight.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Proposals wait while this guard lives; see [`ManifestClient::pause_proposals`].
+#[must_use = "proposals resume when the guard is dropped"]
+pub struct ProposalPause {
+    paused: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for ProposalPause {
+    fn drop(&mut self) {
+        self.paused.send_replace(false);
+    }
+}
+
+thread_local! {
+    /// The pause switch of the Raft this control thread runs. Proposals reach `propose` both
+    /// from the control loop and from the cluster plane's forward server, which only holds
+    /// the Raft handle; both run on this thread's current-thread runtime, so the switch
+    /// lives here rather than in every caller's signature.
+    static PAUSED: std::cell::RefCell<Option<tokio::sync::watch::Receiver<bool>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Waits while proposals are paused on this control thread.
+async fn wait_unpaused() {
+    let Some(mut paused) = PAUSED.with(|p| p.borrow().clone()) else {
+        return;
+    };
+    // An error means the sender is gone (the service stops): nothing to wait for then.
+    let _ = paused.wait_for(|paused| !*paused).await;
 }
 
 /// Owns the control thread. Dropping it shuts the service down like [`Self::shutdown`].
@@ -702,6 +780,7 @@ impl Control {
         ready: flume::Sender<Result<(), ManifestError>>,
     ) -> Result<(), ManifestError> {
         let published = state_machine.published();
+        PAUSED.with(|p| *p.borrow_mut() = Some(self.counters.paused.subscribe()));
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -870,6 +949,9 @@ async fn propose_or_forward(
     forward: Option<&dyn Forward>,
     command: ManifestCommand,
 ) -> Result<CommitReceipt, ManifestError> {
+    // Wait here, before choosing where to send it: a paused leader may not lead any more
+    // when the pause ends.
+    wait_unpaused().await;
     let Some(forward) = forward else {
         return propose(raft, command).await;
     };
@@ -979,6 +1061,7 @@ pub(crate) async fn propose_here(
 }
 
 async fn propose(raft: &Raft, command: ManifestCommand) -> Result<CommitReceipt, ManifestError> {
+    wait_unpaused().await;
     match raft.client_write(command).await {
         Ok(written) => match written.data {
             ManifestResponse::Rejected(rejection) => Err(ManifestError::Rejected(rejection)),

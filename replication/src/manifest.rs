@@ -50,7 +50,11 @@ pub struct FileEntry {
     pub columns_fingerprint: u64,
 }
 
-/// Lifecycle state of a cluster node, as recorded through Raft.
+/// Lifecycle state of a cluster node, as recorded through Raft. `Joining` until the node is a
+/// voter (or a caught-up replica-only learner), then `Active`; `Draining` and `Leaving` are an
+/// operator's intent; `Dead` is committed by the leader after `cluster.dead_after_ms` without
+/// contact. `Unhealthy` is never committed: healthy/unhealthy is each node's local view (the
+/// variant stays so logs that might hold it still decode).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeState {
     Joining,
@@ -59,6 +63,25 @@ pub enum NodeState {
     Leaving,
     Unhealthy,
     Dead,
+}
+
+impl NodeState {
+    /// The lowercase name the cluster API shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Joining => "joining",
+            NodeState::Active => "active",
+            NodeState::Draining => "draining",
+            NodeState::Leaving => "leaving",
+            NodeState::Unhealthy => "unhealthy",
+            NodeState::Dead => "dead",
+        }
+    }
+
+    /// Draining and leaving nodes take no writes and hold no unflushed rows.
+    pub fn is_draining(self) -> bool {
+        matches!(self, NodeState::Draining | NodeState::Leaving)
+    }
 }
 
 /// A change to the manifest. Each command is atomic: all of it applies, or none of it.
