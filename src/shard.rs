@@ -709,6 +709,26 @@ impl Shard {
             .min(manifest.registration_retry_ms_max)
     }
 
+    /// Waits before registration attempt `attempt + 1`, but no longer than until a new leader
+    /// is known: a registration that failed because the old leader died is sent again at once
+    /// to its successor instead of sleeping out the back-off.
+    async fn registration_pause(&self, attempt: u32) {
+        let leader_before = self.manifest.leader();
+        let pause = Duration::from_millis(self.registration_backoff_ms(attempt));
+        let until = std::time::Instant::now() + pause;
+        loop {
+            let now = std::time::Instant::now();
+            if now >= until {
+                return;
+            }
+            glommio::timer::sleep((until - now).min(Duration::from_millis(50))).await;
+            let leader = self.manifest.leader();
+            if leader.is_some() && leader != leader_before {
+                return;
+            }
+        }
+    }
+
     /// Whether this shard's WAL refused further writes after an I/O error.
     fn wal_failed(&self) -> bool {
         self.wal().is_some_and(|wal| wal.stats().failed)
@@ -875,8 +895,7 @@ impl Shard {
                         );
                         return false;
                     }
-                    let backoff = Duration::from_millis(self.registration_backoff_ms(attempt));
-                    glommio::timer::sleep(backoff).await;
+                    self.registration_pause(attempt).await;
                 }
             }
         }
@@ -1114,8 +1133,7 @@ impl Shard {
                                 error = %format!("{error:#}"),
                                 "journal registration failed; retrying"
                             );
-                            let backoff_ms = self.registration_backoff_ms(attempt);
-                            glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
+                            self.registration_pause(attempt).await;
                         }
                     }
                 }

@@ -563,6 +563,11 @@ impl ManifestClient {
         }
     }
 
+    /// The leader this node knows of now (cheap: one atomic load).
+    pub fn leader(&self) -> Option<NodeId> {
+        load_option(&self.counters.current_leader)
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.node_id
