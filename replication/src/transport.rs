@@ -278,6 +278,18 @@ struct Slot {
     connection: Option<Connection>,
     failures: u32,
     retry_at: Option<Instant>,
+    /// The dial under way, if any. It runs as its own task so that a caller's timeout (a Raft
+    /// heartbeat's is a fraction of the connect timeout) never cancels it: a dial to a dead
+    /// peer runs to its end and starts the back-off, and calls in the meantime fail fast as
+    /// unreachable instead of each starting a handshake that is cut short again.
+    dialing: Option<tokio::sync::watch::Receiver<Option<Dialed>>>,
+}
+
+/// How a detached dial ended, for every caller waiting on it.
+#[derive(Clone)]
+enum Dialed {
+    Connected(Connection),
+    Failed { addr: SocketAddr, reason: String },
 }
 
 /// Outgoing connection slots by peer and lane; a slot's own lock serializes dialing.
@@ -496,65 +508,117 @@ impl Transport {
     }
 
     /// The cached connection to `target` on `lane`, dialing a new one if there is none (or it
-    /// closed, or the peer moved), unless the last dial failed recently.
+    /// closed, or the peer moved), unless the last dial failed recently. Concurrent callers
+    /// share one dial.
     async fn connection(
         &self,
         target: NodeId,
         addr: SocketAddr,
         lane: Lane,
     ) -> Result<Connection, TransportError> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(TransportError::Shutdown);
-        }
         let slot = lock(&self.inner.slots)
             .entry((target, lane))
             .or_default()
             .clone();
-        // Concurrent callers wait for one dial instead of each opening a connection.
-        let mut slot = slot.lock().await;
-        if let Some(connection) = &slot.connection {
-            if connection.close_reason().is_none() && connection.remote_address() == addr {
-                return Ok(connection.clone());
+        loop {
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(TransportError::Shutdown);
             }
-            slot.connection = None;
-        }
-        let now = Instant::now();
-        if let Some(retry_at) = slot.retry_at.filter(|at| *at > now) {
-            return Err(TransportError::BackingOff {
-                target,
-                retry_in_ms: (retry_at - now).as_millis() as u64,
-            });
-        }
-        match self.dial(target, addr).await {
-            Ok(connection) => {
-                if slot.failures > 0 {
-                    tracing::info!(target, %addr, failures = slot.failures, "peer reachable again");
+            let mut dialing = {
+                let mut state = slot.lock().await;
+                if let Some(connection) = &state.connection {
+                    if connection.close_reason().is_none() && connection.remote_address() == addr {
+                        return Ok(connection.clone());
+                    }
+                    state.connection = None;
                 }
-                slot.failures = 0;
-                slot.retry_at = None;
-                slot.connection = Some(connection.clone());
-                Ok(connection)
+                match &state.dialing {
+                    Some(dialing) => dialing.clone(),
+                    None => {
+                        let now = Instant::now();
+                        if let Some(retry_at) = state.retry_at.filter(|at| *at > now) {
+                            return Err(TransportError::BackingOff {
+                                target,
+                                retry_in_ms: (retry_at - now).as_millis() as u64,
+                            });
+                        }
+                        let (done, dialing) = tokio::sync::watch::channel(None);
+                        state.dialing = Some(dialing.clone());
+                        tokio::spawn(self.clone().dial_into(slot.clone(), target, addr, done));
+                        dialing
+                    }
+                }
+            };
+            let outcome = match dialing.wait_for(Option::is_some).await {
+                Ok(outcome) => outcome.clone(),
+                // The dial task ended without a word: only at runtime shutdown.
+                Err(_) => return Err(TransportError::Shutdown),
+            };
+            match outcome {
+                Some(Dialed::Connected(connection)) if connection.remote_address() == addr => {
+                    return Ok(connection)
+                }
+                // A dial to the peer's old address: look again (and dial the new one).
+                Some(Dialed::Connected(_)) => continue,
+                Some(Dialed::Failed { addr, reason }) => {
+                    return Err(TransportError::Connect {
+                        target,
+                        addr,
+                        reason,
+                    })
+                }
+                None => unreachable!("waited for an outcome"),
+            }
+        }
+    }
+
+    /// Dials `target` and records the outcome in its slot: the connection, or a failure that
+    /// doubles the back-off; then tells every caller waiting on it.
+    async fn dial_into(
+        self,
+        slot: Arc<tokio::sync::Mutex<Slot>>,
+        target: NodeId,
+        addr: SocketAddr,
+        done: tokio::sync::watch::Sender<Option<Dialed>>,
+    ) {
+        let result = self.dial(target, addr).await;
+        let mut state = slot.lock().await;
+        state.dialing = None;
+        let outcome = match result {
+            Ok(connection) => {
+                if state.failures > 0 {
+                    tracing::info!(target, %addr, failures = state.failures, "peer reachable again");
+                }
+                state.failures = 0;
+                state.retry_at = None;
+                state.connection = Some(connection.clone());
+                Dialed::Connected(connection)
             }
             Err(error) => {
-                slot.failures = slot.failures.saturating_add(1);
+                state.failures = state.failures.saturating_add(1);
                 let config = &self.inner.config;
-                let doubling = 1u32 << (slot.failures - 1).min(16);
+                let doubling = 1u32 << (state.failures - 1).min(16);
                 let delay = config
                     .backoff_min
                     .saturating_mul(doubling)
                     .min(config.backoff_max);
-                slot.retry_at = Some(Instant::now() + delay);
+                state.retry_at = Some(Instant::now() + delay);
                 tracing::debug!(
                     target,
                     %addr,
-                    failures = slot.failures,
+                    failures = state.failures,
                     delay_ms = delay.as_millis() as u64,
                     %error,
                     "connect to peer failed"
                 );
-                Err(error)
+                let reason = match error {
+                    TransportError::Connect { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                Dialed::Failed { addr, reason }
             }
-        }
+        };
+        let _ = done.send(Some(outcome));
     }
 
     async fn dial(&self, target: NodeId, addr: SocketAddr) -> Result<Connection, TransportError> {

@@ -96,6 +96,70 @@ impl CallHandler for Echo {
 }
 
 #[test]
+fn calls_to_a_silent_peer_fail_fast_once_a_dial_has_failed() {
+    // A killed peer answers nothing: a dial to it ends only at the connect timeout, which is
+    // longer than a Raft heartbeat's call timeout. The dial must not be cancelled with each
+    // short call (calls would then time out forever and never report the peer unreachable, so
+    // openraft never backs off): once the one dial has failed, calls fail at once as
+    // unreachable until the back-off passes.
+    runtime().block_on(async {
+        let ca = tls::generate_ca(CLUSTER).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let config = TransportConfig {
+            connect_timeout: Duration::from_millis(400),
+            backoff_min: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(5),
+            ..TransportConfig::default()
+        };
+        let a = Transport::bind(any, node_tls(&ca, CLUSTER, 1), admit_ids(&[2]), config).unwrap();
+        // A bound UDP socket that never answers: like a peer that is gone.
+        let silent = std::net::UdpSocket::bind(any).unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        let short = Duration::from_millis(100);
+        let started = Instant::now();
+        let unreachable = loop {
+            let result = a
+                .call(
+                    2,
+                    silent_addr,
+                    StreamKind::RaftForward,
+                    b"x".to_vec(),
+                    short,
+                )
+                .await;
+            match result {
+                Err(TransportError::Timeout { .. }) => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(3),
+                        "calls still time out {:?} after the first dial began",
+                        started.elapsed()
+                    );
+                }
+                Err(error) => break error,
+                Ok(_) => panic!("a silent peer answered"),
+            }
+        };
+        assert!(unreachable.is_unreachable(), "{unreachable}");
+        // While backing off, a call fails without waiting at all.
+        let quick = Instant::now();
+        let again = a
+            .call(
+                2,
+                silent_addr,
+                StreamKind::RaftForward,
+                b"x".to_vec(),
+                short,
+            )
+            .await;
+        assert!(
+            matches!(again, Err(TransportError::BackingOff { .. })),
+            "{again:?}"
+        );
+        assert!(quick.elapsed() < short, "{:?}", quick.elapsed());
+    });
+}
+
+#[test]
 fn call_round_trip_names_the_caller_and_refuses_unknown_headers() {
     // A call reaches the handler with the caller's node id taken from its certificate and comes
     // back intact; handler errors, missing handlers, unknown versions and kinds are reported as
