@@ -54,7 +54,11 @@ pub struct EncodeError {
 
 /// Appends one frame holding `payload` to `out` and returns the frame's length in bytes.
 /// On error `out` is left as it was.
-pub fn encode(out: &mut Vec<u8>, payload: &[u8], limits: FrameLimits) -> Result<usize, EncodeError> {
+pub fn encode(
+    out: &mut Vec<u8>,
+    payload: &[u8],
+    limits: FrameLimits,
+) -> Result<usize, EncodeError> {
     let start = begin(out);
     out.extend_from_slice(payload);
     finish(out, start, limits)
@@ -130,8 +134,14 @@ impl Incomplete {
 /// What is wrong with a damaged frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DamageKind {
-    LengthBelowMin { declared: usize, min: usize },
-    LengthAboveMax { declared: usize, max: usize },
+    LengthBelowMin {
+        declared: usize,
+        min: usize,
+    },
+    LengthAboveMax {
+        declared: usize,
+        max: usize,
+    },
     ChecksumMismatch {
         payload_bytes: usize,
         stored: u32,
@@ -296,7 +306,10 @@ impl std::fmt::Display for Fault {
                     write!(f, "zero-length record followed by data")
                 }
                 DamageKind::LengthBelowMin { declared, min } => {
-                    write!(f, "impossible record length {declared} (the minimum is {min})")
+                    write!(
+                        f,
+                        "impossible record length {declared} (the minimum is {min})"
+                    )
                 }
                 DamageKind::LengthAboveMax { declared, max } => {
                     write!(f, "record length {declared} exceeds the limit of {max}")

@@ -60,10 +60,7 @@ fn huge_declared_lengths_never_allocate() {
             outcome = Some(match decode(&bytes, 0, limits) {
                 Decoded::Frame(_) => "frame",
                 Decoded::Incomplete(incomplete) => {
-                    assert_eq!(
-                        incomplete.needed(),
-                        FRAME_HEADER_BYTES + declared as usize
-                    );
+                    assert_eq!(incomplete.needed(), FRAME_HEADER_BYTES + declared as usize);
                     "incomplete"
                 }
                 Decoded::Damaged(_) => "damaged",

@@ -125,7 +125,12 @@ fn zeroes_follow_rule() {
     encode(&mut frame, b"payload", LIMITS).unwrap();
     let torn = |bytes: &[u8]| {
         let (_, stop) = scan_all(bytes);
-        is_torn_tail(bytes, &stop.fault.expect("fault"), TailRule::ZeroesFollow, |_| false)
+        is_torn_tail(
+            bytes,
+            &stop.fault.expect("fault"),
+            TailRule::ZeroesFollow,
+            |_| false,
+        )
     };
     let mut damaged = frame.clone();
     damaged[FRAME_HEADER_BYTES] ^= 1;

@@ -378,7 +378,12 @@ fn unsupported_record_version(offset: usize, version: u8) -> ScanError {
 /// Whether a record valid in every respect (checksum, encoding, this node and shard, an LSN not
 /// yet seen) starts at `position`. One found after a bad record means the bad record is not the
 /// end of what was written, so it cannot be a torn tail.
-fn is_valid_record_at(data: &[u8], position: usize, expect: ScanExpectation, next_lsn: u64) -> bool {
+fn is_valid_record_at(
+    data: &[u8],
+    position: usize,
+    expect: ScanExpectation,
+    next_lsn: u64,
+) -> bool {
     if !record::is_plausible_frame(data, position) {
         return false;
     }
