@@ -1,7 +1,7 @@
 //! The Raft log and vote, persisted in one append-only file of checksummed records.
 //!
-//! Format of `raft-log`: a sequence of frames `[len u32 LE][crc32 u32 LE][payload]`, where the
-//! payload is `[format version u8][serde_json of a LogRecord]`, `len` counts the payload bytes and
+//! Format of `raft-log`: a sequence of shale-io frames `[len u32 LE][crc32 u32 LE][payload]`
+//! (`shale_io::frame`), where the payload is `[format version u8][serde_json of a LogRecord]`, `len` counts the payload bytes and
 //! the crc covers them. Each record is one operation (an entry, a truncation, a purge, a vote, the
 //! committed id); opening the store replays them into memory. A torn tail (a partial or damaged
 //! record with no valid record anywhere after it, or zeroes where records would follow) is
@@ -37,6 +37,10 @@ use openraft::RaftLogReader;
 use openraft::StorageIOError;
 use serde::Deserialize;
 use serde::Serialize;
+use shale_io::frame;
+use shale_io::frame::FrameLimits;
+use shale_io::frame::Reject;
+use shale_io::frame::TailRule;
 
 use crate::durable;
 use crate::raft_types::Entry;
@@ -54,7 +58,8 @@ pub const LOG_FORMAT_VERSION: u8 = 1;
 /// Largest record payload written or accepted. A manifest command is bounded far below this.
 pub const RECORD_BYTES_MAX: usize = 64 << 20;
 
-const FRAME_HEADER_BYTES: usize = 8;
+/// Frame bounds: a payload is at least its version byte.
+const FRAME_LIMITS: FrameLimits = FrameLimits::new(1, RECORD_BYTES_MAX);
 
 /// Operations queued for the writer thread before the log store waits.
 const WRITE_QUEUE_DEPTH_MAX: usize = 4096;
@@ -168,117 +173,64 @@ impl LogContents {
 }
 
 fn encode_frame(record: &LogRecord) -> Result<Vec<u8>, LogStoreError> {
-    let mut frame = vec![0; FRAME_HEADER_BYTES];
+    let mut frame = Vec::new();
+    let start = frame::begin(&mut frame);
     frame.push(LOG_FORMAT_VERSION);
     serde_json::to_writer(&mut frame, record).map_err(|e| LogStoreError::Encode(e.to_string()))?;
-    let payload_bytes = frame.len() - FRAME_HEADER_BYTES;
-    if payload_bytes > RECORD_BYTES_MAX {
-        return Err(LogStoreError::RecordTooLarge {
-            bytes: payload_bytes,
-        });
-    }
-    let crc = crc32fast::hash(&frame[FRAME_HEADER_BYTES..]);
-    frame[0..4].copy_from_slice(&(payload_bytes as u32).to_le_bytes());
-    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+    frame::finish(&mut frame, start, FRAME_LIMITS)
+        .map_err(|error| LogStoreError::RecordTooLarge { bytes: error.bytes })?;
     Ok(frame)
+}
+
+/// Decodes a checksummed payload; an error here is never a torn write.
+fn decode_record(payload: &[u8]) -> Result<LogRecord, String> {
+    if payload[0] != LOG_FORMAT_VERSION {
+        return Err(format!("unknown format version {}", payload[0]));
+    }
+    serde_json::from_slice(&payload[1..]).map_err(|e| format!("decode record: {e}"))
 }
 
 /// Replays `bytes` (the whole file) and returns the contents and the length of the valid prefix.
 ///
 /// A record that cannot be read (cut short, a length running past the end of the file, a bad
 /// checksum, zeros followed by data) is the torn tail of the last write only if no valid record
-/// follows it anywhere in the file: the writer appends in order, so a valid record after it
-/// means the bad one was written and synced before, and may hold committed entries. That
-/// refuses to open, naming the offset. A record whose checksum holds but whose version or
-/// content is wrong is never a torn write and refuses too.
+/// follows it anywhere in the file (`TailRule::NothingValidFollows`): the writer appends in
+/// order, so a valid record after it means the bad one was written and synced before, and may
+/// hold committed entries. That refuses to open, naming the offset. A record whose checksum
+/// holds but whose version or content is wrong is never a torn write and refuses too.
 fn replay(bytes: &[u8], path: &Path) -> Result<(LogContents, usize), LogStoreError> {
+    let corrupt = |offset: usize, reason: String| LogStoreError::Corrupt {
+        path: path.to_path_buf(),
+        offset: offset as u64,
+        reason,
+    };
     let mut contents = LogContents::default();
-    let mut offset = 0;
-    while offset < bytes.len() {
-        let rest = &bytes[offset..];
-        let corrupt = |reason: String| LogStoreError::Corrupt {
-            path: path.to_path_buf(),
-            offset: offset as u64,
-            reason,
-        };
-        let payload = match check_frame(rest) {
-            Ok(Some(payload)) => payload,
-            // Zeroes where the next record would be: the file was extended, not written.
-            Ok(None) => break,
-            Err(reason) => {
-                if has_valid_record_after(bytes, offset + 1) {
-                    return Err(corrupt(format!(
-                        "{reason}, and valid records follow (not a torn tail)"
-                    )));
-                }
-                break; // The torn end of the last write: nothing valid follows it.
-            }
-        };
-        if payload[0] != LOG_FORMAT_VERSION {
-            return Err(corrupt(format!("unknown format version {}", payload[0])));
-        }
-        let record: LogRecord = serde_json::from_slice(&payload[1..])
-            .map_err(|e| corrupt(format!("decode record: {e}")))?;
-        let end = FRAME_HEADER_BYTES + payload.len();
+    let stop = frame::scan(bytes, 0, FRAME_LIMITS, |frame| {
+        let record = decode_record(frame.payload)
+            .map_err(|reason| Reject::Refuse(corrupt(frame.offset, reason)))?;
         contents
-            .apply(record, end as u64)
-            .map_err(|e| corrupt(e.to_string()))?;
-        offset += end;
+            .apply(record, frame.frame_bytes() as u64)
+            .map_err(|e| Reject::Refuse(corrupt(frame.offset, e.to_string())))
+    })?;
+    if let Some(fault) = &stop.fault {
+        if !frame::is_torn_tail(bytes, fault, TailRule::NothingValidFollows, |position| {
+            is_valid_record_at(bytes, position)
+        }) {
+            return Err(corrupt(
+                fault.offset(),
+                format!("{fault}, and valid records follow (not a torn tail)"),
+            ));
+        }
     }
-    Ok((contents, offset))
+    Ok((contents, stop.valid_end))
 }
 
-/// Checks the frame at the start of `rest`: its checksummed payload, `None` when only zeroes
-/// remain, or why it is not a whole record.
-fn check_frame(rest: &[u8]) -> Result<Option<&[u8]>, String> {
-    if rest.iter().all(|byte| *byte == 0) {
-        return Ok(None);
-    }
-    if rest.len() < FRAME_HEADER_BYTES {
-        return Err(format!(
-            "partial record header ({} bytes left in the file)",
-            rest.len()
-        ));
-    }
-    let payload_bytes = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-    if payload_bytes == 0 {
-        return Err("zero-length record followed by data".to_owned());
-    }
-    if payload_bytes > RECORD_BYTES_MAX {
-        return Err(format!(
-            "record length {payload_bytes} exceeds the limit of {RECORD_BYTES_MAX}"
-        ));
-    }
-    let end = FRAME_HEADER_BYTES + payload_bytes;
-    if rest.len() < end {
-        return Err(format!(
-            "record length {payload_bytes} runs past the end of the file ({} bytes left)",
-            rest.len() - FRAME_HEADER_BYTES
-        ));
-    }
-    let payload = &rest[FRAME_HEADER_BYTES..end];
-    if crc32fast::hash(payload) != crc {
-        return Err("checksum mismatch".to_owned());
-    }
-    Ok(Some(payload))
-}
-
-/// Scans forward byte by byte for a record that is valid in every respect (length, checksum,
-/// version, decoding). Every payload is a JSON object after the version byte, which rules out
-/// almost every position before the checksum is computed.
-fn has_valid_record_after(bytes: &[u8], start: usize) -> bool {
-    (start..bytes.len()).any(|position| {
-        let rest = &bytes[position..];
-        if rest.get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + 2) != Some(&[LOG_FORMAT_VERSION, b'{'])
-        {
-            return false;
-        }
-        match check_frame(rest) {
-            Ok(Some(payload)) => serde_json::from_slice::<LogRecord>(&payload[1..]).is_ok(),
-            _ => false,
-        }
-    })
+/// Whether a record valid in every respect (length, checksum, version, decoding) starts at
+/// `position`. Every payload is a JSON object after the version byte, which rules out almost
+/// every position before the checksum is computed.
+fn is_valid_record_at(bytes: &[u8], position: usize) -> bool {
+    frame::frame_at(bytes, position, FRAME_LIMITS, &[LOG_FORMAT_VERSION, b'{'])
+        .is_some_and(|frame| decode_record(frame.payload).is_ok())
 }
 
 /// Something waiting for a queued write to become durable.
@@ -704,15 +656,13 @@ pub(crate) fn drop_committed_records(path: &Path) {
     let mut kept = Vec::new();
     let mut offset = 0;
     while offset < bytes.len() {
-        let payload_bytes =
-            u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("header")) as usize;
-        let end = offset + FRAME_HEADER_BYTES + payload_bytes;
-        let record: LogRecord =
-            serde_json::from_slice(&bytes[offset + FRAME_HEADER_BYTES + 1..end]).expect("record");
-        if !matches!(record, LogRecord::Committed(_)) {
-            kept.extend_from_slice(&bytes[offset..end]);
+        let frame::Decoded::Frame(frame) = frame::decode(&bytes, offset, FRAME_LIMITS) else {
+            panic!("raft log frame at {offset} does not decode");
+        };
+        if !matches!(decode_record(frame.payload), Ok(LogRecord::Committed(_))) {
+            kept.extend_from_slice(&bytes[offset..frame.end()]);
         }
-        offset = end;
+        offset = frame.end();
     }
     fs::write(path, kept).expect("write raft log");
 }
@@ -879,7 +829,7 @@ mod tests {
         let first_frame_bytes = encode_frame(&LogRecord::Entry(entry(0)))
             .expect("encode")
             .len();
-        bytes[first_frame_bytes + FRAME_HEADER_BYTES + 10] ^= 0x40;
+        bytes[first_frame_bytes + frame::FRAME_HEADER_BYTES + 10] ^= 0x40;
         fs::write(&path, &bytes).expect("write corrupt log");
 
         let error = LogStore::open(dir.path(), 1 << 20)

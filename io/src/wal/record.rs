@@ -1,6 +1,6 @@
-//! The WAL record: its rkyv schema and the length + crc32 frame that wraps it on disk (sans-IO).
+//! The WAL record: its rkyv schema, wrapped on disk in shale-io's one record frame (sans-IO).
 //!
-//! A frame is `[body length u32 LE][crc32 of body u32 LE][body]`, and a body is
+//! A frame is `[body length u32 LE][crc32 of body u32 LE][body]` (`crate::frame`), and a body is
 //! `[record format version u8][rkyv archive of WalRecord]`. Inside the archive the payload
 //! bytes come first (they are the archived vector's out-of-line data) and the fixed-size
 //! root struct last, so `append_with` can let a caller write the payload in place before the
@@ -19,8 +19,8 @@ use rkyv::{
 /// whenever `WalRecord` or its rkyv encoding changes.
 pub const RECORD_FORMAT_VERSION: u8 = 1;
 
-/// Bytes of the `[len u32][crc32 u32]` frame header.
-pub const FRAME_HEADER_BYTES: usize = 8;
+pub use crate::frame::FRAME_HEADER_BYTES;
+use crate::frame::{self, Decoded, FrameLimits};
 
 /// Alignment the archive needs when it is accessed; bodies are copied into a buffer with this
 /// alignment before validation because on disk they start at arbitrary offsets.
@@ -177,6 +177,10 @@ pub(crate) const FRAME_OVERHEAD_BYTES_MAX: usize =
 /// Smallest possible body: version byte plus a root struct with an empty payload.
 pub(crate) const BODY_BYTES_MIN: usize = 1 + std::mem::size_of::<ArchivedWalRecord>();
 
+/// The WAL's frame bounds: a body is at least a version byte and an empty record, and at most
+/// what the length field holds (a batch is bounded far below by `WalConfig::write_bytes_max`).
+pub(crate) const FRAME_LIMITS: FrameLimits = FrameLimits::new(BODY_BYTES_MIN, u32::MAX as usize);
+
 /// Appends one complete frame to `out`. `fill` must append exactly `payload_len` bytes.
 /// Returns the frame's length in bytes. On error `out` is left as it was.
 pub(crate) fn encode_frame(
@@ -193,7 +197,7 @@ pub(crate) fn encode_frame(
     };
     let buffer = &mut *guard.buffer;
     buffer.reserve(payload_len + FRAME_OVERHEAD_BYTES_MAX);
-    buffer.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    frame::begin(buffer);
     buffer.push(RECORD_FORMAT_VERSION);
     let archive_start = buffer.len();
     fill(buffer);
@@ -221,17 +225,8 @@ pub(crate) fn encode_frame(
     rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&source, writer)
         .map_err(|error| format!("serialize wal record: {error}"))?;
 
-    let body_start = frame_start + FRAME_HEADER_BYTES;
-    let body_len = u32::try_from(buffer.len() - body_start).map_err(|_| {
-        format!(
-            "wal record body of {} bytes does not fit a u32 length",
-            buffer.len() - body_start
-        )
-    })?;
-    let crc = crc32fast::hash(&buffer[body_start..]);
-    buffer[frame_start..frame_start + 4].copy_from_slice(&body_len.to_le_bytes());
-    buffer[frame_start + 4..body_start].copy_from_slice(&crc.to_le_bytes());
-    let frame_len = buffer.len() - frame_start;
+    let frame_len = frame::finish(buffer, frame_start, FRAME_LIMITS)
+        .map_err(|error| format!("frame wal record: {error}"))?;
     guard.armed = false;
     Ok(frame_len)
 }
@@ -247,58 +242,30 @@ pub(crate) enum FrameFault {
     UnsupportedVersion(u8),
 }
 
-/// Reads the frame header at `position` and checks length bounds and the checksum. Returns
-/// the body and the total frame length.
+/// Decodes the frame at `position` (length bounds and checksum, `crate::frame`) and checks its
+/// version byte. Returns the body and the total frame length.
 pub(crate) fn check_frame(data: &[u8], position: usize) -> Result<(&[u8], usize), FrameFault> {
-    let remaining = data.len().saturating_sub(position);
-    if remaining < FRAME_HEADER_BYTES {
-        return Err(FrameFault::Bad(format!(
-            "truncated frame header ({remaining} bytes left in file)"
-        )));
+    let frame = match frame::decode(data, position, FRAME_LIMITS) {
+        Decoded::Frame(frame) => frame,
+        Decoded::Incomplete(incomplete) => {
+            return Err(FrameFault::Bad(
+                frame::Fault::Incomplete(incomplete).to_string(),
+            ))
+        }
+        Decoded::Damaged(damage) => {
+            return Err(FrameFault::Bad(frame::Fault::Damaged(damage).to_string()))
+        }
+    };
+    if frame.payload[0] != RECORD_FORMAT_VERSION {
+        return Err(FrameFault::UnsupportedVersion(frame.payload[0]));
     }
-    let body_len = u32::from_le_bytes(le_bytes(data, position)) as usize;
-    let crc = u32::from_le_bytes(le_bytes(data, position + 4));
-    if body_len < BODY_BYTES_MIN {
-        return Err(FrameFault::Bad(format!(
-            "impossible record length {body_len}"
-        )));
-    }
-    let body_start = position + FRAME_HEADER_BYTES;
-    if body_len > data.len() - body_start {
-        return Err(FrameFault::Bad(format!(
-            "record length {body_len} runs past the end of the file ({} bytes left)",
-            data.len() - body_start
-        )));
-    }
-    let body = &data[body_start..body_start + body_len];
-    let actual = crc32fast::hash(body);
-    if actual != crc {
-        return Err(FrameFault::Bad(format!(
-            "checksum mismatch (stored {crc:#010x}, computed {actual:#010x})"
-        )));
-    }
-    if body[0] != RECORD_FORMAT_VERSION {
-        return Err(FrameFault::UnsupportedVersion(body[0]));
-    }
-    Ok((body, FRAME_HEADER_BYTES + body_len))
+    Ok((frame.payload, frame.frame_bytes()))
 }
 
 /// Cheap test used when scanning forward byte by byte for any later valid frame: plausible
-/// length, known version byte, matching checksum.
+/// length, known version byte (checked before the checksum), matching checksum.
 pub(crate) fn is_plausible_frame(data: &[u8], position: usize) -> bool {
-    if data.len().saturating_sub(position) < FRAME_HEADER_BYTES + BODY_BYTES_MIN {
-        return false;
-    }
-    let body_len = u32::from_le_bytes(le_bytes(data, position)) as usize;
-    let body_start = position + FRAME_HEADER_BYTES;
-    if body_len < BODY_BYTES_MIN || body_len > data.len() - body_start {
-        return false;
-    }
-    if data[body_start] != RECORD_FORMAT_VERSION {
-        return false;
-    }
-    let crc = u32::from_le_bytes(le_bytes(data, position + 4));
-    crc32fast::hash(&data[body_start..body_start + body_len]) == crc
+    frame::frame_at(data, position, FRAME_LIMITS, &[RECORD_FORMAT_VERSION]).is_some()
 }
 
 /// Validates a checksummed body's archive with bytecheck and returns the archived record.
@@ -317,12 +284,6 @@ pub(crate) fn access_body<'a>(
 /// A reusable aligned buffer for `access_body`.
 pub(crate) fn new_scratch() -> AlignedVec<ARCHIVE_ALIGNMENT> {
     AlignedVec::new()
-}
-
-fn le_bytes<const N: usize>(data: &[u8], position: usize) -> [u8; N] {
-    let mut bytes = [0u8; N];
-    bytes.copy_from_slice(&data[position..position + N]);
-    bytes
 }
 
 #[cfg(test)]

@@ -9,9 +9,10 @@
 use std::path::Path;
 
 use super::{
-    group::{self, GroupFault, GROUP_HEADER_BYTES, GROUP_MAGIC},
+    group::{self, GroupFault, GROUP_MAGIC},
     record::{self, FrameFault, RecordView},
 };
+use crate::frame::{self, Reject, TailRule};
 
 /// First bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SHALEWAL";
@@ -183,7 +184,7 @@ fn scan_groups(
     let mut next_lsn = expect.first_lsn;
     let mut records = 0u64;
     loop {
-        if is_zero_tail(data, position) {
+        if frame::is_zero_tail(data, position) {
             return Ok(ScanSummary {
                 data_end: position,
                 next_lsn,
@@ -241,7 +242,7 @@ fn scan_groups(
             }
             Err(GroupFault::Incomplete { offset, reason }) => (offset, reason),
         };
-        if expect.is_last_segment && !has_complete_group_after(data, position + 1, next_lsn) {
+        if expect.is_last_segment && !has_complete_group_after(data, position, next_lsn) {
             return Ok(ScanSummary {
                 data_end: position,
                 next_lsn,
@@ -253,16 +254,14 @@ fn scan_groups(
     }
 }
 
-/// Scans forward byte by byte for a later group that is complete and not older than
-/// `next_lsn`. Finding one means the incomplete group before it was not the last one written,
-/// so it was synced once and cannot be a torn tail.
-fn has_complete_group_after(data: &[u8], start: usize, next_lsn: u64) -> bool {
-    let Some(last_start) = data.len().checked_sub(GROUP_HEADER_BYTES) else {
-        return false;
-    };
-    (start..=last_start).any(|position| {
-        data[position..position + GROUP_MAGIC.len()] == GROUP_MAGIC
-            && group::check_group(data, position)
+/// Scans forward byte by byte after `position` for a later group that is complete and not older
+/// than `next_lsn`. Finding one means the incomplete group at `position` was not the last one
+/// written, so it was synced once and cannot be a torn tail (`frame`'s nothing-valid-follows
+/// rule, with groups for units).
+fn has_complete_group_after(data: &[u8], position: usize, next_lsn: u64) -> bool {
+    frame::valid_unit_follows(data.len(), position, |start| {
+        data.get(start..start + GROUP_MAGIC.len()) == Some(&GROUP_MAGIC[..])
+            && group::check_group(data, start)
                 .is_ok_and(|complete| complete.header.first_lsn >= next_lsn)
     })
 }
@@ -280,55 +279,60 @@ fn scan_frames_v1(
     mut on_record: impl FnMut(RecordView<'_>) -> Result<(), String>,
 ) -> Result<ScanSummary, ScanError> {
     let mut scratch = record::new_scratch();
-    let mut position = SEGMENT_HEADER_BYTES.min(data.len());
+    let start = SEGMENT_HEADER_BYTES.min(data.len());
     let mut next_lsn = expect.first_lsn;
     let mut records = 0u64;
-    loop {
-        if is_zero_tail(data, position) {
-            return Ok(ScanSummary {
-                data_end: position,
-                next_lsn,
-                records,
-                torn_tail: None,
-            });
+    let stop = frame::scan(data, start, record::FRAME_LIMITS, |frame| {
+        let body = frame.payload;
+        if body[0] != record::RECORD_FORMAT_VERSION {
+            return Err(Reject::Refuse(unsupported_record_version(
+                frame.offset,
+                body[0],
+            )));
         }
-        let fault = match record::check_frame(data, position) {
-            Ok((body, frame_len)) => match record::access_body(body, &mut scratch) {
-                Ok(archived) => {
-                    let view = RecordView::from_archived(archived);
-                    check_record(&view, expect, next_lsn, position)?;
-                    on_record(view).map_err(|reason| ScanError::Callback {
-                        lsn: view.lsn,
-                        reason,
-                    })?;
-                    next_lsn += 1;
-                    records += 1;
-                    position += frame_len;
-                    continue;
-                }
-                Err(fault) => fault,
-            },
-            Err(fault) => fault,
-        };
-        let reason = match fault {
-            FrameFault::Bad(reason) => reason,
+        // An archive that fails validation behind a good checksum is treated like any other bad
+        // frame (torn or corrupt by where it is), as version 1 always did.
+        let archived = record::access_body(body, &mut scratch).map_err(|fault| match fault {
+            FrameFault::Bad(reason) => Reject::Damaged(reason),
             FrameFault::UnsupportedVersion(version) => {
-                return Err(unsupported_record_version(position, version))
+                Reject::Refuse(unsupported_record_version(frame.offset, version))
             }
-        };
-        if expect.is_last_segment && !has_valid_record_after(data, position + 1, expect, next_lsn) {
-            return Ok(ScanSummary {
-                data_end: position,
-                next_lsn,
-                records,
-                torn_tail: Some(reason),
-            });
-        }
-        return Err(ScanError::Corrupt {
-            offset: position,
-            reason,
-        });
+        })?;
+        let view = RecordView::from_archived(archived);
+        check_record(&view, expect, next_lsn, frame.offset).map_err(Reject::Refuse)?;
+        on_record(view).map_err(|reason| {
+            Reject::Refuse(ScanError::Callback {
+                lsn: view.lsn,
+                reason,
+            })
+        })?;
+        next_lsn += 1;
+        records += 1;
+        Ok(())
+    })?;
+    let summary = |torn_tail| ScanSummary {
+        data_end: stop.valid_end,
+        next_lsn,
+        records,
+        torn_tail,
+    };
+    let Some(fault) = &stop.fault else {
+        return Ok(summary(None));
+    };
+    let rule = if expect.is_last_segment {
+        TailRule::NothingValidFollows
+    } else {
+        TailRule::Never
+    };
+    if frame::is_torn_tail(data, fault, rule, |position| {
+        is_valid_record_at(data, position, expect, next_lsn)
+    }) {
+        return Ok(summary(Some(fault.to_string())));
     }
+    Err(ScanError::Corrupt {
+        offset: fault.offset(),
+        reason: fault.to_string(),
+    })
 }
 
 /// A valid record must belong to this WAL and carry the next LSN.
@@ -371,35 +375,27 @@ fn unsupported_record_version(offset: usize, version: u8) -> ScanError {
     }
 }
 
-/// True when nothing can start here because only zeros remain: the clean end. Cheap in the
-/// common case because a real frame starts with a non-zero length and a group with its magic.
-fn is_zero_tail(data: &[u8], position: usize) -> bool {
-    data[position..].iter().all(|&byte| byte == 0)
-}
-
-/// Scans forward byte by byte for a later record that is valid in every respect (checksum,
-/// encoding, this node and shard, an LSN not yet seen). Finding one means the bad record is
-/// not the end of what was written, so it cannot be a torn tail.
-fn has_valid_record_after(
+/// Whether a record valid in every respect (checksum, encoding, this node and shard, an LSN not
+/// yet seen) starts at `position`. One found after a bad record means the bad record is not the
+/// end of what was written, so it cannot be a torn tail.
+fn is_valid_record_at(
     data: &[u8],
-    start: usize,
+    position: usize,
     expect: ScanExpectation,
     next_lsn: u64,
 ) -> bool {
+    if !record::is_plausible_frame(data, position) {
+        return false;
+    }
+    let Ok((body, _)) = record::check_frame(data, position) else {
+        return false;
+    };
     let mut scratch = record::new_scratch();
-    (start..data.len()).any(|position| {
-        if !record::is_plausible_frame(data, position) {
-            return false;
-        }
-        let Ok((body, _)) = record::check_frame(data, position) else {
-            return false;
-        };
-        let Ok(archived) = record::access_body(body, &mut scratch) else {
-            return false;
-        };
-        let view = RecordView::from_archived(archived);
-        view.origin_node == expect.origin_node && view.shard == expect.shard && view.lsn >= next_lsn
-    })
+    let Ok(archived) = record::access_body(body, &mut scratch) else {
+        return false;
+    };
+    let view = RecordView::from_archived(archived);
+    view.origin_node == expect.origin_node && view.shard == expect.shard && view.lsn >= next_lsn
 }
 
 fn array<const N: usize>(data: &[u8], position: usize) -> [u8; N] {
@@ -411,6 +407,7 @@ fn array<const N: usize>(data: &[u8], position: usize) -> [u8; N] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::group::GROUP_HEADER_BYTES;
     use crate::wal::{
         group::GroupHeader,
         record::{encode_frame, RecordHeader, FRAME_HEADER_BYTES},

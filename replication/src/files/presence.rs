@@ -1,11 +1,12 @@
 //! The durable presence index: which files this node holds, verified against their blake3, so
 //! that a restart knows what is present without re-hashing every file.
 //!
-//! Format of `_system/presence/presence-log`: frames `[len u32 LE][crc32 u32 LE][payload]`
-//! (the Raft log's framing), payload `[format version u8][serde_json of a PresenceRecord]`.
-//! Replaying the records in order rebuilds the index. A torn tail (a partial or damaged last
-//! record, or zeroes) is cut off at open; damage before the tail refuses to open. When dead
-//! records outweigh the live ones the log is rewritten as one record per entry.
+//! Format of `_system/presence/presence-log`: shale-io frames `[len u32 LE][crc32 u32 LE][payload]`
+//! (`shale_io::frame`, as the Raft log and the WAL), payload `[format version u8][serde_json of a
+//! PresenceRecord]`. Replaying the records in order rebuilds the index. A torn tail (a partial
+//! or damaged last record followed only by zeroes, or zeroes: `TailRule::ZeroesFollow`) is cut
+//! off at open; damage before the tail refuses to open. When dead records outweigh the live
+//! ones the log is rewritten as one record per entry.
 //!
 //! Threads: owned by the replicator on the control thread. Reads are from memory; every write is
 //! an append plus fdatasync on the `shale-fetch` sink thread, and the in-memory index changes only
@@ -17,6 +18,10 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 use serde::Serialize;
+use shale_io::frame;
+use shale_io::frame::FrameLimits;
+use shale_io::frame::Reject;
+use shale_io::frame::TailRule;
 use shale_io::sink::FileSink;
 use shale_io::sink::SinkError;
 
@@ -29,7 +34,8 @@ pub const PRESENCE_FORMAT_VERSION: u8 = 1;
 /// Largest record payload accepted; an entry is a path and two numbers.
 const RECORD_BYTES_MAX: usize = 64 << 10;
 
-const FRAME_HEADER_BYTES: usize = 8;
+/// Frame bounds: a payload is at least its version byte.
+const FRAME_LIMITS: FrameLimits = FrameLimits::new(1, RECORD_BYTES_MAX);
 
 /// Below this many log bytes a rewrite is not worth it.
 const COMPACT_BYTES_MIN: u64 = 1 << 20;
@@ -236,70 +242,42 @@ impl PresenceIndex {
 
     /// Replays the whole file and returns the length of its valid prefix.
     fn replay(&mut self, bytes: &[u8]) -> Result<usize, PresenceError> {
-        let mut offset = 0;
-        while offset < bytes.len() {
-            let rest = &bytes[offset..];
-            let corrupt = |reason: String| PresenceError::Corrupt {
-                path: self.log_path.clone(),
-                offset: offset as u64,
-                reason,
-            };
-            let zero_from =
-                |start: usize| rest.get(start..).is_none_or(|r| r.iter().all(|b| *b == 0));
-            if rest.len() < FRAME_HEADER_BYTES {
-                break; // A partial header can only be the torn end of the last append.
-            }
-            let payload_bytes = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-            if payload_bytes == 0 {
-                if zero_from(0) {
-                    break; // The file was extended but not written.
-                }
-                return Err(corrupt("zero-length record followed by data".to_owned()));
-            }
-            if payload_bytes > RECORD_BYTES_MAX {
-                if zero_from(FRAME_HEADER_BYTES) || rest.len() < FRAME_HEADER_BYTES + payload_bytes
-                {
-                    break; // A damaged header at the very end.
-                }
-                return Err(corrupt(format!("record length {payload_bytes}")));
-            }
-            let end = FRAME_HEADER_BYTES + payload_bytes;
-            if rest.len() < end {
-                break; // The last record was cut short.
-            }
-            let payload = &rest[FRAME_HEADER_BYTES..end];
-            if crc32fast::hash(payload) != crc {
-                if zero_from(end) {
-                    break; // The last record was only partly written.
-                }
-                return Err(corrupt("checksum mismatch".to_owned()));
-            }
+        let log_path = self.log_path.clone();
+        let corrupt = |offset: usize, reason: String| PresenceError::Corrupt {
+            path: log_path.clone(),
+            offset: offset as u64,
+            reason,
+        };
+        let stop = frame::scan(bytes, 0, FRAME_LIMITS, |frame| {
+            let payload = frame.payload;
             if payload[0] != PRESENCE_FORMAT_VERSION {
-                return Err(corrupt(format!("unknown format version {}", payload[0])));
+                return Err(Reject::Refuse(corrupt(
+                    frame.offset,
+                    format!("unknown format version {}", payload[0]),
+                )));
             }
-            let record: PresenceRecord = serde_json::from_slice(&payload[1..])
-                .map_err(|e| corrupt(format!("decode record: {e}")))?;
-            self.note(record, end as u64);
-            offset += end;
-            self.log_bytes = offset as u64;
+            let record: PresenceRecord = serde_json::from_slice(&payload[1..]).map_err(|e| {
+                Reject::Refuse(corrupt(frame.offset, format!("decode record: {e}")))
+            })?;
+            self.note(record, frame.frame_bytes() as u64);
+            self.log_bytes = frame.end() as u64;
+            Ok(())
+        })?;
+        if let Some(fault) = &stop.fault {
+            if !frame::is_torn_tail(bytes, fault, TailRule::ZeroesFollow, |_| false) {
+                return Err(corrupt(fault.offset(), fault.to_string()));
+            }
         }
-        Ok(offset)
+        Ok(stop.valid_end)
     }
 }
 
 fn encode_frame(record: &PresenceRecord) -> Result<Vec<u8>, PresenceError> {
-    let mut frame = vec![0; FRAME_HEADER_BYTES];
+    let mut frame = Vec::new();
+    let start = frame::begin(&mut frame);
     frame.push(PRESENCE_FORMAT_VERSION);
     serde_json::to_writer(&mut frame, record).map_err(|e| PresenceError::Encode(e.to_string()))?;
-    let payload_bytes = frame.len() - FRAME_HEADER_BYTES;
-    if payload_bytes > RECORD_BYTES_MAX {
-        return Err(PresenceError::Encode(format!(
-            "record of {payload_bytes} bytes exceeds {RECORD_BYTES_MAX}"
-        )));
-    }
-    let crc = crc32fast::hash(&frame[FRAME_HEADER_BYTES..]);
-    frame[0..4].copy_from_slice(&(payload_bytes as u32).to_le_bytes());
-    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+    frame::finish(&mut frame, start, FRAME_LIMITS)
+        .map_err(|error| PresenceError::Encode(error.to_string()))?;
     Ok(frame)
 }
