@@ -13,7 +13,7 @@ use harness::{free_port, Node, NodeOptions};
 const TOKEN: &str = "cluster-test-token";
 const CLUSTER_ID: &str = "testcluster";
 
-/// Runs `shale cluster ...` to make credentials; panics on failure.
+/// Runs `shale ...` (credentials, cluster verbs); panics on failure.
 fn shale_cli(args: &[&str]) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_shale"))
         .args(args)
@@ -546,7 +546,8 @@ fn a_standalone_directory_becomes_a_cluster() {
     assert_eq!(totals(&second), (25, (0..25).sum::<i64>()));
 }
 
-// Removing a node (DELETE /api/v1/cluster/peer/{id} on the leader) stops it receiving the
+// Removing a node (`shale cluster remove` sent to a follower, which names the leader in a 421
+// the CLI follows, then DELETE /api/v1/cluster/peer/{id} on the leader) stops it receiving the
 // manifest and files; the documented rebuild path for a lost disk, a new node id on an empty
 // data directory joining the cluster, ends with that node holding every file.
 #[test]
@@ -563,15 +564,21 @@ fn a_removed_node_stops_receiving_and_a_fresh_node_replaces_it() {
     let leader_id = status(&nodes[0])["leader_id"].as_u64().unwrap();
     let leader = &nodes[(leader_id - 1) as usize];
     let victim = if leader_id == 3 { 2 } else { 3 };
-    let response = harness::request(
-        leader.addr,
-        "DELETE",
-        &format!("/api/v1/cluster/peer/{victim}"),
-        &[("authorization", &format!("Bearer {TOKEN}"))],
-        b"",
-    )
-    .unwrap();
-    assert_eq!(response.status, 200, "{}", response.text());
+    // Through the CLI, sent to a node that is not the leader: it answers 421 naming the leader,
+    // and the CLI follows it.
+    let bystander = (1..=3)
+        .find(|id| *id != leader_id && *id != victim)
+        .unwrap();
+    let bystander_url = format!("http://{}", nodes[(bystander - 1) as usize].addr);
+    shale_cli(&[
+        "cluster",
+        "remove",
+        "--target",
+        &bystander_url,
+        "--token",
+        TOKEN,
+        &victim.to_string(),
+    ]);
     leader.wait_until("two members", || {
         status(leader)["nodes"].as_array().unwrap().len() == 2
     });
