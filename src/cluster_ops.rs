@@ -479,6 +479,29 @@ fn drive_transfer(
     }
 }
 
+/// The members as candidates for the leadership, in this (leading) node's view.
+fn successor_candidates(shared: &NodeShared, metrics: &RaftMetrics) -> Vec<Candidate> {
+    let version = shared.manifest.current();
+    let now_ms = shared.elapsed_ms();
+    let unhealthy_after_ms = shared.config.cluster.unhealthy_after_ms;
+    let membership = metrics.membership_config.membership();
+    let voters: Vec<NodeId> = membership.voter_ids().collect();
+    membership
+        .nodes()
+        .map(|(id, _)| {
+            let health = shared.ops.peer_health(*id, now_ms, unhealthy_after_ms);
+            let matched = matched_index(metrics, *id);
+            Candidate {
+                id: *id,
+                voter: voters.contains(id),
+                state: version.manifest.node_state(*id),
+                healthy: health.healthy,
+                matched,
+            }
+        })
+        .collect()
+}
+
 /// The leader hands over to the best other voter (see [`choose_successor`]), or to
 /// `preferred` when given.
 pub fn stepdown(shared: &NodeShared, preferred: Option<NodeId>) -> Result<TransferReport, OpError> {
@@ -490,31 +513,14 @@ pub fn stepdown(shared: &NodeShared, preferred: Option<NodeId>) -> Result<Transf
     let target = match preferred {
         Some(target) => target,
         None => {
-            let version = shared.manifest.current();
-            let now_ms = shared.elapsed_ms();
-            let unhealthy_after_ms = shared.config.cluster.unhealthy_after_ms;
-            let membership = metrics.membership_config.membership();
-            let voters: Vec<NodeId> = membership.voter_ids().collect();
-            let candidates: Vec<Candidate> = membership
-                .nodes()
-                .map(|(id, _)| {
-                    let health = shared.ops.peer_health(*id, now_ms, unhealthy_after_ms);
-                    let matched = matched_index(&metrics, *id);
-                    Candidate {
-                        id: *id,
-                        voter: voters.contains(id),
-                        state: version.manifest.node_state(*id),
-                        // Not probed yet (this node just started or just led): a node that
-                        // acknowledged the whole log is alive enough to be asked.
-                        healthy: health.healthy
-                            || (health.last_contact_ms.is_none()
-                                && matched.is_some()
-                                && matched == metrics.last_log_index),
-                        matched,
-                    }
-                })
-                .collect();
-            choose_successor(me, &candidates).ok_or_else(|| {
+            let chosen = choose_successor(me, &successor_candidates(shared, &metrics));
+            let chosen = chosen.or_else(|| {
+                // Nobody known healthy yet (the probes run once a second, and members that
+                // just joined have not been probed): probe now rather than refuse.
+                probe_members(shared, &metrics, Duration::from_millis(500));
+                choose_successor(me, &successor_candidates(shared, &metrics))
+            });
+            chosen.ok_or_else(|| {
                 OpError::Conflict("no other healthy, active voter can take the leadership".into())
             })?
         }
