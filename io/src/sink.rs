@@ -95,6 +95,10 @@ enum Job {
         path: PathBuf,
         reply: Reply<bool>,
     },
+    RemoveDurable {
+        paths: Vec<PathBuf>,
+        reply: Reply<u64>,
+    },
 }
 
 enum WriterCommand {
@@ -199,6 +203,12 @@ impl FileSink {
             reply,
         })
         .await
+    }
+
+    /// Removes every file of `paths` that exists, then fsyncs each directory that lost one, so
+    /// the removals survive a crash once this answers. Answers how many files existed.
+    pub async fn remove_durable(&self, paths: Vec<PathBuf>) -> Result<u64, SinkError> {
+        self.ask(|reply| Job::RemoveDurable { paths, reply }).await
     }
 
     /// Stops accepting jobs from this handle and, if it is the last handle, waits for the thread
@@ -374,7 +384,37 @@ async fn handle(job: Job) {
             };
             let _ = reply.send_async(result).await;
         }
+        Job::RemoveDurable { paths, reply } => {
+            let _ = reply.send_async(remove_durable(&paths).await).await;
+        }
     }
+}
+
+async fn remove_durable(paths: &[PathBuf]) -> Result<u64, SinkError> {
+    let mut removed = 0u64;
+    let mut directories = std::collections::BTreeSet::new();
+    for path in paths {
+        match std::fs::remove_file(path) {
+            Ok(()) => {
+                removed += 1;
+                if let Some(parent) = path.parent() {
+                    directories.insert(parent.to_path_buf());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(std_error("remove", path)(e)),
+        }
+    }
+    for directory in directories {
+        crate::publish::sync_directory(&directory)
+            .await
+            .map_err(|e| SinkError::Io {
+                action: "sync directory",
+                path: directory.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+    }
+    Ok(removed)
 }
 
 async fn create_parent(path: &Path) -> Result<(), SinkError> {
@@ -614,6 +654,10 @@ mod tests {
             assert_eq!(std::fs::read(&log).unwrap(), b"x");
             assert!(sink.remove(&log).await.unwrap());
             assert!(!sink.remove(&log).await.unwrap());
+            let gone = vec![target.clone(), log.clone()];
+            assert_eq!(sink.remove_durable(gone.clone()).await.unwrap(), 1);
+            assert!(!target.exists());
+            assert_eq!(sink.remove_durable(gone).await.unwrap(), 0);
         });
         sink.shutdown();
     }
