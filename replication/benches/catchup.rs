@@ -8,7 +8,8 @@
 //!
 //! Run: `cargo bench -p shale-replication --bench catchup` (release). Settings from the
 //! environment: `SHALE_CATCHUP_MIB` (total, default 2048), `SHALE_CATCHUP_FILE_MIB` (per file,
-//! default 64), `SHALE_BENCH_DIR` (default the system temporary directory). The two endpoints
+//! default 64), `SHALE_CATCHUP_CONCURRENCY` (files fetched at once, default the fetcher's
+//! default), `SHALE_BENCH_DIR` (default the system temporary directory). The two endpoints
 //! run on their own threads with current-thread tokio runtimes, like two nodes' control threads;
 //! both share this machine's cores with the sink thread and tokio's blocking pool.
 
@@ -352,7 +353,10 @@ fn main() {
         })
         .expect("server thread");
     let addr = addr_receiver.recv().expect("server address");
-    let fetch_config = FetchConfig::default();
+    let fetch_config = FetchConfig {
+        concurrency: env_usize("SHALE_CATCHUP_CONCURRENCY", FetchConfig::default().concurrency),
+        ..FetchConfig::default()
+    };
     let concurrency = fetch_config.concurrency;
 
     let sink = FileSink::start(SinkConfig::default()).expect("start sink");
