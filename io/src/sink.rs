@@ -16,6 +16,8 @@ use std::path::Path;
 use std::path::PathBuf;
 
 use glommio::io::BufferedFile;
+use glommio::io::DmaBuffer;
+use glommio::io::DmaFile;
 use glommio::io::OpenOptions;
 use glommio::LocalExecutorBuilder;
 use glommio::Placement;
@@ -335,9 +337,9 @@ async fn handle(job: Job) {
             commands,
             reply,
         } => match open_partial(&partial, resume).await {
-            Ok((file, hasher, size)) => {
-                let _ = reply.send_async(Ok(size)).await;
-                write_loop(partial, file, hasher, size, commands).await;
+            Ok((file, hasher)) => {
+                let _ = reply.send_async(Ok(file.size())).await;
+                write_loop(partial, file, hasher, commands).await;
             }
             Err(error) => {
                 let _ = reply.send_async(Err(error)).await;
@@ -430,21 +432,195 @@ async fn create_parent(path: &Path) -> Result<(), SinkError> {
     Ok(())
 }
 
+/// Bytes of the aligned block a direct-I/O partial collects before writing it.
+const DIRECT_BLOCK_BYTES: usize = 1 << 20;
+
+/// Where a streamed file's bytes go. O_DIRECT where the file system allows it: the bytes go to
+/// the device in aligned blocks without the page cache, which on the machines measured makes
+/// fetched (incompressible) bytes durable about three times faster than buffered writes and an
+/// fdatasync (dd: 1.5 against 0.5 GB/s), and leaves the page cache to queries. File systems
+/// without O_DIRECT (tmpfs) get buffered writes.
+enum PartialFile {
+    Direct(DirectFile),
+    Buffered { file: BufferedFile, size: u64 },
+}
+
+/// A file written with O_DIRECT: full blocks are written as they fill; the last partial block
+/// is written zero-padded at [`DirectFile::sync`], and the file truncated to its true size.
+struct DirectFile {
+    file: DmaFile,
+    /// Bytes in the file before `block`: a multiple of the alignment.
+    written: u64,
+    /// The block being filled (always `DIRECT_BLOCK_BYTES` long) and how much of it is filled.
+    block: Option<DmaBuffer>,
+    filled: usize,
+}
+
+impl DirectFile {
+    fn size(&self) -> u64 {
+        self.written + self.filled as u64
+    }
+
+    async fn write_block(
+        &self,
+        block: DmaBuffer,
+        at: u64,
+        path: &Path,
+    ) -> Result<DmaBuffer, SinkError> {
+        let length = block.len();
+        let block = std::rc::Rc::new(block);
+        let written = self
+            .file
+            .write_rc_at(block.clone(), at)
+            .await
+            .map_err(io_error("write", path))?;
+        if written != length {
+            return Err(SinkError::Io {
+                action: "write",
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    format!("short write: {written} of {length} bytes"),
+                ),
+            });
+        }
+        Ok(std::rc::Rc::try_unwrap(block).unwrap_or_else(|_| self.file.alloc_dma_buffer(length)))
+    }
+
+    async fn write(&mut self, mut bytes: &[u8], path: &Path) -> Result<(), SinkError> {
+        while !bytes.is_empty() {
+            let mut block = self
+                .block
+                .take()
+                .unwrap_or_else(|| self.file.alloc_dma_buffer(DIRECT_BLOCK_BYTES));
+            let length = bytes.len().min(DIRECT_BLOCK_BYTES - self.filled);
+            block.as_bytes_mut()[self.filled..self.filled + length]
+                .copy_from_slice(&bytes[..length]);
+            self.filled += length;
+            bytes = &bytes[length..];
+            if self.filled == DIRECT_BLOCK_BYTES {
+                let block = self.write_block(block, self.written, path).await?;
+                self.written += DIRECT_BLOCK_BYTES as u64;
+                self.filled = 0;
+                self.block = Some(block);
+            } else {
+                self.block = Some(block);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the filled part of the last block (padded to the alignment), cuts the file to
+    /// its true size and fdatasyncs it. The block stays, so later writes continue after it.
+    async fn sync(&mut self, path: &Path) -> Result<(), SinkError> {
+        if let Some(block) = self.block.as_ref().filter(|_| self.filled > 0) {
+            let padded = self.file.align_up(self.filled as u64) as usize;
+            let mut tail = self.file.alloc_dma_buffer(padded);
+            tail.as_bytes_mut()[..self.filled].copy_from_slice(&block.as_bytes()[..self.filled]);
+            tail.as_bytes_mut()[self.filled..].fill(0);
+            self.write_block(tail, self.written, path).await?;
+        }
+        self.file
+            .truncate(self.size())
+            .await
+            .map_err(io_error("truncate", path))?;
+        self.file.fdatasync().await.map_err(io_error("sync", path))
+    }
+}
+
+impl PartialFile {
+    fn size(&self) -> u64 {
+        match self {
+            PartialFile::Direct(direct) => direct.size(),
+            PartialFile::Buffered { size, .. } => *size,
+        }
+    }
+
+    async fn write(&mut self, bytes: Vec<u8>, path: &Path) -> Result<(), SinkError> {
+        match self {
+            PartialFile::Direct(direct) => direct.write(&bytes, path).await,
+            PartialFile::Buffered { file, size } => {
+                let length = bytes.len() as u64;
+                write_all(file, path, bytes, *size).await?;
+                *size += length;
+                Ok(())
+            }
+        }
+    }
+
+    async fn sync(&mut self, path: &Path) -> Result<(), SinkError> {
+        match self {
+            PartialFile::Direct(direct) => direct.sync(path).await,
+            PartialFile::Buffered { file, .. } => {
+                file.fdatasync().await.map_err(io_error("sync", path))
+            }
+        }
+    }
+
+    async fn close(self) -> Result<(), glommio::GlommioError<()>> {
+        match self {
+            PartialFile::Direct(direct) => direct.file.close().await,
+            PartialFile::Buffered { file, .. } => file.close().await,
+        }
+    }
+}
+
+/// Opens the partial and hashes what it holds. A direct-I/O partial is cut to a multiple of
+/// the alignment first (at most one block's worth of bytes is fetched again).
 async fn open_partial(
     partial: &Path,
     resume: bool,
-) -> Result<(BufferedFile, blake3::Hasher, u64), SinkError> {
+) -> Result<(PartialFile, blake3::Hasher), SinkError> {
     create_parent(partial).await?;
-    let file = OpenOptions::new()
+    let mut options = OpenOptions::new();
+    options
         .read(true)
         .write(true)
         .create(true)
-        .truncate(!resume)
-        .buffered_open(partial)
-        .await
-        .map_err(io_error("open", partial))?;
-    let (hasher, size) = hash_prefix(&file, partial).await?;
-    Ok((file, hasher, size))
+        .truncate(!resume);
+    match options.dma_open(partial).await {
+        Ok(file) => {
+            let size = file.file_size().await.map_err(io_error("stat", partial))?;
+            let kept = file.align_down(size);
+            if kept < size {
+                file.truncate(kept)
+                    .await
+                    .map_err(io_error("truncate", partial))?;
+            }
+            // Hashed through a buffered descriptor of its own: glommio reads direct-I/O files
+            // only on NVMe polling rings.
+            let reader = OpenOptions::new()
+                .read(true)
+                .buffered_open(partial)
+                .await
+                .map_err(io_error("open", partial))?;
+            let hashed = hash_prefix(&reader, partial).await;
+            if let Err(error) = reader.close().await {
+                tracing::warn!(path = %partial.display(), %error, "close hashed partial");
+            }
+            let (hasher, at) = hashed?;
+            debug_assert_eq!(at, kept);
+            let direct = DirectFile {
+                file,
+                written: at,
+                block: None,
+                filled: 0,
+            };
+            Ok((PartialFile::Direct(direct), hasher))
+        }
+        Err(error) => {
+            let error = std::io::Error::from(error);
+            if error.raw_os_error() != Some(libc::EINVAL) {
+                return Err(std_error("open", partial)(error));
+            }
+            let file = options
+                .buffered_open(partial)
+                .await
+                .map_err(io_error("open", partial))?;
+            let (hasher, size) = hash_prefix(&file, partial).await?;
+            Ok((PartialFile::Buffered { file, size }, hasher))
+        }
+    }
 }
 
 async fn hash_prefix(file: &BufferedFile, path: &Path) -> Result<(blake3::Hasher, u64), SinkError> {
@@ -492,9 +668,8 @@ async fn write_all(
 
 async fn write_loop(
     partial: PathBuf,
-    file: BufferedFile,
+    mut file: PartialFile,
     mut hasher: blake3::Hasher,
-    mut size: u64,
     commands: flume::Receiver<WriterCommand>,
 ) {
     // The first write error is kept and reported by every later finish or publish: the bytes
@@ -512,23 +687,18 @@ async fn write_loop(
                     continue;
                 }
                 hasher.update(&bytes);
-                let length = bytes.len() as u64;
-                match write_all(&file, &partial, bytes, size).await {
-                    Ok(()) => size += length,
-                    Err(error) => failed = Some(error.to_string()),
+                if let Err(error) = file.write(bytes, &partial).await {
+                    failed = Some(error.to_string());
                 }
             }
             WriterCommand::Finish { reply } => {
                 let result = if failed.is_some() {
                     Err(fail_with(&failed))
                 } else {
-                    file.fdatasync()
-                        .await
-                        .map_err(io_error("sync", &partial))
-                        .map(|()| Written {
-                            size_bytes: size,
-                            blake3: *hasher.finalize().as_bytes(),
-                        })
+                    file.sync(&partial).await.map(|()| Written {
+                        size_bytes: file.size(),
+                        blake3: *hasher.finalize().as_bytes(),
+                    })
                 };
                 let _ = reply.send_async(result).await;
             }
@@ -630,9 +800,14 @@ mod tests {
             writer.finish().await.unwrap();
             drop(writer);
 
+            // A direct-I/O partial resumes from the last aligned offset at or before its end.
             let writer = sink.open(&partial, true).await.unwrap();
-            assert_eq!(writer.resumed_bytes(), 1_000_001);
-            for chunk in content[1_000_001..].chunks(65_536) {
+            let resumed = writer.resumed_bytes() as usize;
+            assert!(
+                resumed <= 1_000_001 && resumed > 1_000_001 - 65_536,
+                "{resumed}"
+            );
+            for chunk in content[resumed..].chunks(65_536) {
                 writer.write(chunk.to_vec()).await.unwrap();
             }
             let written = writer.finish().await.unwrap();
