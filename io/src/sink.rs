@@ -36,6 +36,9 @@ pub struct SinkConfig {
     /// Write commands queued per open file before the writer waits: bounds the memory a fast
     /// network can pile up in front of a slow disk (chunks of the caller's size).
     pub writer_queue_depth: usize,
+    /// Write streamed files with O_DIRECT where the file system allows it (see
+    /// `PartialFile`); `false` always writes through the page cache.
+    pub direct_io: bool,
 }
 
 impl Default for SinkConfig {
@@ -45,6 +48,7 @@ impl Default for SinkConfig {
             io_memory_bytes: 1 << 20,
             job_queue_depth: 256,
             writer_queue_depth: 8,
+            direct_io: true,
         }
     }
 }
@@ -76,6 +80,7 @@ enum Job {
     Open {
         partial: PathBuf,
         resume: bool,
+        direct_io: bool,
         commands: flume::Receiver<WriterCommand>,
         reply: Reply<u64>,
     },
@@ -116,6 +121,7 @@ enum WriterCommand {
 pub struct FileSink {
     jobs: flume::Sender<Job>,
     writer_queue_depth: usize,
+    direct_io: bool,
     thread: std::sync::Arc<std::sync::Mutex<Option<glommio::ExecutorJoinHandle<()>>>>,
 }
 
@@ -137,6 +143,7 @@ impl FileSink {
         Ok(FileSink {
             jobs,
             writer_queue_depth: config.writer_queue_depth.max(1),
+            direct_io: config.direct_io,
             thread: std::sync::Arc::new(std::sync::Mutex::new(Some(thread))),
         })
     }
@@ -159,6 +166,7 @@ impl FileSink {
             .ask(|reply| Job::Open {
                 partial: partial.to_path_buf(),
                 resume,
+                direct_io: self.direct_io,
                 commands: queue,
                 reply,
             })
@@ -334,9 +342,10 @@ async fn handle(job: Job) {
         Job::Open {
             partial,
             resume,
+            direct_io,
             commands,
             reply,
-        } => match open_partial(&partial, resume).await {
+        } => match open_partial(&partial, resume, direct_io).await {
             Ok((file, hasher)) => {
                 let _ = reply.send_async(Ok(file.size())).await;
                 write_loop(partial, file, hasher, commands).await;
@@ -570,6 +579,7 @@ impl PartialFile {
 async fn open_partial(
     partial: &Path,
     resume: bool,
+    direct_io: bool,
 ) -> Result<(PartialFile, blake3::Hasher), SinkError> {
     create_parent(partial).await?;
     let mut options = OpenOptions::new();
@@ -578,7 +588,15 @@ async fn open_partial(
         .write(true)
         .create(true)
         .truncate(!resume);
-    match options.dma_open(partial).await {
+    let direct = if direct_io {
+        options
+            .dma_open(partial)
+            .await
+            .map_err(std::io::Error::from)
+    } else {
+        Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    match direct {
         Ok(file) => {
             let size = file.file_size().await.map_err(io_error("stat", partial))?;
             let kept = file.align_down(size);
@@ -609,7 +627,6 @@ async fn open_partial(
             Ok((PartialFile::Direct(direct), hasher))
         }
         Err(error) => {
-            let error = std::io::Error::from(error);
             if error.raw_os_error() != Some(libc::EINVAL) {
                 return Err(std_error("open", partial)(error));
             }
@@ -784,14 +801,29 @@ mod tests {
 
     // Checks the streamed-file cycle the fetcher relies on: bytes written in chunks are hashed
     // as they go, an interrupted partial is resumed with its prefix hashed, and publishing
-    // renames the partial onto the target with the exact bytes.
+    // renames the partial onto the target with the exact bytes. On the test's disk this is the
+    // O_DIRECT path.
     #[test]
     fn streamed_file_resumes_and_publishes() {
+        streamed_file_cycle(true);
+    }
+
+    // The same cycle through the page cache, the path file systems without O_DIRECT take.
+    #[test]
+    fn streamed_file_resumes_and_publishes_buffered() {
+        streamed_file_cycle(false);
+    }
+
+    fn streamed_file_cycle(direct_io: bool) {
         crate::runtime::raise_memlock_limit();
         let dir = tempfile::tempdir().unwrap();
         let partial = dir.path().join("a/b/file.partial");
         let target = dir.path().join("a/b/file");
-        let sink = FileSink::start(SinkConfig::default()).unwrap();
+        let sink = FileSink::start(SinkConfig {
+            direct_io,
+            ..SinkConfig::default()
+        })
+        .unwrap();
         let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         block_on(async {
             let writer = sink.open(&partial, true).await.unwrap();
