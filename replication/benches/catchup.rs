@@ -3,7 +3,8 @@
 //! hashed and published by the `shale-fetch` sink thread, recorded in the presence index), and
 //! the figures it is measured against: a raw quinn transfer of the same bytes with the same
 //! transport config (one stream, and as many streams as the fetcher runs at once), the disk's
-//! fdatasync'd write speed, and single-core blake3. While the catch-up runs, a Raft-lane call
+//! fdatasync'd write speed, and single-core blake3. Two diagnostic rows split the catch-up
+//! path: the FileFetch protocol alone (bytes discarded) and the sink alone (bytes from memory). While the catch-up runs, a Raft-lane call
 //! (what a heartbeat is) is timed every 50 ms, and its round trip is reported.
 //!
 //! Run: `cargo bench -p shale-replication --bench catchup` (release). Settings from the
@@ -24,7 +25,9 @@ use shale_io::sink::FileSink;
 use shale_io::sink::SinkConfig;
 use shale_replication::files::fetch::BoxFuture;
 use shale_replication::files::fetch::Connector;
+use shale_replication::files::fetch::ExpectedFile;
 use shale_replication::files::fetch::FetchError;
+use shale_replication::files::fetch::FileSource;
 use shale_replication::files::fetch::StreamPair;
 use shale_replication::files::fetch::StreamSource;
 use shale_replication::files::planner::PeerInfo;
@@ -74,6 +77,22 @@ fn fill(buffer: &mut [u8], seed: u64) {
         let bytes = state.to_le_bytes();
         chunk.copy_from_slice(&bytes[..chunk.len()]);
     }
+}
+
+/// Datagrams the kernel dropped because a UDP socket's receive buffer was full (all sockets):
+/// on loopback the only loss QUIC sees, and it makes the congestion controller back off.
+fn udp_receive_buffer_drops() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut lines = snmp.lines().filter(|line| line.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
 }
 
 fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
@@ -433,7 +452,92 @@ fn main() {
         };
         let raw_one = raw(1).await;
         // Measured before and after the catch-up: other load on the machine moves it.
+        let mut drops = Vec::new();
+        let before = udp_receive_buffer_drops();
         let raw_before = raw(concurrency).await;
+        drops.push(("raw", udp_receive_buffer_drops() - before));
+
+        // The FileFetch protocol alone (server reads, stream, client chunks), bytes discarded:
+        // separates the protocol's cost from the sink's.
+        let before = udp_receive_buffer_drops();
+        let protocol_only = {
+            let source = Arc::new(StreamSource::new(
+                QuicConnector {
+                    transport: client.clone(),
+                    addr,
+                },
+                FETCH_CHUNK_BYTES,
+            ));
+            let started = Instant::now();
+            let mut fetches = tokio::task::JoinSet::new();
+            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            for _ in 0..concurrency {
+                let (source, next, files) = (source.clone(), next.clone(), files.clone());
+                fetches.spawn(async move {
+                    let mut received = 0u64;
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(file) = files.get(i) else {
+                            return received;
+                        };
+                        let expected = ExpectedFile {
+                            path: file.path.clone(),
+                            size_bytes: file.size_bytes,
+                            blake3: *blake3::Hash::from_hex(&file.blake3_hex)
+                                .expect("hex")
+                                .as_bytes(),
+                        };
+                        let mut stream = source.fetch(SERVER, &expected, 0).await.expect("fetch");
+                        while let Some(chunk) = stream.next_chunk().await.expect("chunk") {
+                            received += chunk.len() as u64;
+                        }
+                    }
+                });
+            }
+            let received: u64 = fetches.join_all().await.into_iter().sum();
+            assert_eq!(received, file_bytes);
+            mb_per_s(received, started.elapsed())
+        };
+
+        drops.push(("protocol only", udp_receive_buffer_drops() - before));
+        // The sink alone: the same files written, hashed and published from memory, as many at
+        // once as the fetcher runs.
+        let sink_only = {
+            let started = Instant::now();
+            let mut writes = tokio::task::JoinSet::new();
+            for (i, file) in files.iter().enumerate().take(concurrency.max(1) * 4) {
+                let sink = sink.clone();
+                let target = dir.path().join("sink-only").join(&file.path);
+                let size = file.size_bytes;
+                writes.spawn(async move {
+                    let mut chunk = vec![0u8; FETCH_CHUNK_BYTES];
+                    fill(&mut chunk, i as u64);
+                    let partial = target.with_extension("partial");
+                    let writer = sink.open(&partial, false).await.expect("open");
+                    let mut left = size;
+                    while left > 0 {
+                        let length = left.min(chunk.len() as u64) as usize;
+                        writer.write(chunk[..length].to_vec()).await.expect("write");
+                        left -= length as u64;
+                    }
+                    writer.finish().await.expect("finish");
+                    writer.publish(&target).await.expect("publish");
+                    size
+                });
+                if writes.len() >= concurrency.max(1) {
+                    writes.join_next().await;
+                }
+            }
+            while writes.join_next().await.is_some() {}
+            let count = files.len().min(concurrency.max(1) * 4) as u64;
+            let bytes: u64 = files
+                .iter()
+                .take(count as usize)
+                .map(|f| f.size_bytes)
+                .sum();
+            let _ = std::fs::remove_dir_all(dir.path().join("sink-only"));
+            mb_per_s(bytes, started.elapsed())
+        };
 
         let (replicator, handle) = Replicator::new(ReplicatorParts {
             local: CLIENT,
@@ -452,6 +556,7 @@ fn main() {
             peers: Arc::new(|| vec![PeerInfo { node_id: SERVER }]),
             config: fetch_config,
         });
+        let before = udp_receive_buffer_drops();
         let started = Instant::now();
         let running = tokio::spawn(replicator.run(std::future::pending()));
         let mut during = Vec::new();
@@ -467,6 +572,7 @@ fn main() {
             }
         }
         let catch_up = started.elapsed();
+        drops.push(("catch-up", udp_receive_buffer_drops() - before));
         running.abort();
         let metrics = handle.metrics();
         assert_eq!(metrics.bytes_fetched_total, file_bytes);
@@ -474,13 +580,24 @@ fn main() {
         let catch_up_mb_s = mb_per_s(file_bytes, catch_up);
         let raw_after = raw(concurrency).await;
         client.shutdown().await;
-        (raw_one, raw_before, raw_after, catch_up_mb_s, idle, during)
+        (
+            raw_one,
+            raw_before,
+            raw_after,
+            protocol_only,
+            sink_only,
+            catch_up_mb_s,
+            idle,
+            during,
+            drops,
+        )
     });
     let _ = stop.send(());
     let _ = server.join();
     sink.shutdown();
 
-    let (raw_one, raw_before, raw_after, catch_up, idle, during) = rows;
+    let (raw_one, raw_before, raw_after, protocol_only, sink_only, catch_up, idle, during, drops) =
+        rows;
     let raw_many = (raw_before + raw_after) / 2.0;
     let share = |value: f64| format!("{:.0}%", 100.0 * value / raw_many);
     let row = |name: &str, value: f64, versus: String| {
@@ -511,9 +628,27 @@ fn main() {
         share(raw_many),
     );
     row(
+        &format!("FileFetch protocol only, {concurrency} at once, bytes discarded"),
+        protocol_only,
+        share(protocol_only),
+    );
+    row(
+        &format!("sink only: hash, write, fdatasync, publish, {concurrency} at once"),
+        sink_only,
+        String::new(),
+    );
+    row(
         &format!("catch-up, {concurrency} files at once (verified, durable)"),
         catch_up,
         share(catch_up),
+    );
+    println!(
+        "UDP datagrams dropped for a full receive buffer: {}",
+        drops
+            .iter()
+            .map(|(phase, count)| format!("{phase} {count}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!();
     println!("| Raft-lane call round trip | calls | p50       | p99       | max       |");
