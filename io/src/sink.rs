@@ -496,15 +496,23 @@ impl DirectFile {
         Ok(std::rc::Rc::try_unwrap(block).unwrap_or_else(|_| self.file.alloc_dma_buffer(length)))
     }
 
-    async fn write(&mut self, mut bytes: &[u8], path: &Path) -> Result<(), SinkError> {
+    /// Copies `bytes` into blocks, hashing them from the block just written to (where they are
+    /// in this core's cache, not in the sending thread's), and writes every block that fills.
+    async fn write(
+        &mut self,
+        mut bytes: &[u8],
+        hasher: &mut blake3::Hasher,
+        path: &Path,
+    ) -> Result<(), SinkError> {
         while !bytes.is_empty() {
             let mut block = self
                 .block
                 .take()
                 .unwrap_or_else(|| self.file.alloc_dma_buffer(DIRECT_BLOCK_BYTES));
             let length = bytes.len().min(DIRECT_BLOCK_BYTES - self.filled);
-            block.as_bytes_mut()[self.filled..self.filled + length]
-                .copy_from_slice(&bytes[..length]);
+            let copied = &mut block.as_bytes_mut()[self.filled..self.filled + length];
+            copied.copy_from_slice(&bytes[..length]);
+            hasher.update(copied);
             self.filled += length;
             bytes = &bytes[length..];
             if self.filled == DIRECT_BLOCK_BYTES {
@@ -545,10 +553,17 @@ impl PartialFile {
         }
     }
 
-    async fn write(&mut self, bytes: Vec<u8>, path: &Path) -> Result<(), SinkError> {
+    /// Appends `bytes` and adds them to `hasher`.
+    async fn write(
+        &mut self,
+        bytes: Vec<u8>,
+        hasher: &mut blake3::Hasher,
+        path: &Path,
+    ) -> Result<(), SinkError> {
         match self {
-            PartialFile::Direct(direct) => direct.write(&bytes, path).await,
+            PartialFile::Direct(direct) => direct.write(&bytes, hasher, path).await,
             PartialFile::Buffered { file, size } => {
+                hasher.update(&bytes);
                 let length = bytes.len() as u64;
                 write_all(file, path, bytes, *size).await?;
                 *size += length;
@@ -703,8 +718,7 @@ async fn write_loop(
                 if failed.is_some() {
                     continue;
                 }
-                hasher.update(&bytes);
-                if let Err(error) = file.write(bytes, &partial).await {
+                if let Err(error) = file.write(bytes, &mut hasher, &partial).await {
                     failed = Some(error.to_string());
                 }
             }
