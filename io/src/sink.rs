@@ -16,6 +16,8 @@ use std::path::Path;
 use std::path::PathBuf;
 
 use glommio::io::BufferedFile;
+use glommio::io::DmaBuffer;
+use glommio::io::DmaFile;
 use glommio::io::OpenOptions;
 use glommio::LocalExecutorBuilder;
 use glommio::Placement;
@@ -34,6 +36,9 @@ pub struct SinkConfig {
     /// Write commands queued per open file before the writer waits: bounds the memory a fast
     /// network can pile up in front of a slow disk (chunks of the caller's size).
     pub writer_queue_depth: usize,
+    /// Write streamed files with O_DIRECT where the file system allows it (see
+    /// `PartialFile`); `false` always writes through the page cache.
+    pub direct_io: bool,
 }
 
 impl Default for SinkConfig {
@@ -43,6 +48,7 @@ impl Default for SinkConfig {
             io_memory_bytes: 1 << 20,
             job_queue_depth: 256,
             writer_queue_depth: 8,
+            direct_io: true,
         }
     }
 }
@@ -74,6 +80,7 @@ enum Job {
     Open {
         partial: PathBuf,
         resume: bool,
+        direct_io: bool,
         commands: flume::Receiver<WriterCommand>,
         reply: Reply<u64>,
     },
@@ -95,6 +102,10 @@ enum Job {
         path: PathBuf,
         reply: Reply<bool>,
     },
+    RemoveDurable {
+        paths: Vec<PathBuf>,
+        reply: Reply<u64>,
+    },
 }
 
 enum WriterCommand {
@@ -110,6 +121,7 @@ enum WriterCommand {
 pub struct FileSink {
     jobs: flume::Sender<Job>,
     writer_queue_depth: usize,
+    direct_io: bool,
     thread: std::sync::Arc<std::sync::Mutex<Option<glommio::ExecutorJoinHandle<()>>>>,
 }
 
@@ -131,6 +143,7 @@ impl FileSink {
         Ok(FileSink {
             jobs,
             writer_queue_depth: config.writer_queue_depth.max(1),
+            direct_io: config.direct_io,
             thread: std::sync::Arc::new(std::sync::Mutex::new(Some(thread))),
         })
     }
@@ -153,6 +166,7 @@ impl FileSink {
             .ask(|reply| Job::Open {
                 partial: partial.to_path_buf(),
                 resume,
+                direct_io: self.direct_io,
                 commands: queue,
                 reply,
             })
@@ -199,6 +213,12 @@ impl FileSink {
             reply,
         })
         .await
+    }
+
+    /// Removes every file of `paths` that exists, then fsyncs each directory that lost one, so
+    /// the removals survive a crash once this answers. Answers how many files existed.
+    pub async fn remove_durable(&self, paths: Vec<PathBuf>) -> Result<u64, SinkError> {
+        self.ask(|reply| Job::RemoveDurable { paths, reply }).await
     }
 
     /// Stops accepting jobs from this handle and, if it is the last handle, waits for the thread
@@ -322,12 +342,13 @@ async fn handle(job: Job) {
         Job::Open {
             partial,
             resume,
+            direct_io,
             commands,
             reply,
-        } => match open_partial(&partial, resume).await {
-            Ok((file, hasher, size)) => {
-                let _ = reply.send_async(Ok(size)).await;
-                write_loop(partial, file, hasher, size, commands).await;
+        } => match open_partial(&partial, resume, direct_io).await {
+            Ok((file, hasher)) => {
+                let _ = reply.send_async(Ok(file.size())).await;
+                write_loop(partial, file, hasher, commands).await;
             }
             Err(error) => {
                 let _ = reply.send_async(Err(error)).await;
@@ -374,7 +395,37 @@ async fn handle(job: Job) {
             };
             let _ = reply.send_async(result).await;
         }
+        Job::RemoveDurable { paths, reply } => {
+            let _ = reply.send_async(remove_durable(&paths).await).await;
+        }
     }
+}
+
+async fn remove_durable(paths: &[PathBuf]) -> Result<u64, SinkError> {
+    let mut removed = 0u64;
+    let mut directories = std::collections::BTreeSet::new();
+    for path in paths {
+        match std::fs::remove_file(path) {
+            Ok(()) => {
+                removed += 1;
+                if let Some(parent) = path.parent() {
+                    directories.insert(parent.to_path_buf());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(std_error("remove", path)(e)),
+        }
+    }
+    for directory in directories {
+        crate::publish::sync_directory(&directory)
+            .await
+            .map_err(|e| SinkError::Io {
+                action: "sync directory",
+                path: directory.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+    }
+    Ok(removed)
 }
 
 async fn create_parent(path: &Path) -> Result<(), SinkError> {
@@ -390,21 +441,218 @@ async fn create_parent(path: &Path) -> Result<(), SinkError> {
     Ok(())
 }
 
+/// Bytes of the aligned block a direct-I/O partial collects before writing it.
+const DIRECT_BLOCK_BYTES: usize = 1 << 20;
+
+/// Where a streamed file's bytes go. O_DIRECT where the file system allows it: the bytes go to
+/// the device in aligned blocks without the page cache, which on the machines measured makes
+/// fetched (incompressible) bytes durable about three times faster than buffered writes and an
+/// fdatasync (dd: 1.5 against 0.5 GB/s), and leaves the page cache to queries. File systems
+/// without O_DIRECT (tmpfs) get buffered writes.
+enum PartialFile {
+    Direct(DirectFile),
+    Buffered { file: BufferedFile, size: u64 },
+}
+
+/// A file written with O_DIRECT: full blocks are written as they fill; the last partial block
+/// is written zero-padded at [`DirectFile::sync`], and the file truncated to its true size.
+struct DirectFile {
+    file: DmaFile,
+    /// Bytes in the file before `block`: a multiple of the alignment.
+    written: u64,
+    /// The block being filled (always `DIRECT_BLOCK_BYTES` long) and how much of it is filled.
+    block: Option<DmaBuffer>,
+    filled: usize,
+}
+
+impl DirectFile {
+    fn size(&self) -> u64 {
+        self.written + self.filled as u64
+    }
+
+    async fn write_block(
+        &self,
+        block: DmaBuffer,
+        at: u64,
+        path: &Path,
+    ) -> Result<DmaBuffer, SinkError> {
+        let length = block.len();
+        let block = std::rc::Rc::new(block);
+        let written = self
+            .file
+            .write_rc_at(block.clone(), at)
+            .await
+            .map_err(io_error("write", path))?;
+        if written != length {
+            return Err(SinkError::Io {
+                action: "write",
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    format!("short write: {written} of {length} bytes"),
+                ),
+            });
+        }
+        Ok(std::rc::Rc::try_unwrap(block).unwrap_or_else(|_| self.file.alloc_dma_buffer(length)))
+    }
+
+    /// Copies `bytes` into blocks, hashing them from the block just written to (where they are
+    /// in this core's cache, not in the sending thread's), and writes every block that fills.
+    async fn write(
+        &mut self,
+        mut bytes: &[u8],
+        hasher: &mut blake3::Hasher,
+        path: &Path,
+    ) -> Result<(), SinkError> {
+        while !bytes.is_empty() {
+            let mut block = self
+                .block
+                .take()
+                .unwrap_or_else(|| self.file.alloc_dma_buffer(DIRECT_BLOCK_BYTES));
+            let length = bytes.len().min(DIRECT_BLOCK_BYTES - self.filled);
+            let copied = &mut block.as_bytes_mut()[self.filled..self.filled + length];
+            copied.copy_from_slice(&bytes[..length]);
+            hasher.update(copied);
+            self.filled += length;
+            bytes = &bytes[length..];
+            if self.filled == DIRECT_BLOCK_BYTES {
+                let block = self.write_block(block, self.written, path).await?;
+                self.written += DIRECT_BLOCK_BYTES as u64;
+                self.filled = 0;
+                self.block = Some(block);
+            } else {
+                self.block = Some(block);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the filled part of the last block (padded to the alignment), cuts the file to
+    /// its true size and fdatasyncs it. The block stays, so later writes continue after it.
+    async fn sync(&mut self, path: &Path) -> Result<(), SinkError> {
+        if let Some(block) = self.block.as_ref().filter(|_| self.filled > 0) {
+            let padded = self.file.align_up(self.filled as u64) as usize;
+            let mut tail = self.file.alloc_dma_buffer(padded);
+            tail.as_bytes_mut()[..self.filled].copy_from_slice(&block.as_bytes()[..self.filled]);
+            tail.as_bytes_mut()[self.filled..].fill(0);
+            self.write_block(tail, self.written, path).await?;
+        }
+        self.file
+            .truncate(self.size())
+            .await
+            .map_err(io_error("truncate", path))?;
+        self.file.fdatasync().await.map_err(io_error("sync", path))
+    }
+}
+
+impl PartialFile {
+    fn size(&self) -> u64 {
+        match self {
+            PartialFile::Direct(direct) => direct.size(),
+            PartialFile::Buffered { size, .. } => *size,
+        }
+    }
+
+    /// Appends `bytes` and adds them to `hasher`.
+    async fn write(
+        &mut self,
+        bytes: Vec<u8>,
+        hasher: &mut blake3::Hasher,
+        path: &Path,
+    ) -> Result<(), SinkError> {
+        match self {
+            PartialFile::Direct(direct) => direct.write(&bytes, hasher, path).await,
+            PartialFile::Buffered { file, size } => {
+                hasher.update(&bytes);
+                let length = bytes.len() as u64;
+                write_all(file, path, bytes, *size).await?;
+                *size += length;
+                Ok(())
+            }
+        }
+    }
+
+    async fn sync(&mut self, path: &Path) -> Result<(), SinkError> {
+        match self {
+            PartialFile::Direct(direct) => direct.sync(path).await,
+            PartialFile::Buffered { file, .. } => {
+                file.fdatasync().await.map_err(io_error("sync", path))
+            }
+        }
+    }
+
+    async fn close(self) -> Result<(), glommio::GlommioError<()>> {
+        match self {
+            PartialFile::Direct(direct) => direct.file.close().await,
+            PartialFile::Buffered { file, .. } => file.close().await,
+        }
+    }
+}
+
+/// Opens the partial and hashes what it holds. A direct-I/O partial is cut to a multiple of
+/// the alignment first (at most one block's worth of bytes is fetched again).
 async fn open_partial(
     partial: &Path,
     resume: bool,
-) -> Result<(BufferedFile, blake3::Hasher, u64), SinkError> {
+    direct_io: bool,
+) -> Result<(PartialFile, blake3::Hasher), SinkError> {
     create_parent(partial).await?;
-    let file = OpenOptions::new()
+    let mut options = OpenOptions::new();
+    options
         .read(true)
         .write(true)
         .create(true)
-        .truncate(!resume)
-        .buffered_open(partial)
-        .await
-        .map_err(io_error("open", partial))?;
-    let (hasher, size) = hash_prefix(&file, partial).await?;
-    Ok((file, hasher, size))
+        .truncate(!resume);
+    let direct = if direct_io {
+        options
+            .dma_open(partial)
+            .await
+            .map_err(std::io::Error::from)
+    } else {
+        Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    match direct {
+        Ok(file) => {
+            let size = file.file_size().await.map_err(io_error("stat", partial))?;
+            let kept = file.align_down(size);
+            if kept < size {
+                file.truncate(kept)
+                    .await
+                    .map_err(io_error("truncate", partial))?;
+            }
+            // Hashed through a buffered descriptor of its own: glommio reads direct-I/O files
+            // only on NVMe polling rings.
+            let reader = OpenOptions::new()
+                .read(true)
+                .buffered_open(partial)
+                .await
+                .map_err(io_error("open", partial))?;
+            let hashed = hash_prefix(&reader, partial).await;
+            if let Err(error) = reader.close().await {
+                tracing::warn!(path = %partial.display(), %error, "close hashed partial");
+            }
+            let (hasher, at) = hashed?;
+            debug_assert_eq!(at, kept);
+            let direct = DirectFile {
+                file,
+                written: at,
+                block: None,
+                filled: 0,
+            };
+            Ok((PartialFile::Direct(direct), hasher))
+        }
+        Err(error) => {
+            if error.raw_os_error() != Some(libc::EINVAL) {
+                return Err(std_error("open", partial)(error));
+            }
+            let file = options
+                .buffered_open(partial)
+                .await
+                .map_err(io_error("open", partial))?;
+            let (hasher, size) = hash_prefix(&file, partial).await?;
+            Ok((PartialFile::Buffered { file, size }, hasher))
+        }
+    }
 }
 
 async fn hash_prefix(file: &BufferedFile, path: &Path) -> Result<(blake3::Hasher, u64), SinkError> {
@@ -452,9 +700,8 @@ async fn write_all(
 
 async fn write_loop(
     partial: PathBuf,
-    file: BufferedFile,
+    mut file: PartialFile,
     mut hasher: blake3::Hasher,
-    mut size: u64,
     commands: flume::Receiver<WriterCommand>,
 ) {
     // The first write error is kept and reported by every later finish or publish: the bytes
@@ -471,24 +718,18 @@ async fn write_loop(
                 if failed.is_some() {
                     continue;
                 }
-                hasher.update(&bytes);
-                let length = bytes.len() as u64;
-                match write_all(&file, &partial, bytes, size).await {
-                    Ok(()) => size += length,
-                    Err(error) => failed = Some(error.to_string()),
+                if let Err(error) = file.write(bytes, &mut hasher, &partial).await {
+                    failed = Some(error.to_string());
                 }
             }
             WriterCommand::Finish { reply } => {
                 let result = if failed.is_some() {
                     Err(fail_with(&failed))
                 } else {
-                    file.fdatasync()
-                        .await
-                        .map_err(io_error("sync", &partial))
-                        .map(|()| Written {
-                            size_bytes: size,
-                            blake3: *hasher.finalize().as_bytes(),
-                        })
+                    file.sync(&partial).await.map(|()| Written {
+                        size_bytes: file.size(),
+                        blake3: *hasher.finalize().as_bytes(),
+                    })
                 };
                 let _ = reply.send_async(result).await;
             }
@@ -574,14 +815,29 @@ mod tests {
 
     // Checks the streamed-file cycle the fetcher relies on: bytes written in chunks are hashed
     // as they go, an interrupted partial is resumed with its prefix hashed, and publishing
-    // renames the partial onto the target with the exact bytes.
+    // renames the partial onto the target with the exact bytes. On the test's disk this is the
+    // O_DIRECT path.
     #[test]
     fn streamed_file_resumes_and_publishes() {
+        streamed_file_cycle(true);
+    }
+
+    // The same cycle through the page cache, the path file systems without O_DIRECT take.
+    #[test]
+    fn streamed_file_resumes_and_publishes_buffered() {
+        streamed_file_cycle(false);
+    }
+
+    fn streamed_file_cycle(direct_io: bool) {
         crate::runtime::raise_memlock_limit();
         let dir = tempfile::tempdir().unwrap();
         let partial = dir.path().join("a/b/file.partial");
         let target = dir.path().join("a/b/file");
-        let sink = FileSink::start(SinkConfig::default()).unwrap();
+        let sink = FileSink::start(SinkConfig {
+            direct_io,
+            ..SinkConfig::default()
+        })
+        .unwrap();
         let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         block_on(async {
             let writer = sink.open(&partial, true).await.unwrap();
@@ -590,9 +846,14 @@ mod tests {
             writer.finish().await.unwrap();
             drop(writer);
 
+            // A direct-I/O partial resumes from the last aligned offset at or before its end.
             let writer = sink.open(&partial, true).await.unwrap();
-            assert_eq!(writer.resumed_bytes(), 1_000_001);
-            for chunk in content[1_000_001..].chunks(65_536) {
+            let resumed = writer.resumed_bytes() as usize;
+            assert!(
+                resumed <= 1_000_001 && resumed > 1_000_001 - 65_536,
+                "{resumed}"
+            );
+            for chunk in content[resumed..].chunks(65_536) {
                 writer.write(chunk.to_vec()).await.unwrap();
             }
             let written = writer.finish().await.unwrap();
@@ -614,6 +875,10 @@ mod tests {
             assert_eq!(std::fs::read(&log).unwrap(), b"x");
             assert!(sink.remove(&log).await.unwrap());
             assert!(!sink.remove(&log).await.unwrap());
+            let gone = vec![target.clone(), log.clone()];
+            assert_eq!(sink.remove_durable(gone.clone()).await.unwrap(), 1);
+            assert!(!target.exists());
+            assert_eq!(sink.remove_durable(gone).await.unwrap(), 0);
         });
         sink.shutdown();
     }

@@ -415,6 +415,10 @@ impl ManifestWatch for PublishedWatch {
         self.0.current()
     }
 
+    fn oldest_pinned_index(&self) -> u64 {
+        self.0.oldest_pinned_index()
+    }
+
     fn changed(&self, index: u64) -> crate::files::fetch::BoxFuture<'_, bool> {
         Box::pin(async move {
             match self.0.wait_for(index + 1) {

@@ -377,6 +377,12 @@ impl ManifestClient {
         self.published.current()
     }
 
+    /// The index of the oldest manifest version any reader still holds (the file replicator
+    /// removes a deleted file only once no version older than its deletion is held).
+    pub fn oldest_pinned_index(&self) -> u64 {
+        self.published.oldest_pinned_index()
+    }
+
     /// Waits until the manifest version is at least `index` (e.g. a [`CommitReceipt::log_index`]).
     /// Cancellation-safe. Fails with `Shutdown` if the service stops first.
     pub async fn wait_applied(&self, index: u64) -> Result<(), ManifestError> {

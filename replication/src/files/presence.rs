@@ -8,11 +8,17 @@
 //! off at open; damage before the tail refuses to open. When dead records outweigh the live
 //! ones the log is rewritten as one record per entry.
 //!
+//! Removing a file is two records around the unlink: `Deleting` (the file no longer counts as
+//! present, and a restart finishes the removal), then the unlink and directory sync, then
+//! `Remove`. So a crash at any point neither counts a vanished file as present nor forgets a
+//! file that is still on disk.
+//!
 //! Threads: owned by the replicator on the control thread. Reads are from memory; every write is
 //! an append plus fdatasync on the `shale-fetch` sink thread, and the in-memory index changes only
 //! after the write is durable, so it never claims more than a restart would find.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::path::PathBuf;
 
@@ -55,7 +61,13 @@ pub struct PresenceEntry {
 #[derive(Debug, Serialize, Deserialize)]
 enum PresenceRecord {
     Insert(PresenceEntry),
-    Remove { path: String },
+    Remove {
+        path: String,
+    },
+    /// The file is being removed from disk: not present any more, but not gone for sure.
+    Deleting {
+        path: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +95,8 @@ pub enum PresenceError {
 pub struct PresenceIndex {
     log_path: PathBuf,
     entries: BTreeMap<String, PresenceEntry>,
+    /// Paths whose removal from disk was started but is not known to be finished.
+    deleting: BTreeSet<String>,
     /// Bytes in the log file, and the frame bytes of each live entry's latest insert.
     log_bytes: u64,
     live_bytes: BTreeMap<String, u64>,
@@ -119,6 +133,7 @@ impl PresenceIndex {
         let mut index = PresenceIndex {
             log_path: log_path.clone(),
             entries: BTreeMap::new(),
+            deleting: BTreeSet::new(),
             log_bytes: 0,
             live_bytes: BTreeMap::new(),
             live_bytes_total: 0,
@@ -157,6 +172,12 @@ impl PresenceIndex {
 
     pub fn iter(&self) -> impl Iterator<Item = &PresenceEntry> + '_ {
         self.entries.values()
+    }
+
+    /// Paths whose removal from disk was started and may not have finished (a crash in
+    /// between): the caller removes them again, then [`PresenceIndex::forget`]s them.
+    pub fn deleting(&self) -> impl Iterator<Item = &str> + '_ {
+        self.deleting.iter().map(String::as_str)
     }
 
     pub fn len(&self) -> usize {
@@ -199,17 +220,83 @@ impl PresenceIndex {
         Ok(true)
     }
 
+    /// Durably marks `paths` as being removed from disk, in one append: from now on they do
+    /// not count as present, and a restart lists them in [`PresenceIndex::deleting`]. Call it
+    /// before unlinking them. Not cancellation-safe (like [`PresenceIndex::insert`]).
+    pub async fn mark_deleting(
+        &mut self,
+        sink: &FileSink,
+        paths: &[String],
+    ) -> Result<(), PresenceError> {
+        self.append_all(
+            sink,
+            paths
+                .iter()
+                .map(|path| PresenceRecord::Deleting { path: path.clone() }),
+        )
+        .await
+    }
+
+    /// Durably forgets `paths` (present or being deleted), in one append. Call it once their
+    /// files are durably gone from disk. Not cancellation-safe.
+    pub async fn forget(&mut self, sink: &FileSink, paths: &[String]) -> Result<(), PresenceError> {
+        let known: Vec<String> = paths
+            .iter()
+            .filter(|path| self.entries.contains_key(*path) || self.deleting.contains(*path))
+            .cloned()
+            .collect();
+        self.append_all(
+            sink,
+            known
+                .into_iter()
+                .map(|path| PresenceRecord::Remove { path }),
+        )
+        .await
+    }
+
+    async fn append_all(
+        &mut self,
+        sink: &FileSink,
+        records: impl Iterator<Item = PresenceRecord>,
+    ) -> Result<(), PresenceError> {
+        let mut bytes = Vec::new();
+        let mut noted = Vec::new();
+        for record in records {
+            let frame = encode_frame(&record)?;
+            noted.push((record, frame.len() as u64));
+            bytes.extend_from_slice(&frame);
+        }
+        if noted.is_empty() {
+            return Ok(());
+        }
+        sink.append_durable(&self.log_path, bytes).await?;
+        for (record, frame_bytes) in noted {
+            self.log_bytes += frame_bytes;
+            self.note(record, frame_bytes);
+        }
+        self.compact_if_worth_it(sink).await
+    }
+
     fn note(&mut self, record: PresenceRecord, frame_bytes: u64) {
         match record {
             PresenceRecord::Insert(entry) => {
                 let old = self.live_bytes.insert(entry.path.clone(), frame_bytes);
                 self.live_bytes_total += frame_bytes;
                 self.live_bytes_total -= old.unwrap_or(0);
+                self.deleting.remove(&entry.path);
                 self.entries.insert(entry.path.clone(), entry);
             }
             PresenceRecord::Remove { path } => {
                 self.live_bytes_total -= self.live_bytes.remove(&path).unwrap_or(0);
                 self.entries.remove(&path);
+                self.deleting.remove(&path);
+            }
+            PresenceRecord::Deleting { path } => {
+                let old = self.live_bytes.insert(path.clone(), frame_bytes);
+                self.live_bytes_total += frame_bytes;
+                self.live_bytes_total -= old.unwrap_or(0);
+                self.entries.remove(&path);
+                self.deleting.insert(path);
             }
         }
     }
@@ -224,6 +311,11 @@ impl PresenceIndex {
         for entry in self.entries.values() {
             let frame = encode_frame(&PresenceRecord::Insert(entry.clone()))?;
             live_bytes.insert(entry.path.clone(), frame.len() as u64);
+            image.extend_from_slice(&frame);
+        }
+        for path in &self.deleting {
+            let frame = encode_frame(&PresenceRecord::Deleting { path: path.clone() })?;
+            live_bytes.insert(path.clone(), frame.len() as u64);
             image.extend_from_slice(&frame);
         }
         let image_bytes = image.len() as u64;

@@ -3,19 +3,33 @@
 //! bandwidth cap per node), records what arrived in the presence index, and publishes the
 //! newest manifest version whose files are all present, which is what queries should pin.
 //!
+//! Planning is incremental ([`Planner`]): a new manifest version costs the files it
+//! changed, not the files it has. A full pass happens only at start-up (and when a snapshot
+//! install leaves nothing shared between versions).
+//!
 //! Present version: every manifest version the driver observes becomes a candidate with the set
-//! of its files missing at that time; a fetched file is struck from every candidate's set; the
-//! newest candidate with an empty set is published and older candidates are dropped. Observing
-//! a version scans its files once (O(files)); fetch completions cost O(candidates). Candidates
-//! are bounded: on overflow the second newest is dropped, so the oldest (which fill first) and
-//! the newest stay.
+//! of its files missing at that time (an O(1) copy of the planner's persistent map); a fetched
+//! file is struck from every candidate's set; the newest candidate with an empty set is
+//! published and older candidates are dropped. Fetch completions cost O(candidates x log n).
+//! Candidates are bounded: on overflow the second newest is dropped, so the oldest (which fill
+//! first) and the newest stay.
+//!
+//! Deletes: a path that a new version no longer lists (a `Delete` or a `Batch` removal) stops
+//! being fetched at once (a fetch in flight is aborted), and its local copy waits in a queue
+//! with the index of the version that removed it. It is removed once no version older than that
+//! index is pinned anywhere ([`ManifestWatch::oldest_pinned_index`]: queries, the present
+//! version, this driver's candidates), so a query never loses a file under its feet. Removal is
+//! durable and crash-safe: the presence index first records the path as being deleted (it stops
+//! counting as present), then the file and its partial are unlinked and their directory synced,
+//! then the presence entry is forgotten; a restart finishes removals it finds half done, and
+//! presence entries for paths the manifest no longer lists are queued for removal at start-up.
 //!
 //! Files already on disk under their final path (this node's own flushes, or a fetch that was
 //! renamed but not yet recorded when the node stopped) are adopted after hashing them on the
 //! sink thread, never trusted by name.
 
-use std::collections::BTreeMap;
-use std::collections::BTreeSet;
+use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,15 +49,21 @@ use crate::files::fetch::ExpectedFile;
 use crate::files::fetch::FetchError;
 use crate::files::fetch::FileSource;
 use crate::files::parse_blake3_hex;
-use crate::files::planner;
+
+use crate::files::partial_path;
 use crate::files::planner::FetchTask;
 use crate::files::planner::PeerInfo;
 use crate::files::planner::PlanInput;
+use crate::files::planner::Planner;
+use crate::files::planner::PlannerConfig;
+use crate::files::planner::Settled;
 use crate::files::presence::PresenceEntry;
 use crate::files::presence::PresenceError;
 use crate::files::presence::PresenceIndex;
 use crate::files::throttle::Throttle;
 use crate::files::NodeId;
+use crate::manifest::FileMap;
+use crate::manifest::Manifest;
 use crate::version::ManifestVersion;
 
 /// Limits of the driver; belongs in the node's `[cluster]` config.
@@ -61,6 +81,11 @@ pub struct FetchConfig {
     pub bad_source_forget_ms: u64,
     /// Manifest versions tracked as present-version candidates.
     pub versions_tracked_max: usize,
+    /// While deleted files wait for pinned versions to be released, how often the pins are
+    /// looked at again.
+    pub delete_check_ms: u64,
+    /// Files removed from disk in one durable step (one presence append, one unlink pass).
+    pub delete_batch_max: usize,
 }
 
 impl Default for FetchConfig {
@@ -72,16 +97,22 @@ impl Default for FetchConfig {
             retry_ms: 1_000,
             bad_source_forget_ms: 600_000,
             versions_tracked_max: 64,
+            delete_check_ms: 200,
+            delete_batch_max: 1_000,
         }
     }
 }
 
-/// The manifest as the driver sees it: the current version and a wake-up when it changes.
+/// The manifest as the driver sees it: the current version, a wake-up when it changes, and the
+/// oldest version still pinned.
 pub trait ManifestWatch: Send + Sync {
     fn current(&self) -> Arc<ManifestVersion>;
     /// Resolves with `true` once a version with an index above `index` is published, with
     /// `false` when no version will ever come (shutdown). Cancellation-safe.
     fn changed(&self, index: u64) -> BoxFuture<'_, bool>;
+    /// The index of the oldest version anyone still holds (see [`crate::version::PinRegistry`]).
+    /// A file removed at index `i` is deleted from disk only once this is at least `i`.
+    fn oldest_pinned_index(&self) -> u64;
 }
 
 impl ManifestWatch for ManifestClient {
@@ -91,6 +122,10 @@ impl ManifestWatch for ManifestClient {
 
     fn changed(&self, index: u64) -> BoxFuture<'_, bool> {
         Box::pin(async move { self.wait_applied(index + 1).await.is_ok() })
+    }
+
+    fn oldest_pinned_index(&self) -> u64 {
+        ManifestClient::oldest_pinned_index(self)
     }
 }
 
@@ -107,7 +142,7 @@ pub struct ReplicationMetrics {
     /// Lag: files of the latest version not present here, and their bytes.
     pub files_missing: u64,
     pub bytes_missing: u64,
-    /// Missing files no usable source can serve now.
+    /// Missing files whose latest plan found no usable source.
     pub files_unsourced: u64,
     pub files_in_flight: u64,
     pub files_fetched_total: u64,
@@ -115,6 +150,12 @@ pub struct ReplicationMetrics {
     pub files_adopted_total: u64,
     pub fetch_failures_total: u64,
     pub bad_source_total: u64,
+    /// Fetches stopped because a new version removed their file.
+    pub fetches_cancelled_total: u64,
+    /// Removed files waiting for older pinned versions to be released.
+    pub files_delete_pending: u64,
+    /// Local copies removed from disk and from the presence index.
+    pub files_deleted_total: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +221,7 @@ pub struct Replicator {
 
 struct Candidate {
     version: Arc<ManifestVersion>,
-    missing: BTreeSet<String>,
+    missing: FileMap,
 }
 
 enum Got {
@@ -193,6 +234,39 @@ struct Outcome {
     got: Option<Got>,
     bad_sources: Vec<NodeId>,
     failures: u64,
+}
+
+/// Fetch tasks running, by task id and by path (a path's task is aborted when its file is
+/// removed from the manifest).
+#[derive(Default)]
+struct Running {
+    by_id: HashMap<tokio::task::Id, (String, tokio::task::AbortHandle)>,
+    by_path: HashMap<String, tokio::task::Id>,
+}
+
+impl Running {
+    fn insert(&mut self, path: String, abort: tokio::task::AbortHandle) {
+        self.by_path.insert(path.clone(), abort.id());
+        self.by_id.insert(abort.id(), (path, abort));
+    }
+
+    /// Forgets the task of `id`; answers its path.
+    fn finished(&mut self, id: tokio::task::Id) -> Option<String> {
+        let (path, _) = self.by_id.remove(&id)?;
+        self.by_path.remove(&path);
+        Some(path)
+    }
+
+    /// Aborts the task fetching `path`, if one runs; answers whether one did.
+    fn cancel(&mut self, path: &str) -> bool {
+        let Some(id) = self.by_path.remove(path) else {
+            return false;
+        };
+        if let Some((_, abort)) = self.by_id.remove(&id) {
+            abort.abort();
+        }
+        true
+    }
 }
 
 impl Replicator {
@@ -218,6 +292,10 @@ impl Replicator {
         )
     }
 
+    fn metrics(&self) -> std::sync::MutexGuard<'_, ReplicationMetrics> {
+        self.metrics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Runs until `shutdown` resolves or the manifest shuts down. Fetches in flight are
     /// abandoned at shutdown; their partials stay for the next start. Fails only when the
     /// presence index cannot be written (the disk is failing).
@@ -227,103 +305,231 @@ impl Replicator {
     ) -> Result<(), ReplicatorError> {
         tokio::pin!(shutdown);
         let config = self.parts.config.clone();
-        let retry = Duration::from_millis(config.retry_ms);
-        let forget = Duration::from_millis(config.bad_source_forget_ms);
+        let clock_start = Instant::now();
+        let mut planner = Planner::new(PlannerConfig {
+            retry: Duration::from_millis(config.retry_ms),
+            bad_source_forget: Duration::from_millis(config.bad_source_forget_ms),
+        });
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
-        let mut in_flight: BTreeSet<String> = BTreeSet::new();
-        let mut deferred: BTreeMap<String, Instant> = BTreeMap::new();
-        let mut bad: BTreeMap<String, BTreeMap<NodeId, Instant>> = BTreeMap::new();
+        let mut running = Running::default();
         let mut candidates: Vec<Candidate> = Vec::new();
-        let mut seen_index: Option<u64> = None;
-        let result = loop {
-            let version = self.parts.watch.current();
-            let now = Instant::now();
-            deferred.retain(|_, until| *until > now);
-            for sources in bad.values_mut() {
-                sources.retain(|_, until| *until > now);
-            }
-            bad.retain(|_, sources| !sources.is_empty());
+        let mut previous: Option<Arc<ManifestVersion>> = None;
+        // Paths removed from the manifest, with the index of the version that removed them, in
+        // index order.
+        let mut deletes: VecDeque<(u64, String)> = VecDeque::new();
 
-            if seen_index != Some(version.index) {
-                seen_index = Some(version.index);
-                self.observe(&mut candidates, version.clone());
+        let result = 'run: {
+            if let Err(error) = self.finish_interrupted_deletes().await {
+                break 'run Err(error);
             }
+            loop {
+                let version = self.parts.watch.current();
+                if previous.as_ref().map(|v| v.index) != Some(version.index) {
+                    let observed = planner.observe(
+                        previous.as_ref().map(|v| &v.manifest),
+                        &version.manifest,
+                        &self.parts.presence,
+                    );
+                    if previous.is_none() {
+                        // Start-up: files this node holds that the manifest no longer lists
+                        // (deleted while it was down) are queued like fresh removals.
+                        for entry in self.parts.presence.iter() {
+                            if version.manifest.file(&entry.path).is_none() {
+                                deletes.push_back((version.index, entry.path.clone()));
+                            }
+                        }
+                    }
+                    for path in &observed.cancelled {
+                        if running.cancel(path) {
+                            self.metrics().fetches_cancelled_total += 1;
+                            tracing::debug!(path = %path, "fetch cancelled: file removed from the manifest");
+                        }
+                    }
+                    for path in observed.removed {
+                        deletes.push_back((version.index, path.to_string()));
+                    }
+                    self.observe(&mut candidates, version.clone(), planner.missing());
+                    previous = Some(version.clone());
+                }
 
-            let peers = (self.parts.peers)();
-            let busy: BTreeSet<String> = in_flight.iter().chain(deferred.keys()).cloned().collect();
-            let bad_view: BTreeMap<String, BTreeSet<NodeId>> = bad
-                .iter()
-                .map(|(path, sources)| (path.clone(), sources.keys().copied().collect()))
-                .collect();
-            let plan = planner::plan(
-                &version.manifest,
-                &self.parts.presence,
-                PlanInput {
+                if let Err(error) = self.delete_released(&mut deletes, &version.manifest).await {
+                    break 'run Err(error);
+                }
+
+                let now = Instant::now();
+                let peers = (self.parts.peers)();
+                let planned = planner.next_tasks(PlanInput {
                     local: self.parts.local,
                     peers: &peers,
-                    busy: &busy,
-                    bad_sources: &bad_view,
-                    tasks_max: config.concurrency.max(1).saturating_sub(in_flight.len()),
-                },
-            );
-            for task in plan.tasks {
-                in_flight.insert(task.path.clone());
-                tasks.spawn(self.fetch_task(task));
-            }
-            {
-                let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
-                metrics.latest_index = version.index;
-                metrics.files_missing = plan.missing_files;
-                metrics.bytes_missing = plan.missing_bytes;
-                metrics.files_unsourced = plan.unsourced_files;
-                metrics.files_in_flight = in_flight.len() as u64;
-            }
-
-            // Wake for the next retry, the next forgotten bad source, or (with files no source
-            // can serve) a fresh look at the peers.
-            let mut wake = deferred.values().min().copied();
-            let forgotten = bad.values().flat_map(|s| s.values()).min().copied();
-            wake = [wake, forgotten].into_iter().flatten().min();
-            if plan.unsourced_files > 0 {
-                wake = Some(wake.map_or(now + retry, |w| w.min(now + retry)));
-            }
-            let sleep = tokio::time::sleep_until(wake.unwrap_or(now + Duration::from_secs(3600)));
-
-            tokio::select! {
-                () = &mut shutdown => break Ok(()),
-                alive = self.parts.watch.changed(version.index) => {
-                    if !alive {
-                        break Ok(());
-                    }
+                    concurrency: config.concurrency,
+                    now: now - clock_start,
+                });
+                for task in planned {
+                    let path = task.path.clone();
+                    let abort = tasks.spawn(self.fetch_task(task));
+                    running.insert(path, abort);
                 }
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    let Ok(outcome) = joined else {
-                        continue; // A panicked fetch task; its path is retried below.
-                    };
-                    in_flight.remove(&outcome.task.path);
-                    if let Err(error) = self
-                        .settle(outcome, &mut candidates, &mut deferred, &mut bad, retry, forget)
-                        .await
-                    {
-                        break Err(error);
-                    }
+                {
+                    let mut metrics = self.metrics();
+                    metrics.latest_index = version.index;
+                    metrics.files_missing = planner.missing_files();
+                    metrics.bytes_missing = planner.missing_bytes();
+                    metrics.files_unsourced = planner.unsourced_files();
+                    metrics.files_in_flight = planner.in_flight_files();
+                    metrics.files_delete_pending = deletes.len() as u64;
                 }
-                () = sleep, if wake.is_some() => {}
+
+                // Wake for the next retry, or to look at the pins again while deletions wait.
+                let mut wake = planner.wake_at().map(|at| clock_start + at);
+                if !deletes.is_empty() {
+                    let check = now + Duration::from_millis(config.delete_check_ms.max(1));
+                    wake = Some(wake.map_or(check, |w| w.min(check)));
+                }
+                let sleep =
+                    tokio::time::sleep_until(wake.unwrap_or(now + Duration::from_secs(3600)));
+
+                tokio::select! {
+                    () = &mut shutdown => break 'run Ok(()),
+                    alive = self.parts.watch.changed(version.index) => {
+                        if !alive {
+                            break 'run Ok(());
+                        }
+                    }
+                    Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                        let settled_at = Instant::now() - clock_start;
+                        match joined {
+                            Ok((id, outcome)) => {
+                                if running.finished(id).is_none() {
+                                    continue; // Cancelled after it finished: its file is gone.
+                                }
+                                if let Err(error) = self
+                                    .settle(outcome, &mut planner, &mut candidates, settled_at)
+                                    .await
+                                {
+                                    break 'run Err(error);
+                                }
+                            }
+                            Err(error) => {
+                                // A panicked task is retried like a failed one; an aborted one
+                                // was cancelled and is forgotten already.
+                                if let Some(path) = running.finished(error.id()) {
+                                    tracing::warn!(path = %path, %error, "fetch task failed");
+                                    let blake3_hex = version
+                                        .manifest
+                                        .file(&path)
+                                        .map(|entry| entry.blake3_hex.clone())
+                                        .unwrap_or_default();
+                                    planner.settle(
+                                        &path,
+                                        &blake3_hex,
+                                        Settled::Failed { bad_sources: Vec::new() },
+                                        settled_at,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    () = sleep, if wake.is_some() => {}
+                }
             }
         };
         tasks.shutdown().await;
         result
     }
 
-    /// Adds `version` as a present-version candidate and publishes the newest complete one.
-    fn observe(&self, candidates: &mut Vec<Candidate>, version: Arc<ManifestVersion>) {
-        let missing: BTreeSet<String> = version
-            .manifest
-            .files()
+    /// Finishes removals a previous run started but may not have completed (a crash between
+    /// marking and forgetting).
+    async fn finish_interrupted_deletes(&mut self) -> Result<(), ReplicatorError> {
+        let paths: Vec<String> = self.parts.presence.deleting().map(str::to_owned).collect();
+        if paths.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(files = paths.len(), "finishing interrupted file removals");
+        self.remove_files(paths).await
+    }
+
+    /// Removes the queued files whose removing version is not newer than the oldest pinned
+    /// version, i.e. no pinned version still lists them.
+    async fn delete_released(
+        &mut self,
+        deletes: &mut VecDeque<(u64, String)>,
+        latest: &Manifest,
+    ) -> Result<(), ReplicatorError> {
+        if deletes.is_empty() {
+            return Ok(());
+        }
+        let oldest_pinned = self.parts.watch.oldest_pinned_index();
+        while deletes
+            .front()
+            .is_some_and(|(index, _)| *index <= oldest_pinned)
+        {
+            let mut batch = Vec::new();
+            while batch.len() < self.parts.config.delete_batch_max.max(1) {
+                match deletes.front() {
+                    Some((index, _)) if *index <= oldest_pinned => {}
+                    _ => break,
+                }
+                let Some((_, path)) = deletes.pop_front() else {
+                    break;
+                };
+                // Registered again since (files are immutable, so only with the same bytes): it
+                // is a current file, not a deleted one.
+                if latest.file(&path).is_none() {
+                    batch.push(path);
+                }
+            }
+            if !batch.is_empty() {
+                self.remove_files(batch).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `paths` (and their partials) from disk and from the presence index, in the
+    /// crash-safe order of the module documentation.
+    async fn remove_files(&mut self, paths: Vec<String>) -> Result<(), ReplicatorError> {
+        let recorded: Vec<String> = paths
             .iter()
-            .filter(|(path, entry)| !self.parts.presence.contains(path, &entry.blake3_hex))
-            .map(|(path, _)| path.to_string())
+            .filter(|path| self.parts.presence.get(path).is_some())
+            .cloned()
             .collect();
+        self.parts
+            .presence
+            .mark_deleting(&self.parts.sink, &recorded)
+            .await?;
+        let mut files = Vec::with_capacity(paths.len() * 2);
+        for path in &paths {
+            if crate::files::protocol::check_relative_path(path).is_err() {
+                tracing::warn!(path = %path, "removed manifest path is not a plain relative path; not unlinked");
+                continue;
+            }
+            let target = self.parts.data_dir.join(path);
+            files.push(partial_path(&target));
+            files.push(target);
+        }
+        match self.parts.sink.remove_durable(files).await {
+            Ok(_) => {}
+            Err(error) => {
+                // The paths stay marked as being deleted: not present, and the next start tries
+                // again.
+                tracing::warn!(%error, files = paths.len(), "remove deleted files");
+                return Ok(());
+            }
+        }
+        self.parts.presence.forget(&self.parts.sink, &paths).await?;
+        self.metrics().files_deleted_total += paths.len() as u64;
+        tracing::debug!(files = paths.len(), "removed deleted files");
+        Ok(())
+    }
+
+    /// Adds `version` (with the files it lacks here) as a present-version candidate and
+    /// publishes the newest complete one.
+    fn observe(
+        &self,
+        candidates: &mut Vec<Candidate>,
+        version: Arc<ManifestVersion>,
+        missing: FileMap,
+    ) {
         candidates.push(Candidate { version, missing });
         if candidates.len() > self.parts.config.versions_tracked_max.max(2) {
             let second_newest = candidates.len() - 2;
@@ -346,10 +552,7 @@ impl Replicator {
             .is_none_or(|current| current.index < index);
         if advanced {
             self.present.send_replace(Some(version));
-            self.metrics
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .present_index = Some(index);
+            self.metrics().present_index = Some(index);
             tracing::debug!(index, "present manifest version advanced");
         }
     }
@@ -357,26 +560,25 @@ impl Replicator {
     async fn settle(
         &mut self,
         outcome: Outcome,
+        planner: &mut Planner,
         candidates: &mut Vec<Candidate>,
-        deferred: &mut BTreeMap<String, Instant>,
-        bad: &mut BTreeMap<String, BTreeMap<NodeId, Instant>>,
-        retry: Duration,
-        forget: Duration,
+        now: Duration,
     ) -> Result<(), ReplicatorError> {
-        let now = Instant::now();
         let path = outcome.task.path.clone();
-        for node in &outcome.bad_sources {
-            bad.entry(path.clone())
-                .or_default()
-                .insert(*node, now + forget);
-        }
         {
-            let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+            let mut metrics = self.metrics();
             metrics.fetch_failures_total += outcome.failures;
             metrics.bad_source_total += outcome.bad_sources.len() as u64;
         }
         let Some(got) = outcome.got else {
-            deferred.insert(path, now + retry);
+            planner.settle(
+                &path,
+                &outcome.task.blake3_hex,
+                Settled::Failed {
+                    bad_sources: outcome.bad_sources,
+                },
+                now,
+            );
             return Ok(());
         };
         if let Got::Fetched { node, bytes } = &got {
@@ -400,7 +602,7 @@ impl Replicator {
         {
             // Counted once the file is recorded, so a reader of the metrics that sees the file
             // counted also finds it in the presence index.
-            let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+            let mut metrics = self.metrics();
             match got {
                 Got::Fetched { bytes, .. } => {
                     metrics.files_fetched_total += 1;
@@ -409,18 +611,21 @@ impl Replicator {
                 Got::Adopted => metrics.files_adopted_total += 1,
             }
         }
-        bad.remove(&path);
+        planner.settle(&path, &outcome.task.blake3_hex, Settled::Present, now);
+        let mut struck = false;
         for candidate in candidates.iter_mut() {
             let same = candidate
-                .version
-                .manifest
-                .file(&path)
+                .missing
+                .get(path.as_str())
                 .is_some_and(|entry| entry.blake3_hex == outcome.task.blake3_hex);
             if same {
-                candidate.missing.remove(&path);
+                candidate.missing.remove(path.as_str());
+                struck = true;
             }
         }
-        self.publish_present(candidates);
+        if struck {
+            self.publish_present(candidates);
+        }
         Ok(())
     }
 
