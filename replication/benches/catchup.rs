@@ -4,13 +4,16 @@
 //! the figures it is measured against: a raw quinn transfer of the same bytes with the same
 //! transport config (one stream, and as many streams as the fetcher runs at once), the disk's
 //! fdatasync'd write speed, and single-core blake3. Two diagnostic rows split the catch-up
-//! path: the FileFetch protocol alone (bytes discarded) and the sink alone (bytes from memory). While the catch-up runs, a Raft-lane call
+//! path: the FileFetch protocol alone (bytes discarded) and the sink alone (bytes from memory).
+//! Each phase also reports CPU ms per MB by thread role (server node, client node, sink), and
+//! announces itself on stderr so a profiler can attach. While the catch-up runs, a Raft-lane call
 //! (what a heartbeat is) is timed every 50 ms, and its round trip is reported.
 //!
 //! Run: `cargo bench -p shale-replication --bench catchup` (release). Settings from the
 //! environment: `SHALE_CATCHUP_MIB` (total, default 2048), `SHALE_CATCHUP_FILE_MIB` (per file,
 //! default 64), `SHALE_CATCHUP_CONCURRENCY` (files fetched at once, default the fetcher's
-//! default), `SHALE_BENCH_DIR` (default the system temporary directory). The two endpoints
+//! default), `SHALE_CATCHUP_UDP_BUFFER` (UDP socket buffer bytes, default the transport's),
+//! `SHALE_BENCH_DIR` (default the system temporary directory). The two endpoints
 //! run on their own threads with current-thread tokio runtimes, like two nodes' control threads;
 //! both share this machine's cores with the sink thread and tokio's blocking pool.
 
@@ -165,7 +168,13 @@ fn bind(tls: ClusterTls, peer: NodeId) -> Transport {
         any,
         tls,
         Arc::new(move |id| id == peer),
-        TransportConfig::default(),
+        TransportConfig {
+            udp_buffer_bytes: env_usize(
+                "SHALE_CATCHUP_UDP_BUFFER",
+                TransportConfig::default().udp_buffer_bytes,
+            ),
+            ..TransportConfig::default()
+        },
     )
     .expect("bind transport")
 }
