@@ -15,6 +15,7 @@
 use std::path::Path;
 use std::path::PathBuf;
 
+use bytes::Bytes;
 use glommio::io::BufferedFile;
 use glommio::io::DmaBuffer;
 use glommio::io::DmaFile;
@@ -67,6 +68,84 @@ pub enum SinkError {
     Stopped,
 }
 
+/// Bytes to append to a streamed file, as the network delivered them: pieces written in order.
+/// A QUIC stream delivers a packet's worth of bytes per piece, and the sink's copy into its
+/// aligned blocks is the only copy the bytes get on the receiving side.
+#[derive(Clone, Debug, Default)]
+pub struct Chunk {
+    pieces: Vec<Bytes>,
+    length: usize,
+}
+
+impl Chunk {
+    pub fn new() -> Chunk {
+        Chunk::default()
+    }
+
+    /// Appends `piece` (empty pieces are dropped).
+    pub fn push(&mut self, piece: Bytes) {
+        if !piece.is_empty() {
+            self.length += piece.len();
+            self.pieces.push(piece);
+        }
+    }
+
+    /// Bytes in all pieces.
+    pub fn len(&self) -> usize {
+        self.length
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.length == 0
+    }
+
+    /// Keeps the first `length` bytes.
+    pub fn truncate(&mut self, length: usize) {
+        let mut kept = 0usize;
+        let mut count = 0usize;
+        for piece in &mut self.pieces {
+            if kept >= length {
+                break;
+            }
+            piece.truncate(length - kept);
+            kept += piece.len();
+            count += 1;
+        }
+        self.pieces.truncate(count);
+        self.length = kept;
+    }
+
+    pub fn pieces(&self) -> &[Bytes] {
+        &self.pieces
+    }
+
+    /// The bytes in one buffer (a copy, unless there is a single piece that owns its buffer).
+    pub fn into_vec(mut self) -> Vec<u8> {
+        if self.pieces.len() == 1 {
+            return Vec::from(self.pieces.pop().unwrap_or_default());
+        }
+        let mut bytes = Vec::with_capacity(self.length);
+        for piece in &self.pieces {
+            bytes.extend_from_slice(piece);
+        }
+        bytes
+    }
+}
+
+impl From<Bytes> for Chunk {
+    fn from(piece: Bytes) -> Chunk {
+        let mut chunk = Chunk::new();
+        chunk.push(piece);
+        chunk
+    }
+}
+
+impl From<Vec<u8>> for Chunk {
+    fn from(bytes: Vec<u8>) -> Chunk {
+        Chunk::from(Bytes::from(bytes))
+    }
+}
+
 /// Size and blake3 of everything in a streamed file (the resumed prefix included).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Written {
@@ -109,7 +188,7 @@ enum Job {
 }
 
 enum WriterCommand {
-    Write(Vec<u8>),
+    Write(Chunk),
     Finish { reply: Reply<Written> },
     Publish { target: PathBuf, reply: Reply<()> },
     Discard { reply: Reply<()> },
@@ -253,9 +332,9 @@ impl SinkWriter {
 
     /// Queues `bytes` to be appended. A write error is reported by [`SinkWriter::finish`]; this
     /// fails only when the sink has stopped.
-    pub async fn write(&self, bytes: Vec<u8>) -> Result<(), SinkError> {
+    pub async fn write(&self, bytes: impl Into<Chunk>) -> Result<(), SinkError> {
         self.commands
-            .send_async(WriterCommand::Write(bytes))
+            .send_async(WriterCommand::Write(bytes.into()))
             .await
             .map_err(|_| SinkError::Stopped)
     }
@@ -443,6 +522,8 @@ async fn create_parent(path: &Path) -> Result<(), SinkError> {
 
 /// Bytes of the aligned block a direct-I/O partial collects before writing it.
 const DIRECT_BLOCK_BYTES: usize = 1 << 20;
+/// Bytes hashed at once while copying into a block (see [`DirectFile::write`]).
+const HASH_SPAN_BYTES: usize = 64 << 10;
 
 /// Where a streamed file's bytes go. O_DIRECT where the file system allows it: the bytes go to
 /// the device in aligned blocks without the page cache, which on the machines measured makes
@@ -496,33 +577,48 @@ impl DirectFile {
         Ok(std::rc::Rc::try_unwrap(block).unwrap_or_else(|_| self.file.alloc_dma_buffer(length)))
     }
 
-    /// Copies `bytes` into blocks, hashing them from the block just written to (where they are
-    /// in this core's cache, not in the sending thread's), and writes every block that fills.
+    /// Copies the pieces of `chunk` into blocks and writes every block that fills. The bytes
+    /// are hashed from the block they were copied into, in spans of [`HASH_SPAN_BYTES`]: large
+    /// enough for blake3 to hash many 1 KiB chunks at once with SIMD (a piece is only a
+    /// packet's worth), small enough that the span is still in this core's cache from the copy.
+    /// Everything copied is hashed before this returns.
     async fn write(
         &mut self,
-        mut bytes: &[u8],
+        chunk: &Chunk,
         hasher: &mut blake3::Hasher,
         path: &Path,
     ) -> Result<(), SinkError> {
-        while !bytes.is_empty() {
-            let mut block = self
-                .block
-                .take()
-                .unwrap_or_else(|| self.file.alloc_dma_buffer(DIRECT_BLOCK_BYTES));
-            let length = bytes.len().min(DIRECT_BLOCK_BYTES - self.filled);
-            let copied = &mut block.as_bytes_mut()[self.filled..self.filled + length];
-            copied.copy_from_slice(&bytes[..length]);
-            hasher.update(copied);
-            self.filled += length;
-            bytes = &bytes[length..];
-            if self.filled == DIRECT_BLOCK_BYTES {
-                let block = self.write_block(block, self.written, path).await?;
-                self.written += DIRECT_BLOCK_BYTES as u64;
-                self.filled = 0;
-                self.block = Some(block);
-            } else {
-                self.block = Some(block);
+        // Bytes of the block before `hashed` are in the hasher; `hashed <= filled`.
+        let mut hashed = self.filled;
+        for piece in chunk.pieces() {
+            let mut bytes = &piece[..];
+            while !bytes.is_empty() {
+                let mut block = self
+                    .block
+                    .take()
+                    .unwrap_or_else(|| self.file.alloc_dma_buffer(DIRECT_BLOCK_BYTES));
+                let length = bytes.len().min(DIRECT_BLOCK_BYTES - self.filled);
+                block.as_bytes_mut()[self.filled..self.filled + length]
+                    .copy_from_slice(&bytes[..length]);
+                self.filled += length;
+                bytes = &bytes[length..];
+                if self.filled - hashed >= HASH_SPAN_BYTES || self.filled == DIRECT_BLOCK_BYTES {
+                    hasher.update(&block.as_bytes()[hashed..self.filled]);
+                    hashed = self.filled;
+                }
+                if self.filled == DIRECT_BLOCK_BYTES {
+                    let block = self.write_block(block, self.written, path).await?;
+                    self.written += DIRECT_BLOCK_BYTES as u64;
+                    self.filled = 0;
+                    hashed = 0;
+                    self.block = Some(block);
+                } else {
+                    self.block = Some(block);
+                }
             }
+        }
+        if let Some(block) = self.block.as_ref().filter(|_| hashed < self.filled) {
+            hasher.update(&block.as_bytes()[hashed..self.filled]);
         }
         Ok(())
     }
@@ -553,16 +649,18 @@ impl PartialFile {
         }
     }
 
-    /// Appends `bytes` and adds them to `hasher`.
+    /// Appends `chunk` and adds it to `hasher`.
     async fn write(
         &mut self,
-        bytes: Vec<u8>,
+        chunk: Chunk,
         hasher: &mut blake3::Hasher,
         path: &Path,
     ) -> Result<(), SinkError> {
         match self {
-            PartialFile::Direct(direct) => direct.write(&bytes, hasher, path).await,
+            PartialFile::Direct(direct) => direct.write(&chunk, hasher, path).await,
             PartialFile::Buffered { file, size } => {
+                // glommio's buffered writes take one owned buffer.
+                let bytes = chunk.into_vec();
                 hasher.update(&bytes);
                 let length = bytes.len() as u64;
                 write_all(file, path, bytes, *size).await?;
@@ -589,6 +687,54 @@ impl PartialFile {
     }
 }
 
+std::thread_local! {
+    /// Devices (`st_dev`) on which this thread's glommio executor has decided whether direct
+    /// I/O is polled.
+    static PROBED_DEVICES: std::cell::RefCell<std::collections::HashSet<u64>> =
+        std::cell::RefCell::new(std::collections::HashSet::new());
+}
+
+/// Makes glommio decide correctly whether `partial`'s device completes direct I/O by polling.
+///
+/// Why: glommio decides it once per device and thread, at the first `dma_open` there, by
+/// reading the opened file's first block on its polling ring. A new, empty partial answers
+/// that read at end of file without reaching the device, so every device looked pollable;
+/// writes then went to the polling ring, which the executor cannot sleep on while one is in
+/// flight, and the sink thread spun through io_uring_enter (about 50,000 calls a second during
+/// a catch-up, over half of its CPU). Opening a file that holds a block first makes the probe
+/// reach the device, which refuses polled I/O unless it has poll queues. The probe file is
+/// removed at once; a failure here only leaves glommio to probe the partial as before.
+async fn probe_polling_once(partial: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Some(parent) = partial.parent() else {
+        return;
+    };
+    let Ok(device) = std::fs::metadata(parent).map(|m| m.dev()) else {
+        return;
+    };
+    if PROBED_DEVICES.with(|probed| probed.borrow().contains(&device)) {
+        return;
+    }
+    let mut probe = partial.as_os_str().to_owned();
+    probe.push(".iopoll-probe");
+    let probe = PathBuf::from(probe);
+    if std::fs::write(&probe, [0u8; PROBE_BYTES]).is_ok() {
+        match OpenOptions::new().read(true).dma_open(&probe).await {
+            Ok(file) => {
+                let _ = file.close().await;
+            }
+            Err(error) => {
+                tracing::debug!(path = %probe.display(), %error, "direct-i/o polling probe");
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&probe);
+    PROBED_DEVICES.with(|probed| probed.borrow_mut().insert(device));
+}
+
+/// Bytes of the probe file: a block of any device's logical block size.
+const PROBE_BYTES: usize = 64 << 10;
+
 /// Opens the partial and hashes what it holds. A direct-I/O partial is cut to a multiple of
 /// the alignment first (at most one block's worth of bytes is fetched again).
 async fn open_partial(
@@ -604,6 +750,7 @@ async fn open_partial(
         .create(true)
         .truncate(!resume);
     let direct = if direct_io {
+        probe_polling_once(partial).await;
         options
             .dma_open(partial)
             .await

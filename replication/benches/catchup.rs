@@ -4,13 +4,16 @@
 //! the figures it is measured against: a raw quinn transfer of the same bytes with the same
 //! transport config (one stream, and as many streams as the fetcher runs at once), the disk's
 //! fdatasync'd write speed, and single-core blake3. Two diagnostic rows split the catch-up
-//! path: the FileFetch protocol alone (bytes discarded) and the sink alone (bytes from memory). While the catch-up runs, a Raft-lane call
+//! path: the FileFetch protocol alone (bytes discarded) and the sink alone (bytes from memory).
+//! Each phase also reports CPU ms per MB by thread role (server node, client node, sink), and
+//! announces itself on stderr so a profiler can attach. While the catch-up runs, a Raft-lane call
 //! (what a heartbeat is) is timed every 50 ms, and its round trip is reported.
 //!
 //! Run: `cargo bench -p shale-replication --bench catchup` (release). Settings from the
 //! environment: `SHALE_CATCHUP_MIB` (total, default 2048), `SHALE_CATCHUP_FILE_MIB` (per file,
 //! default 64), `SHALE_CATCHUP_CONCURRENCY` (files fetched at once, default the fetcher's
-//! default), `SHALE_BENCH_DIR` (default the system temporary directory). The two endpoints
+//! default), `SHALE_CATCHUP_UDP_BUFFER` (UDP socket buffer bytes, default the transport's),
+//! `SHALE_BENCH_DIR` (default the system temporary directory). The two endpoints
 //! run on their own threads with current-thread tokio runtimes, like two nodes' control threads;
 //! both share this machine's cores with the sink thread and tokio's blocking pool.
 
@@ -95,6 +98,54 @@ fn udp_receive_buffer_drops() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (ms) used so far by this process's threads, by role: the server node's and the
+/// client node's control threads, the sink thread, and tokio's blocking pools (the server reads
+/// files there). A thread that exits takes its share with it; none does during a phase.
+fn cpu_ms_by_role() -> std::collections::BTreeMap<&'static str, f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut roles = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return roles;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = &stat[open + 1..close];
+        // After the name: state is field 3, utime and stime are fields 14 and 15.
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks: f64 = fields
+            .get(11..13)
+            .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+            .unwrap_or(0.0);
+        let role = match name {
+            "bench-server" => "server node",
+            name if name.starts_with("shale-fetch") => "sink",
+            name if name.starts_with("tokio-runtime") => "blocking pools",
+            _ => "client node",
+        };
+        *roles.entry(role).or_insert(0.0) += ticks * 1000.0 / ticks_per_s;
+    }
+    roles
+}
+
+/// CPU ms per MB moved since `before`, in total and by role.
+fn cpu_per_mb(before: &std::collections::BTreeMap<&'static str, f64>, bytes: u64) -> String {
+    let after = cpu_ms_by_role();
+    let mb = bytes as f64 / 1e6;
+    let used = |role: &str| after.get(role).unwrap_or(&0.0) - before.get(role).unwrap_or(&0.0);
+    let total: f64 = after.keys().map(|role| used(role)).sum();
+    let parts: Vec<String> = after
+        .keys()
+        .map(|role| format!("{role} {:.2}", used(role) / mb))
+        .collect();
+    format!("{:.2} ({})", total / mb, parts.join(", "))
+}
+
 fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / 1e6 / elapsed.as_secs_f64()
 }
@@ -117,7 +168,13 @@ fn bind(tls: ClusterTls, peer: NodeId) -> Transport {
         any,
         tls,
         Arc::new(move |id| id == peer),
-        TransportConfig::default(),
+        TransportConfig {
+            udp_buffer_bytes: env_usize(
+                "SHALE_CATCHUP_UDP_BUFFER",
+                TransportConfig::default().udp_buffer_bytes,
+            ),
+            ..TransportConfig::default()
+        },
     )
     .expect("bind transport")
 }
@@ -453,13 +510,19 @@ fn main() {
         let raw_one = raw(1).await;
         // Measured before and after the catch-up: other load on the machine moves it.
         let mut drops = Vec::new();
+        let mut cpu = Vec::new();
         let before = udp_receive_buffer_drops();
+        eprintln!("phase: raw");
+        let cpu_before = cpu_ms_by_role();
         let raw_before = raw(concurrency).await;
+        cpu.push(("raw", cpu_per_mb(&cpu_before, total_bytes)));
         drops.push(("raw", udp_receive_buffer_drops() - before));
 
         // The FileFetch protocol alone (server reads, stream, client chunks), bytes discarded:
         // separates the protocol's cost from the sink's.
         let before = udp_receive_buffer_drops();
+        eprintln!("phase: protocol only");
+        let cpu_before = cpu_ms_by_role();
         let protocol_only = {
             let source = Arc::new(StreamSource::new(
                 QuicConnector {
@@ -499,7 +562,9 @@ fn main() {
             mb_per_s(received, started.elapsed())
         };
 
+        cpu.push(("protocol only", cpu_per_mb(&cpu_before, file_bytes)));
         drops.push(("protocol only", udp_receive_buffer_drops() - before));
+        let cpu_before = cpu_ms_by_role();
         // The sink alone: the same files written, hashed and published from memory, as many at
         // once as the fetcher runs.
         let sink_only = {
@@ -512,12 +577,13 @@ fn main() {
                 writes.spawn(async move {
                     let mut chunk = vec![0u8; FETCH_CHUNK_BYTES];
                     fill(&mut chunk, i as u64);
+                    let chunk = bytes::Bytes::from(chunk);
                     let partial = target.with_extension("partial");
                     let writer = sink.open(&partial, false).await.expect("open");
                     let mut left = size;
                     while left > 0 {
                         let length = left.min(chunk.len() as u64) as usize;
-                        writer.write(chunk[..length].to_vec()).await.expect("write");
+                        writer.write(chunk.slice(..length)).await.expect("write");
                         left -= length as u64;
                     }
                     writer.finish().await.expect("finish");
@@ -535,8 +601,10 @@ fn main() {
                 .take(count as usize)
                 .map(|f| f.size_bytes)
                 .sum();
+            let elapsed = started.elapsed();
+            cpu.push(("sink only", cpu_per_mb(&cpu_before, bytes)));
             let _ = std::fs::remove_dir_all(dir.path().join("sink-only"));
-            mb_per_s(bytes, started.elapsed())
+            mb_per_s(bytes, elapsed)
         };
 
         let (replicator, handle) = Replicator::new(ReplicatorParts {
@@ -557,6 +625,9 @@ fn main() {
             config: fetch_config,
         });
         let before = udp_receive_buffer_drops();
+        // Announced on stderr so a profiler can attach for this phase alone.
+        eprintln!("phase: catch-up");
+        let cpu_before = cpu_ms_by_role();
         let started = Instant::now();
         let running = tokio::spawn(replicator.run(std::future::pending()));
         let mut during = Vec::new();
@@ -572,6 +643,7 @@ fn main() {
             }
         }
         let catch_up = started.elapsed();
+        cpu.push(("catch-up", cpu_per_mb(&cpu_before, file_bytes)));
         drops.push(("catch-up", udp_receive_buffer_drops() - before));
         running.abort();
         let metrics = handle.metrics();
@@ -590,14 +662,25 @@ fn main() {
             idle,
             during,
             drops,
+            cpu,
         )
     });
     let _ = stop.send(());
     let _ = server.join();
     sink.shutdown();
 
-    let (raw_one, raw_before, raw_after, protocol_only, sink_only, catch_up, idle, during, drops) =
-        rows;
+    let (
+        raw_one,
+        raw_before,
+        raw_after,
+        protocol_only,
+        sink_only,
+        catch_up,
+        idle,
+        during,
+        drops,
+        cpu,
+    ) = rows;
     let raw_many = (raw_before + raw_after) / 2.0;
     let share = |value: f64| format!("{:.0}%", 100.0 * value / raw_many);
     let row = |name: &str, value: f64, versus: String| {
@@ -650,6 +733,10 @@ fn main() {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    println!("CPU ms per MB (both nodes in this process):");
+    for (phase, figures) in &cpu {
+        println!("  {phase:13} {figures}");
+    }
     println!();
     println!("| Raft-lane call round trip | calls | p50       | p99       | max       |");
     println!("|---------------------------|-------|-----------|-----------|-----------|");

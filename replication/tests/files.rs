@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use shale_io::sink::Chunk;
 use shale_io::sink::FileSink;
 use shale_io::sink::SinkConfig;
 use shale_replication::files::fetch::fetch_file;
@@ -25,6 +26,7 @@ use shale_replication::files::presence::PresenceEntry;
 use shale_replication::files::presence::PresenceError;
 use shale_replication::files::presence::PresenceIndex;
 use shale_replication::files::presence::PRESENCE_LOG_NAME;
+use shale_replication::files::protocol::Copying;
 use shale_replication::files::protocol::FetchRequest;
 use shale_replication::files::protocol::FetchStatus;
 use shale_replication::files::replicator::FetchConfig;
@@ -124,7 +126,7 @@ struct Pipes {
 
 impl Connector for Pipes {
     type Send = tokio::io::WriteHalf<tokio::io::DuplexStream>;
-    type Recv = tokio::io::ReadHalf<tokio::io::DuplexStream>;
+    type Recv = Copying<tokio::io::ReadHalf<tokio::io::DuplexStream>>;
 
     fn connect(&self, node: NodeId) -> BoxFuture<'_, Result<StreamPair<Self>, FetchError>> {
         Box::pin(async move {
@@ -141,10 +143,10 @@ impl Connector for Pipes {
             let (client, remote) = tokio::io::duplex(256 << 10);
             tokio::spawn(async move {
                 let (recv, send) = tokio::io::split(remote);
-                let _ = server.serve(recv, send).await;
+                let _ = server.serve(recv, Copying(send)).await;
             });
             let (recv, send) = tokio::io::split(client);
-            Ok((send, recv))
+            Ok((send, Copying(recv)))
         })
     }
 }
@@ -163,7 +165,7 @@ struct Cut {
 }
 
 impl ChunkStream for Cut {
-    fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Vec<u8>>, FetchError>> {
+    fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Chunk>, FetchError>> {
         Box::pin(async move {
             if self.left == 0 {
                 return Ok(None);
@@ -310,7 +312,7 @@ async fn server_refuses_paths_outside_the_manifest_or_the_data_dir() {
             let server = server.clone();
             tokio::spawn(async move {
                 let (recv, send) = tokio::io::split(remote);
-                server.serve(recv, send).await
+                server.serve(recv, Copying(send)).await
             })
         };
         let (mut recv, mut send) = tokio::io::split(client);
@@ -351,7 +353,7 @@ async fn fetch_over_tcp_end_to_end() {
             let server = server.clone();
             tokio::spawn(async move {
                 let (recv, send) = stream.into_split();
-                let _ = server.serve(recv, send).await;
+                let _ = server.serve(recv, Copying(send)).await;
             });
         }
     });
@@ -377,7 +379,7 @@ struct Tcp(std::net::SocketAddr);
 
 impl Connector for Tcp {
     type Send = tokio::net::tcp::OwnedWriteHalf;
-    type Recv = tokio::net::tcp::OwnedReadHalf;
+    type Recv = Copying<tokio::net::tcp::OwnedReadHalf>;
 
     fn connect(&self, node: NodeId) -> BoxFuture<'_, Result<StreamPair<Self>, FetchError>> {
         Box::pin(async move {
@@ -389,7 +391,7 @@ impl Connector for Tcp {
                         message: e.to_string(),
                     })?;
             let (recv, send) = stream.into_split();
-            Ok((send, recv))
+            Ok((send, Copying(recv)))
         })
     }
 }
@@ -926,7 +928,7 @@ async fn fetch_throughput_and_blake3_speed() {
             let server = server.clone();
             tokio::spawn(async move {
                 let (recv, send) = stream.into_split();
-                let _ = server.serve(recv, send).await;
+                let _ = server.serve(recv, Copying(send)).await;
             });
         }
     });

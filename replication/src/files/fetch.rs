@@ -11,15 +11,15 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 
+use shale_io::sink::Chunk;
 use shale_io::sink::FileSink;
 use shale_io::sink::SinkError;
 use shale_io::sink::Written;
-use tokio::io::AsyncRead;
-use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWrite;
 
 use crate::files::partial_path;
 use crate::files::protocol;
+use crate::files::protocol::ChunkRead;
 use crate::files::protocol::FetchRequest;
 use crate::files::protocol::FetchResponse;
 use crate::files::protocol::FetchStatus;
@@ -99,7 +99,7 @@ impl FetchError {
 pub trait ChunkStream: Send {
     /// The next chunk, `None` at the end. The stream may end early (a broken connection); the
     /// caller counts bytes.
-    fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Vec<u8>>, FetchError>>;
+    fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Chunk>, FetchError>>;
 }
 
 /// Where file bytes come from: a peer over the transport today, an object store later.
@@ -115,10 +115,11 @@ pub trait FileSource: Send + Sync {
 }
 
 /// Opens a fresh bidirectional stream to a node for one FileFetch request. With the QUIC
-/// transport: `transport.open(node, address_of(node), StreamKind::FileFetch)`.
+/// transport: `transport.open(node, address_of(node), StreamKind::FileFetch)`; other byte
+/// streams are wrapped in [`protocol::Copying`].
 pub trait Connector: Send + Sync {
     type Send: AsyncWrite + Unpin + Send + 'static;
-    type Recv: AsyncRead + Unpin + Send + 'static;
+    type Recv: ChunkRead + 'static;
 
     fn connect(&self, node: NodeId) -> BoxFuture<'_, Result<StreamPair<Self>, FetchError>>;
 }
@@ -205,26 +206,34 @@ struct ProtocolChunks<S, R> {
     chunk_bytes: usize,
 }
 
-impl<S: Send, R: AsyncRead + Unpin + Send> ChunkStream for ProtocolChunks<S, R> {
-    fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Vec<u8>>, FetchError>> {
+impl<S: Send, R: ChunkRead> ChunkStream for ProtocolChunks<S, R> {
+    fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Chunk>, FetchError>> {
         Box::pin(async move {
             // One byte past the expected end is asked for at the end, so a source that sends
             // more than the file is caught here rather than trusted.
             let want = (self.remaining.min(self.chunk_bytes as u64) as usize).max(1);
-            let mut buffer = Vec::with_capacity(want);
-            let read = (&mut self.recv)
-                .take(want as u64)
-                .read_to_end(&mut buffer)
-                .await
-                .map_err(|e| FetchError::Protocol {
-                    node: self.node,
-                    source: ProtocolError::Io(e),
-                })?;
-            if read == 0 {
+            // The stream's received buffers are collected as they are (a packet's worth each),
+            // so the sink's copy into its aligned blocks is the only copy they get here.
+            let mut chunk = Chunk::new();
+            while chunk.len() < want {
+                let piece = self
+                    .recv
+                    .read_chunk(want - chunk.len())
+                    .await
+                    .map_err(|e| FetchError::Protocol {
+                        node: self.node,
+                        source: ProtocolError::Io(e),
+                    })?;
+                match piece {
+                    Some(piece) => chunk.push(piece),
+                    None => break,
+                }
+            }
+            if chunk.is_empty() {
                 return Ok(None);
             }
-            self.remaining = self.remaining.saturating_sub(read as u64);
-            Ok(Some(buffer))
+            self.remaining = self.remaining.saturating_sub(chunk.len() as u64);
+            Ok(Some(chunk))
         })
     }
 }

@@ -7,7 +7,18 @@
 //! status: `[message length u16 LE][message, UTF-8]`. `size` and `blake3` are the manifest's
 //! values for the whole file, so a client can refuse a peer with another idea of the file before
 //! reading any bytes.
+//!
+//! The file bytes move as owned buffers ([`ChunkRead`], [`ChunkWrite`]): over QUIC the server
+//! hands its read buffers to the stream and the client hands the stream's received pieces to
+//! the sink, so neither side copies them on the way; other byte streams go through [`Copying`].
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Context;
+use std::task::Poll;
+
+use bytes::Bytes;
+use bytes::BytesMut;
 use tokio::io::AsyncRead;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWrite;
@@ -190,6 +201,86 @@ pub async fn read_response<R: AsyncRead + Unpin>(
         status,
         message: String::from_utf8_lossy(&message).into_owned(),
     })
+}
+
+/// The receiving half of a FileFetch stream, read in the buffers it received.
+pub trait ChunkRead: AsyncRead + Unpin + Send {
+    /// The next at most `max` bytes (`max > 0`) in order, or `None` at the end of the stream.
+    fn read_chunk(
+        &mut self,
+        max: usize,
+    ) -> impl Future<Output = std::io::Result<Option<Bytes>>> + Send;
+}
+
+/// The sending half of a FileFetch stream, written with owned buffers.
+pub trait ChunkWrite: AsyncWrite + Unpin + Send {
+    /// Writes all of `bytes`.
+    fn write_chunk(&mut self, bytes: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl ChunkRead for quinn::RecvStream {
+    async fn read_chunk(&mut self, max: usize) -> std::io::Result<Option<Bytes>> {
+        let chunk = quinn::RecvStream::read_chunk(self, max, true).await?;
+        Ok(chunk.map(|chunk| chunk.bytes))
+    }
+}
+
+impl ChunkWrite for quinn::SendStream {
+    async fn write_chunk(&mut self, bytes: Bytes) -> std::io::Result<()> {
+        // quinn keeps the buffer itself until it is acknowledged, instead of a copy of it.
+        quinn::SendStream::write_chunk(self, bytes).await?;
+        Ok(())
+    }
+}
+
+/// Largest buffer [`Copying`] reads into at once.
+const COPY_READ_BYTES_MAX: usize = 64 << 10;
+
+/// A byte stream without buffers of its own (a TCP stream, an in-memory pipe) as a FileFetch
+/// stream half: its bytes are copied in and out.
+#[derive(Debug)]
+pub struct Copying<T>(pub T);
+
+impl<T: AsyncRead + Unpin> AsyncRead for Copying<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Copying<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+impl<T: AsyncRead + Unpin + Send> ChunkRead for Copying<T> {
+    async fn read_chunk(&mut self, max: usize) -> std::io::Result<Option<Bytes>> {
+        let mut buffer = BytesMut::with_capacity(max.clamp(1, COPY_READ_BYTES_MAX));
+        let read = self.0.read_buf(&mut buffer).await?;
+        Ok((read > 0).then(|| buffer.freeze()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin + Send> ChunkWrite for Copying<T> {
+    async fn write_chunk(&mut self, bytes: Bytes) -> std::io::Result<()> {
+        self.0.write_all(&bytes).await
+    }
 }
 
 #[cfg(test)]

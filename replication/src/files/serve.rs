@@ -5,26 +5,30 @@
 //! version, and opens with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` relative to the data
 //! directory, so neither `..`, an absolute path, nor a symlink anywhere on the way (a file or a
 //! directory component) can reach outside it. The opened file must be a regular file of the
-//! manifest's size. Bytes are read on tokio's blocking pool and handed to the stream through a
-//! small bounded channel, so the control thread never waits for the disk.
+//! manifest's size. Bytes are read on tokio's blocking pool into fresh buffers (never zeroed
+//! first) and handed to the stream through a small bounded channel, so the control thread never
+//! waits for the disk; over QUIC the stream keeps those buffers until they are acknowledged
+//! instead of copying them.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::fd::FromRawFd;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use bytes::BytesMut;
 use tokio::io::AsyncRead;
 use tokio::io::AsyncWrite;
 use tokio::io::AsyncWriteExt;
 
 use crate::files::parse_blake3_hex;
 use crate::files::protocol;
+use crate::files::protocol::ChunkWrite;
 use crate::files::protocol::FetchRequest;
 use crate::files::protocol::FetchResponse;
 use crate::files::protocol::FetchStatus;
@@ -194,7 +198,7 @@ impl FetchServer {
     pub async fn serve<R, W>(&self, mut recv: R, mut send: W) -> Result<Served, ServeError>
     where
         R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        W: ChunkWrite,
     {
         let timeout = Duration::from_millis(self.config.request_timeout_ms);
         let request = match tokio::time::timeout(timeout, protocol::read_request(&mut recv)).await {
@@ -261,7 +265,7 @@ impl FetchServer {
         Ok(())
     }
 
-    async fn stream<W: AsyncWrite + Unpin>(
+    async fn stream<W: ChunkWrite>(
         &self,
         file: File,
         path: &str,
@@ -270,7 +274,7 @@ impl FetchServer {
         send: &mut W,
     ) -> Result<u64, ServeError> {
         let chunk_bytes = self.config.chunk_bytes.max(1);
-        let (chunks, mut queue) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(
+        let (chunks, mut queue) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(
             self.config.read_ahead_chunks.max(1),
         );
         // The reader stops at the first send that fails: the stream side went away.
@@ -278,8 +282,7 @@ impl FetchServer {
             let mut at = offset;
             while at < size {
                 let length = (size - at).min(chunk_bytes as u64) as usize;
-                let mut buffer = vec![0; length];
-                let result = file.read_exact_at(&mut buffer, at).map(|()| buffer);
+                let result = read_exact_at(&file, length, at);
                 let failed = result.is_err();
                 if chunks.blocking_send(result).is_err() || failed {
                     return;
@@ -293,13 +296,47 @@ impl FetchServer {
                 path: path.to_owned(),
                 source,
             })?;
-            send.write_all(&chunk).await.map_err(ProtocolError::Io)?;
-            sent += chunk.len() as u64;
+            let length = chunk.len() as u64;
+            send.write_chunk(chunk).await.map_err(ProtocolError::Io)?;
+            sent += length;
         }
         drop(queue);
         let _ = reader.await;
         Ok(sent)
     }
+}
+
+/// Reads `length` bytes of `file` at `at` into a fresh buffer that is not zeroed first (the
+/// kernel fills every byte handed out).
+fn read_exact_at(file: &File, length: usize, at: u64) -> std::io::Result<Bytes> {
+    let mut buffer = BytesMut::with_capacity(length);
+    while buffer.len() < length {
+        let filled = buffer.len();
+        let spare = buffer.spare_capacity_mut();
+        // SAFETY: `spare` is valid for writes of `length - filled` bytes (the capacity is
+        // `length`), and pread writes at most that many.
+        let read = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                length - filled,
+                (at + filled as u64) as libc::off_t,
+            )
+        };
+        if read < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        // SAFETY: the kernel initialised the `read` bytes after `filled`.
+        unsafe { buffer.set_len(filled + read as usize) };
+    }
+    Ok(buffer.freeze())
 }
 
 /// Opens `path` read-only below `dir` without following any symlink and without leaving `dir`.
