@@ -252,6 +252,17 @@ fn write_rows(node: &Node, host: &str, first: u64, count: u64) {
     assert_eq!(response.status, 204, "{}", response.text());
 }
 
+/// Waits until every node in `nodes` holds every one of `files` manifest files.
+fn wait_all_hold_every_file<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    files: usize,
+    what: &str,
+) {
+    for node in nodes {
+        node.wait_until(what, || holds_every_file(node, files));
+    }
+}
+
 /// `count(*)` and `sum(v)` of c.cpu on a node.
 fn totals(node: &Node) -> (u64, i64) {
     let body =
@@ -322,9 +333,7 @@ fn nodes_form_a_cluster_and_replicate_every_file() {
     first.wait_until("both writers' files in the manifest", || {
         first.manifest_files().len() == 2
     });
-    for node in nodes {
-        node.wait_until("every file on this node", || holds_every_file(node, 2));
-    }
+    wait_all_hold_every_file(nodes, 2, "every file on this node");
     let expected = (80, (0..50).sum::<i64>() + (100..130).sum::<i64>());
     for node in nodes {
         node.wait_until("identical answers", || totals(node) == expected);
@@ -439,9 +448,7 @@ fn a_killed_leader_is_replaced_and_catches_up() {
     let members = members(3);
     let mut nodes = start_three_writers(dir.path(), &certs, &members);
     write_rows(&nodes[1], "before", 0, 20);
-    for node in &nodes {
-        node.wait_until("the first file everywhere", || holds_every_file(node, 1));
-    }
+    wait_all_hold_every_file(&nodes, 1, "the first file everywhere");
 
     let leader = status(&nodes[0])["leader_id"].as_u64().unwrap();
     let leader_index = (leader - 1) as usize;
@@ -557,9 +564,7 @@ fn a_removed_node_stops_receiving_and_a_fresh_node_replaces_it() {
     let members = members(4);
     let nodes = start_three_writers(dir.path(), &certs, &members);
     write_rows(&nodes[0], "one", 0, 10);
-    for node in &nodes {
-        node.wait_until("the first file everywhere", || holds_every_file(node, 1));
-    }
+    wait_all_hold_every_file(&nodes, 1, "the first file everywhere");
 
     let leader_id = status(&nodes[0])["leader_id"].as_u64().unwrap();
     let leader = &nodes[(leader_id - 1) as usize];
@@ -606,11 +611,11 @@ fn a_removed_node_stops_receiving_and_a_fresh_node_replaces_it() {
         .map(|(_, n)| n)
         .chain([&fresh])
         .collect();
-    for node in &keepers {
-        node.wait_until("the second file on every member", || {
-            holds_every_file(node, 2)
-        });
-    }
+    wait_all_hold_every_file(
+        keepers.iter().copied(),
+        2,
+        "the second file on every member",
+    );
     // The removed node was no longer replicated to when the second file was registered.
     let removed = &nodes[(victim - 1) as usize];
     assert_eq!(
@@ -647,11 +652,7 @@ fn leadership_moves_to_a_chosen_node_and_steps_down() {
         });
     }
     write_rows(&nodes[(old - 1) as usize], "moved", 0, 10);
-    for node in &nodes {
-        node.wait_until("a file registered under the new leader", || {
-            holds_every_file(node, 1)
-        });
-    }
+    wait_all_hold_every_file(&nodes, 1, "a file registered under the new leader");
 
     let answer = cluster_cli(bystander, &["stepdown"]);
     let next = answer["leader_id"].as_u64().unwrap();
@@ -663,11 +664,7 @@ fn leadership_moves_to_a_chosen_node_and_steps_down() {
         });
     }
     write_rows(&nodes[(target - 1) as usize], "stepped", 100, 10);
-    for node in &nodes {
-        node.wait_until("a file registered after the stepdown", || {
-            holds_every_file(node, 2)
-        });
-    }
+    wait_all_hold_every_file(&nodes, 2, "a file registered after the stepdown");
 }
 
 // Draining the leader (asked through another node): it hands the leadership over, commits
@@ -767,11 +764,7 @@ fn a_leaving_node_is_removed_and_the_others_keep_committing() {
     }
     assert_ne!(leader_of(stayers[0]), Some(leaver_id));
     write_rows(stayers[1], "after", 100, 10);
-    for node in &stayers {
-        node.wait_until("a registration after the leave", || {
-            holds_every_file(node, 2)
-        });
-    }
+    wait_all_hold_every_file(stayers.iter().copied(), 2, "a registration after the leave");
 }
 
 // A node killed for longer than cluster.dead_after_ms is committed `dead` (and shown
@@ -995,9 +988,7 @@ fn a_partitioned_minority_cannot_register_and_converges_after_healing() {
         members_with_role(&nodes[0], "voter").len() == 3
     });
     write_rows(&nodes[0], "before", 0, 10);
-    for node in &nodes {
-        node.wait_until("the first file everywhere", || holds_every_file(node, 1));
-    }
+    wait_all_hold_every_file(&nodes, 1, "the first file everywhere");
 
     // Isolate node 1 (the bootstrap node, the leader so far).
     net.partition(1, 2, true);
@@ -1009,11 +1000,7 @@ fn a_partitioned_minority_cannot_register_and_converges_after_healing() {
     majority[0].wait_until("the majority to register its file", || {
         majority[0].manifest_files().len() == 2
     });
-    for node in majority {
-        node.wait_until("the majority's file on both majority nodes", || {
-            holds_every_file(node, 2)
-        });
-    }
+    wait_all_hold_every_file(majority, 2, "the majority's file on both majority nodes");
     // The minority's rows were acknowledged (its WAL holds them) but cannot be registered:
     // its manifest has not moved past the partition.
     assert_eq!(
