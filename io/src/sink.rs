@@ -564,16 +564,7 @@ impl DirectFile {
             .write_rc_at(block.clone(), at)
             .await
             .map_err(io_error("write", path))?;
-        if written != length {
-            return Err(SinkError::Io {
-                action: "write",
-                path: path.to_path_buf(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::WriteZero,
-                    format!("short write: {written} of {length} bytes"),
-                ),
-            });
-        }
+        check_whole_write(path, written, length)?;
         Ok(std::rc::Rc::try_unwrap(block).unwrap_or_else(|_| self.file.alloc_dma_buffer(length)))
     }
 
@@ -832,17 +823,22 @@ async fn write_all(
         .write_at(bytes, at)
         .await
         .map_err(io_error("write", path))?;
-    if written != length {
-        return Err(SinkError::Io {
-            action: "write",
-            path: path.to_path_buf(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::WriteZero,
-                format!("short write: {written} of {length} bytes"),
-            ),
-        });
+    check_whole_write(path, written, length)
+}
+
+/// A write that stored fewer bytes than asked (a full disk) is an error, never retried here.
+fn check_whole_write(path: &Path, written: usize, length: usize) -> Result<(), SinkError> {
+    if written == length {
+        return Ok(());
     }
-    Ok(())
+    Err(SinkError::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            format!("short write: {written} of {length} bytes"),
+        ),
+    })
 }
 
 async fn write_loop(
