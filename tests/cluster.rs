@@ -127,6 +127,15 @@ fn start_three_writers(dir: &Path, certs: &Path, members: &[Member]) -> Vec<Node
     start_three_writers_with(dir, certs, members, |_| {})
 }
 
+/// Three writers in a fresh directory with fresh certificates; the directory lives as long as
+/// the returned guard.
+fn three_writers() -> (tempfile::TempDir, Vec<Node>) {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 3);
+    let nodes = start_three_writers(dir.path(), &certs, &members(3));
+    (dir, nodes)
+}
+
 /// [`start_three_writers`] with every node's options adjusted by `tune`.
 fn start_three_writers_with(
     dir: &Path,
@@ -370,10 +379,7 @@ fn queries_on_one_node_while_another_ingests_never_fail_or_double_count() {
     use std::sync::atomic::AtomicU64;
     use std::sync::atomic::Ordering;
 
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path(), 3);
-    let members = members(3);
-    let nodes = start_three_writers(dir.path(), &certs, &members);
+    let (_dir, nodes) = three_writers();
     let (writer, reader) = (&nodes[0], &nodes[1]);
     const BATCH: u64 = 40;
     const BATCHES: u64 = 60;
@@ -443,10 +449,7 @@ fn queries_on_one_node_while_another_ingests_never_fail_or_double_count() {
 // up on the manifest and files without operator action.
 #[test]
 fn a_killed_leader_is_replaced_and_catches_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path(), 3);
-    let members = members(3);
-    let mut nodes = start_three_writers(dir.path(), &certs, &members);
+    let (_dir, mut nodes) = three_writers();
     write_rows(&nodes[1], "before", 0, 20);
     wait_all_hold_every_file(&nodes, 1, "the first file everywhere");
 
@@ -488,10 +491,7 @@ fn a_killed_leader_is_replaced_and_catches_up() {
 // anything), retrying instead of exiting; it becomes ready once a second voter is back.
 #[test]
 fn without_a_quorum_a_node_stays_not_ready() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path(), 3);
-    let members = members(3);
-    let mut nodes = start_three_writers(dir.path(), &certs, &members);
+    let (_dir, mut nodes) = three_writers();
     for node in nodes.iter_mut() {
         node.stop();
     }
@@ -633,10 +633,7 @@ fn a_removed_node_stops_receiving_and_a_fresh_node_replaces_it() {
 // election that followers' leader leases could reject.)
 #[test]
 fn leadership_moves_to_a_chosen_node_and_steps_down() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path(), 3);
-    let members = members(3);
-    let nodes = start_three_writers(dir.path(), &certs, &members);
+    let (_dir, nodes) = three_writers();
     let old = leader_of(&nodes[0]).unwrap();
     let target = if old == 3 { 2 } else { 3 };
     let bystander = &nodes[(6 - old - target - 1) as usize];
@@ -733,10 +730,7 @@ fn a_drained_node_refuses_writes_and_activate_restores_them() {
 // their own, hold its file, and keep committing registrations.
 #[test]
 fn a_leaving_node_is_removed_and_the_others_keep_committing() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(dir.path(), 3);
-    let members = members(3);
-    let nodes = start_three_writers(dir.path(), &certs, &members);
+    let (_dir, nodes) = three_writers();
     let leaver_id = leader_of(&nodes[0]).unwrap();
     let leaver = &nodes[(leaver_id - 1) as usize];
     write_rows(leaver, "leaver", 0, 20);
