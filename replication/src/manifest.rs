@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use imbl::OrdMap;
+use imbl::{OrdMap, OrdSet};
 use serde::Deserialize;
 use serde::Serialize;
 
@@ -321,8 +321,9 @@ pub type TableMap = OrdMap<(String, String), Arc<TableColumns>>;
 /// (origin node, shard, database, measurement): the WAL stream a file's rows came from.
 type StreamKey = (u64, u32, String, String);
 
-/// For each WAL stream, how many files end at each `lsn_last`.
-type StreamMap = OrdMap<StreamKey, OrdMap<u64, u32>>;
+/// For each WAL stream, its files by (`lsn_last`, path). One flush of a table writes one file
+/// per hour with the same LSN range, so several files may share an end.
+type StreamMap = OrdMap<StreamKey, OrdSet<(u64, Arc<str>)>>;
 
 /// The files of one table, indexed for query planning. Derived from [`Manifest::files`]; every
 /// map shares the entries (and path keys) with it.
@@ -346,8 +347,8 @@ pub struct Manifest {
     files: FileMap,
     /// Derived index: the files of each (database, measurement).
     by_table: OrdMap<(String, String), TableFiles>,
-    /// Derived index: for each WAL stream, how many files end at each `lsn_last`. Kept as counts
-    /// so that removing a file is exact; the last key is the stream's flushed-through LSN.
+    /// Derived index: for each WAL stream, its files by (`lsn_last`, path); the last key's LSN
+    /// is the stream's flushed-through LSN.
     streams: StreamMap,
     /// A handful of nodes: copying it on a change costs nothing worth sharing structure for.
     node_states: Arc<BTreeMap<u64, NodeState>>,
@@ -517,6 +518,32 @@ impl Manifest {
             .and_then(|ends| ends.get_max().map(|(lsn, _)| *lsn))
     }
 
+    /// The files of one WAL stream whose `lsn_last` is above `after`, as (`lsn_last`, path) in
+    /// LSN order. A replica uses it to learn which of its buffered rows are in files it holds:
+    /// the rows of a table with an LSN in `(previous end, lsn_last]` are in the files ending
+    /// at `lsn_last` (one per hour of those rows).
+    pub fn stream_files_after(
+        &self,
+        origin_node: u64,
+        shard: u32,
+        database: &str,
+        measurement: &str,
+        after: u64,
+    ) -> impl Iterator<Item = (u64, &str)> + '_ {
+        let key = (
+            origin_node,
+            shard,
+            database.to_owned(),
+            measurement.to_owned(),
+        );
+        let start: (u64, Arc<str>) = (after.saturating_add(1), Arc::from(""));
+        self.streams
+            .get(&key)
+            .into_iter()
+            .flat_map(move |ends| ends.range(start.clone()..))
+            .map(|(lsn, path)| (*lsn, &**path))
+    }
+
     /// Every table with registered files from `origin_node`'s `shard`, with its flushed-through
     /// LSN. A shard combines this with its unflushed buffers to decide which WAL segments to drop.
     pub fn flushed_streams(
@@ -529,8 +556,8 @@ impl Manifest {
             .range(start..)
             .take_while(move |((node, s, _, _), _)| *node == origin_node && *s == shard)
             .filter_map(|((_, _, database, measurement), ends)| {
-                let (lsn, _) = *ends.get_max()?;
-                Some((database.as_str(), measurement.as_str(), lsn))
+                let (lsn, _) = ends.get_max()?;
+                Some((database.as_str(), measurement.as_str(), *lsn))
             })
     }
 
@@ -738,18 +765,17 @@ impl Manifest {
 
         // Files of each table, in path order, and the end LSNs of each stream.
         let mut tables: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
-        let mut streams: BTreeMap<(u64, u32, &str, &str), BTreeMap<u64, u32>> = BTreeMap::new();
+        let mut streams: BTreeMap<(u64, u32, &str, &str), Vec<(u64, Arc<str>)>> = BTreeMap::new();
         for (index, file) in files.iter().enumerate() {
             let (database, measurement) = (file.database.as_str(), file.measurement.as_str());
             tables
                 .entry((database, measurement))
                 .or_default()
                 .push(index);
-            *streams
+            streams
                 .entry((file.origin_node, file.shard, database, measurement))
                 .or_default()
-                .entry(file.lsn_last)
-                .or_default() += 1;
+                .push((file.lsn_last, paths[index].clone()));
         }
 
         let mut by_table = OrdMap::new();
@@ -791,7 +817,7 @@ impl Manifest {
                     database.to_owned(),
                     measurement.to_owned(),
                 );
-                (key, ends.into_iter().collect::<OrdMap<u64, u32>>())
+                (key, ends.into_iter().collect::<OrdSet<(u64, Arc<str>)>>())
             })
             .collect();
         let files = paths.into_iter().zip(files).collect();
@@ -824,7 +850,7 @@ impl Manifest {
     /// Adds a file that is not registered yet to the file map and every derived index.
     fn add_file(&mut self, file: Arc<FileEntry>) {
         let path: Arc<str> = Arc::from(file.path.as_str());
-        stream_add(&mut self.streams, &file);
+        stream_add(&mut self.streams, &file, path.clone());
         let table = self
             .by_table
             .entry((file.database.clone(), file.measurement.clone()))
@@ -868,12 +894,11 @@ fn span(file: &FileEntry) -> u64 {
     file.time_max_us.abs_diff(file.time_min_us)
 }
 
-fn stream_add(streams: &mut StreamMap, file: &FileEntry) {
-    *streams
+fn stream_add(streams: &mut StreamMap, file: &FileEntry, path: Arc<str>) {
+    streams
         .entry(file.stream_key())
         .or_default()
-        .entry(file.lsn_last)
-        .or_default() += 1;
+        .insert((file.lsn_last, path));
 }
 
 fn stream_remove(streams: &mut StreamMap, file: &FileEntry) {
@@ -881,15 +906,12 @@ fn stream_remove(streams: &mut StreamMap, file: &FileEntry) {
     let Some(ends) = streams.get_mut(&key) else {
         unreachable!("stream index lost the stream of {}", file.path);
     };
-    let Some(count) = ends.get_mut(&file.lsn_last) else {
+    let end = (file.lsn_last, Arc::from(file.path.as_str()));
+    if ends.remove(&end).is_none() {
         unreachable!("stream index lost the end lsn of {}", file.path);
-    };
-    *count -= 1;
-    if *count == 0 {
-        ends.remove(&file.lsn_last);
-        if ends.is_empty() {
-            streams.remove(&key);
-        }
+    }
+    if ends.is_empty() {
+        streams.remove(&key);
     }
 }
 
@@ -1121,6 +1143,55 @@ pub(crate) mod tests {
             ManifestCommand::Delete { paths }.check(),
             Err(Rejection::TooManyItems { .. })
         ));
+    }
+
+    #[test]
+    fn stream_files_after_lists_a_streams_files_by_end_lsn() {
+        // A replica drops buffered rows only once the files holding them are on its disk; it
+        // finds those files through this index, so it must list exactly the stream's files
+        // above an LSN, every file of a flush that wrote several hours, in LSN order.
+        let mut manifest = Manifest::default();
+        let mut other_shard = file("s1", 1, 50);
+        other_shard.shard = 1;
+        manifest.apply(
+            1,
+            &register(vec![
+                file("a", 1, 5),
+                file("b1", 6, 9),
+                file("b2", 6, 9),
+                file("c", 10, 12),
+                other_shard,
+            ]),
+        );
+        let after = |manifest: &Manifest, lsn| {
+            manifest
+                .stream_files_after(1, 0, "db", "cpu", lsn)
+                .map(|(end, path)| (end, path.to_owned()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            after(&manifest, 0),
+            vec![
+                (5, "a".to_owned()),
+                (9, "b1".to_owned()),
+                (9, "b2".to_owned()),
+                (12, "c".to_owned())
+            ]
+        );
+        assert_eq!(after(&manifest, 5), vec![(9, "b1".to_owned()), (9, "b2".to_owned()), (12, "c".to_owned())]);
+        assert_eq!(after(&manifest, 9), vec![(12, "c".to_owned())]);
+        assert!(after(&manifest, 12).is_empty());
+        assert!(manifest
+            .stream_files_after(2, 0, "db", "cpu", 0)
+            .next()
+            .is_none());
+        manifest.apply(
+            2,
+            &ManifestCommand::Delete {
+                paths: vec!["b1".to_owned()],
+            },
+        );
+        assert_eq!(after(&manifest, 5), vec![(9, "b2".to_owned()), (12, "c".to_owned())]);
     }
 
     #[test]
