@@ -212,6 +212,22 @@ impl Api {
                 &format!("database name is required: set {what}"),
             );
         };
+        let ack_text = query
+            .get("ack")
+            .cloned()
+            .or_else(|| header_value(&request, "x-shale-ack"));
+        let ack = match ack_text.as_deref().map(str::trim) {
+            None | Some("") => self.node.config.cluster.ack,
+            Some(text) => match crate::config::AckLevel::parse(text) {
+                Some(level) => level,
+                None => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("ack {text:?} is not one of local, majority, all"),
+                    )
+                }
+            },
+        };
         let precision = match query.get("precision").map(String::as_str) {
             None | Some("") => Precision::Nanoseconds,
             Some(text) => match Precision::parse(text) {
@@ -270,9 +286,10 @@ impl Api {
         } else {
             (precision, body)
         };
-        match self.shard.write(&database, precision, body).await {
-            Ok(_) => Response::builder()
+        match self.shard.write(&database, precision, body, ack).await {
+            Ok(written) => Response::builder()
                 .status(StatusCode::NO_CONTENT)
+                .header(WRITE_TOKEN_HEADER, written.token())
                 .body(Body::new(Bytes::new()))
                 .expect("static response"),
             Err(e) => write_error(e),
@@ -287,6 +304,51 @@ impl Api {
             );
         }
         let default_database = header_value(&request, "x-arc-database").filter(|d| !d.is_empty());
+        match header_value(&request, "x-shale-read-consistency")
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("") | Some("eventual") | Some("read_your_writes") => {}
+            Some("linearizable") => {
+                return error(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "X-Shale-Read-Consistency: linearizable is not available yet; send the write \
+                     tokens in X-Shale-Read-After for read-your-writes",
+                )
+            }
+            Some(other) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "X-Shale-Read-Consistency {other:?} is not one of eventual, \
+                         read_your_writes, linearizable"
+                    ),
+                )
+            }
+        }
+        let mut tokens = Vec::new();
+        for value in request.headers().get_all("x-shale-read-after") {
+            let Ok(text) = value.to_str() else {
+                return error(StatusCode::BAD_REQUEST, "X-Shale-Read-After is not text");
+            };
+            for token in text.split(',').filter(|t| !t.trim().is_empty()) {
+                match parse_token(token) {
+                    Some(parsed) => tokens.push(parsed),
+                    None => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!(
+                                "X-Shale-Read-After token {token:?} is not origin:shard:lsn \
+                                 (the X-Shale-Write-Token a write answered)"
+                            ),
+                        )
+                    }
+                }
+            }
+        }
+        if let Err(response) = self.wait_for_tokens(&tokens).await {
+            return response;
+        }
         let limit = self.node.config.query.request_bytes_max;
         let body = match self
             .read_body(request, limit, "query.request_bytes_max")
@@ -338,6 +400,42 @@ impl Api {
             .header(header::CONTENT_TYPE, content_type)
             .body(Body::Query(Box::pin(events.into_stream())))
             .expect("static response")
+    }
+
+    /// Waits until this node's queries see every write the tokens name (its own WAL's durable
+    /// rows, or a replica log's applied rows), within `query.timeout_ms`.
+    async fn wait_for_tokens(&self, tokens: &[(u64, u32, u64)]) -> Result<(), Response<Body>> {
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let positions = self.shard.positions();
+        let timeout = std::time::Duration::from_millis(self.node.config.query.timeout_ms);
+        let started = std::time::Instant::now();
+        loop {
+            let behind = tokens
+                .iter()
+                .find(|(origin, shard, lsn)| positions.get(*origin, *shard) < *lsn);
+            let Some(&(origin, shard, lsn)) = behind else {
+                return Ok(());
+            };
+            if started.elapsed() >= timeout {
+                let mut response = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "this node holds node {origin} shard {shard} through lsn {} and the \
+                         read asked for lsn {lsn}; it did not arrive within query.timeout_ms \
+                         ({} ms)",
+                        positions.get(origin, shard),
+                        timeout.as_millis()
+                    ),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                return Err(response);
+            }
+            glommio::timer::sleep(std::time::Duration::from_millis(2)).await;
+        }
     }
 
     /// Reads a whole request body of at most `limit` bytes (`limit_name` is the setting named
@@ -1213,8 +1311,31 @@ fn write_error(e: WriteError) -> Response<Body> {
             return response;
         }
         WriteError::Durability(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        WriteError::NotReplicated { written, .. } => {
+            let token = written.token();
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            let headers = response.headers_mut();
+            headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            headers.insert("x-shale-stored", header::HeaderValue::from_static("local"));
+            if let Ok(value) = header::HeaderValue::from_str(&token) {
+                headers.insert(WRITE_TOKEN_HEADER, value);
+            }
+            return response;
+        }
     };
     error(status, &e.to_string())
+}
+
+/// Names a write's place in its origin's WAL: `origin:shard:lsn`.
+const WRITE_TOKEN_HEADER: &str = "x-shale-write-token";
+
+/// Parses one `X-Shale-Read-After` token (`origin:shard:lsn`).
+fn parse_token(text: &str) -> Option<(u64, u32, u64)> {
+    let mut parts = text.trim().split(':');
+    let origin = parts.next()?.parse().ok()?;
+    let shard = parts.next()?.parse().ok()?;
+    let lsn = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((origin, shard, lsn))
 }
 
 /// The node id a cluster request's JSON body names under one of `keys` (a number or a string

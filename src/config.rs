@@ -158,6 +158,40 @@ pub struct ClusterConfig {
     pub dead_after_ms: u64,
     pub transfer_timeout_ms: u64,
     pub drain_timeout_ms: u64,
+    pub ack: AckLevel,
+    pub ack_timeout_ms: u64,
+    pub wal_ship_ring_bytes: usize,
+}
+
+/// How many durable copies a write's acknowledgement waits for.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AckLevel {
+    /// This node's WAL.
+    Local,
+    /// A majority of the voters, this node included.
+    Majority,
+    /// Every member (voters and learners).
+    All,
+}
+
+impl AckLevel {
+    pub fn parse(text: &str) -> Option<AckLevel> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "local" | "1" => Some(AckLevel::Local),
+            "majority" | "quorum" => Some(AckLevel::Majority),
+            "all" => Some(AckLevel::All),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AckLevel::Local => "local",
+            AckLevel::Majority => "majority",
+            AckLevel::All => "all",
+        }
+    }
 }
 
 /// What a node does in a cluster (a standalone node does everything).

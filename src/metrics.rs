@@ -120,6 +120,10 @@ pub struct ShardMetrics {
     pub manifest_commit_latency: Histogram,
     pub registrations_rejected: Counter,
     pub body_read_timeouts: Counter,
+    /// Writes durable here whose wanted peer copies did not arrive in time.
+    pub write_not_replicated: Counter,
+    /// Time a write waited for peer copies after its local fdatasync (ack above `local`).
+    pub replication_wait: Histogram,
     /// When the shard's executor last ran its heartbeat task, in ms since the node started;
     /// a value that stops advancing means the shard is stuck.
     pub heartbeat_ms: Counter,
@@ -160,7 +164,7 @@ impl NodeMetrics {
         let mut out = String::with_capacity(16 * 1024);
         type Pick = fn(&ShardMetrics) -> &Counter;
         #[rustfmt::skip]
-        let counters: [(&str, &str, Pick); 23] = [
+        let counters: [(&str, &str, Pick); 24] = [
             ("shale_write_rows_total", "Rows acknowledged to writers.", |m| &m.write_rows),
             ("shale_write_bytes_total", "Line-protocol bytes acknowledged (after decompression).", |m| &m.write_bytes),
             ("shale_write_rejected_overload_total", "Writes answered 503 because a buffer or queue was full.", |m| &m.write_rejected_overload),
@@ -184,6 +188,7 @@ impl NodeMetrics {
             ("shale_manifest_commit_errors_total", "Registration attempts that failed and were retried.", |m| &m.manifest_commit_errors),
             ("shale_registrations_rejected_total", "Flushes whose registration the manifest refused for good (rows stay in the WAL).", |m| &m.registrations_rejected),
             ("shale_http_body_read_timeouts_total", "Requests whose body did not arrive within http.body_read_timeout_ms.", |m| &m.body_read_timeouts),
+            ("shale_write_not_replicated_total", "Writes durable on this node whose wanted peer copies did not arrive within cluster.ack_timeout_ms (answered 503, X-Shale-Stored: local).", |m| &m.write_not_replicated),
         ];
         for (name, help, pick) in counters {
             let kind = if name.ends_with("_total") {
@@ -249,12 +254,13 @@ impl NodeMetrics {
         }
 
         #[rustfmt::skip]
-        let histograms: [(&str, &str, PickHistogram); 5] = [
+        let histograms: [(&str, &str, PickHistogram); 6] = [
             ("shale_query_request_seconds", "Query latency, receipt to the first byte of the answer.", |m| &m.request_latency[Endpoint::Query as usize]),
             ("shale_write_request_seconds", "Write request latency, receipt to acknowledgement.", |m| &m.request_latency[Endpoint::Write as usize]),
             ("shale_flush_seconds", "Buffer flush latency: encode, publish, register.", |m| &m.flush_latency),
             ("shale_manifest_commit_seconds", "Manifest registration commit latency.", |m| &m.manifest_commit_latency),
             ("shale_other_request_seconds", "Latency of non-write requests.", |m| &m.request_latency[Endpoint::Other as usize]),
+            ("shale_replication_wait_seconds", "Time a write waited for peer copies after its own fdatasync (ack majority or all).", |m| &m.replication_wait),
         ];
         for (name, help, pick) in histograms {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");

@@ -23,7 +23,8 @@ use crate::config::{Config, Placement};
 use crate::metrics::NodeMetrics;
 use crate::query::engine::{QueryClient, QueryEngine};
 use crate::query::snapshot::SnapshotRequest;
-use crate::shard::{system_dir, Shard};
+use crate::shard::{system_dir, Shard, ShardReplication};
+use crate::wal_replication::{AckBoard, ReplicaRequest};
 
 /// State every shard of a node can read.
 pub struct NodeShared {
@@ -197,8 +198,47 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     let (events, stop) = flume::bounded::<StopEvent>(16);
     spawn_signal_thread(signals, events.clone())?;
 
+    let shard_count = config.shard_count();
+    // WAL replication: every shard's ties to the control thread (unused when standalone).
+    let positions: Arc<crate::shard::Positions> = Arc::default();
+    let (ack_boards, ack_wakes): (Vec<_>, Vec<_>) =
+        (0..shard_count).map(|_| AckBoard::new()).unzip();
+    let (replica_senders, replica_receivers): (Vec<_>, Vec<_>) = (0..shard_count)
+        .map(|_| flume::unbounded::<ReplicaRequest>())
+        .unzip();
+    let ship_config = shale_replication::wal_stream::WalShipConfig {
+        ring_bytes_per_shard: config.cluster.wal_ship_ring_bytes,
+        ..Default::default()
+    };
+    let (outbox, outbox_receiver) = shale_replication::wal_stream::outbox(&ship_config);
+    let replication: Vec<ShardReplication> = ack_boards
+        .iter()
+        .map(|acks| ShardReplication {
+            outbox: config.cluster.enabled.then(|| outbox.clone()),
+            acks: acks.clone(),
+            positions: positions.clone(),
+        })
+        .collect();
     let (manifest_service, manifest, cluster_view) = if config.cluster.enabled {
-        let (plane, view) = cluster_plane(&config)?;
+        let boards = ack_boards.clone();
+        let wal = shale_replication::wal_stream::WalReplicationParts {
+            outbox: outbox_receiver,
+            source: Arc::new(crate::wal_replication::SegmentSource {
+                data_dir: data_dir.to_path_buf(),
+                node_id: config.node.id,
+            }),
+            acks: Arc::new(move |peer, shard, lsn| {
+                if let Some(board) = boards.get(shard as usize) {
+                    board.ack(peer, lsn);
+                }
+            }),
+            replicas: Arc::new(crate::wal_replication::ShardReplicaSink {
+                shards: replica_senders,
+            }),
+            config: ship_config,
+            shards: shard_count as u32,
+        };
+        let (plane, view) = cluster_plane(&config, wal)?;
         let (service, client) = ManifestService::start_with_plane(manifest_config(&config), plane)
             .context("start the manifest (Raft) service and the QUIC endpoint")?;
         (service, client, Some(view))
@@ -208,7 +248,6 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         (service, client, None)
     };
 
-    let shard_count = config.shard_count();
     let retired = retired_shards(data_dir, shard_count)?;
     if !retired.is_empty() {
         tracing::info!(
@@ -265,19 +304,28 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         shutdown_receivers
             .into_iter()
             .zip(snapshot_receivers)
+            .zip(replication)
+            .zip(ack_wakes.into_iter().zip(replica_receivers))
+            .map(|(((shutdown, snapshots), replication), (acks, replicas))| ShardChannels {
+                shutdown,
+                snapshots,
+                replication,
+                acks,
+                replicas,
+            })
             .collect::<Vec<_>>(),
     ));
     let handles = {
         let shared = shared.clone();
         runtime::spawn_shards(&runtime_config, move |shard| {
-            let (shutdown, snapshots) = receivers.lock().expect("not poisoned")[shard].clone();
+            let channels = receivers.lock().expect("not poisoned")[shard].clone();
             // Retired shard j is recovered by shard j mod n.
             let adopted: Vec<u32> = retired
                 .iter()
                 .copied()
                 .filter(|&j| j as usize % shard_count == shard)
                 .collect();
-            run_shard(shared.clone(), shard, adopted, shutdown, snapshots)
+            run_shard(shared.clone(), shard, adopted, channels)
         })
         .context("start shards")?
     };
@@ -318,13 +366,31 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
 /// One shard's life: serve HTTP at once (so `/ready` can answer 503 during recovery), recover
 /// (its own WAL, then those of retired shards it adopted), flush in the background, and on
 /// shutdown stop HTTP, flush everything and close the WAL.
+/// What connects one shard to the rest of the node.
+#[derive(Clone)]
+struct ShardChannels {
+    shutdown: flume::Receiver<()>,
+    snapshots: flume::Receiver<SnapshotRequest>,
+    replication: ShardReplication,
+    /// Wakes when peers acknowledged more of this shard's WAL.
+    acks: flume::Receiver<()>,
+    /// Replica log requests from the WAL stream receiver.
+    replicas: flume::Receiver<ReplicaRequest>,
+}
+
 async fn run_shard(
     shared: Arc<NodeShared>,
     shard_index: usize,
     adopted: Vec<u32>,
-    shutdown_requests: flume::Receiver<()>,
-    snapshot_requests: flume::Receiver<SnapshotRequest>,
+    channels: ShardChannels,
 ) {
+    let ShardChannels {
+        shutdown: shutdown_requests,
+        snapshots: snapshot_requests,
+        replication,
+        acks,
+        replicas,
+    } = channels;
     let shutdown = LocalSignal::new();
     glommio::spawn_local({
         let shutdown = shutdown.clone();
@@ -357,7 +423,38 @@ async fn run_shard(
         metrics.clone(),
         shared.manifest.clone(),
         fatal.clone(),
+        replication.clone(),
     );
+    // Wakes from the control thread (peers' acks, replicated groups) must not wait behind a
+    // busy default queue: measured at ~95 ms mean there, so they get a latency-sensitive one.
+    let replication_queue = glommio::executor().create_task_queue(
+        glommio::Shares::default(),
+        glommio::Latency::Matters(Duration::from_millis(1)),
+        "replication",
+    );
+    let spawned = glommio::spawn_local_into(
+        {
+            let shard = shard.clone();
+            async move {
+                while acks.recv_async().await.is_ok() {
+                    shard.note_acks();
+                }
+            }
+        },
+        replication_queue,
+    )
+    .map(|task| task.detach())
+    .and_then(|_| {
+        glommio::spawn_local_into(
+            crate::wal_replication::serve_replica_requests(shard.clone(), replicas),
+            replication_queue,
+        )
+        .map(|task| task.detach())
+    });
+    if let Err(error) = spawned {
+        fatal.report(source.clone(), format!("start the replication tasks: {error}"));
+        return;
+    }
     glommio::spawn_local({
         let shard = shard.clone();
         async move {
@@ -399,6 +496,7 @@ async fn run_shard(
                 metrics.clone(),
                 shared.manifest.clone(),
                 fatal.clone(),
+                ShardReplication::standalone(),
             );
             retired_shard
                 .drain_retired()
@@ -574,6 +672,7 @@ fn spawn_monitor_thread(shared: Arc<NodeShared>) -> anyhow::Result<()> {
 /// thread and the presence index.
 fn cluster_plane(
     config: &Config,
+    wal: shale_replication::wal_stream::WalReplicationParts,
 ) -> anyhow::Result<(
     shale_replication::cluster::ClusterPlane,
     shale_replication::cluster::ClusterView,
@@ -607,6 +706,7 @@ fn cluster_plane(
         serve: Default::default(),
         sink,
         presence,
+        wal: Some(wal),
     }))
 }
 

@@ -23,7 +23,9 @@ use shale_replication::{ManifestClient, ManifestError, ManifestVersion};
 use crate::buffer::{
     check_kind, ColumnKind, FrozenBuffer, MeasurementBuffer, SchemaConflict, Value, MICROS_PER_HOUR,
 };
-use crate::config::Config;
+use crate::config::{AckLevel, Config};
+use crate::replica_log::ReplicaLogs;
+use crate::wal_replication::AckBoard;
 use crate::ingest::{IngestPayload, RECORD_KIND_LINE_PROTOCOL};
 use crate::line_protocol::{
     self, Batch, FieldValue, ParseBuffers, ParseError, ParseLimits, Precision,
@@ -50,6 +52,9 @@ pub enum WriteError {
     NotReady,
     #[error("write could not be made durable: {0}")]
     Durability(String),
+    /// Durable in this node's WAL, but fewer copies than asked arrived in time.
+    #[error("{reason}")]
+    NotReplicated { reason: String, written: Written },
 }
 
 /// A (database, measurement) pair as owned keys.
@@ -102,6 +107,69 @@ pub struct Shard {
     /// Tables to flush at the next check whatever their thresholds say (a write waits on it).
     flush_forced: RefCell<std::collections::HashSet<TableKey>>,
     fatal: FatalReporter,
+    /// WAL replication: this shard's ties to the control thread.
+    replication: ShardReplication,
+    /// Replica logs of other nodes' shards that this shard keeps.
+    pub replicas: ReplicaLogs,
+    acks_changed: LocalNotify,
+}
+
+/// What a shard needs to replicate its WAL and keep its peers' (none for a standalone node).
+#[derive(Clone)]
+pub struct ShardReplication {
+    /// Where durable groups go to be shipped; `None` when the node is not in a cluster.
+    pub outbox: Option<shale_replication::wal_stream::WalOutbox>,
+    /// Peers' acknowledged positions of this shard's WAL.
+    pub acks: Arc<AckBoard>,
+    /// Node-wide positions, for reads that wait on a write token.
+    pub positions: Arc<Positions>,
+}
+
+impl ShardReplication {
+    pub fn standalone() -> ShardReplication {
+        ShardReplication {
+            outbox: None,
+            acks: AckBoard::new().0,
+            positions: Arc::default(),
+        }
+    }
+}
+
+/// The highest LSN of each (origin, shard) whose rows this node's queries see: its own
+/// shards' durable LSNs and its replica logs' applied LSNs. Shared by every shard, so a read
+/// on any shard can wait on a write token.
+#[derive(Default)]
+pub struct Positions {
+    held: std::sync::Mutex<HashMap<(u64, u32), u64>>,
+}
+
+impl Positions {
+    pub fn advance(&self, origin: u64, shard: u32, lsn: u64) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = held.entry((origin, shard)).or_insert(0);
+        *entry = (*entry).max(lsn);
+    }
+
+    pub fn get(&self, origin: u64, shard: u32) -> u64 {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.get(&(origin, shard)).copied().unwrap_or(0)
+    }
+}
+
+/// A write acknowledged by a shard: its rows and where they are in the WAL.
+#[derive(Debug, Clone, Copy)]
+pub struct Written {
+    pub rows: u64,
+    pub node: u64,
+    pub shard: u32,
+    pub lsn: u64,
+}
+
+impl Written {
+    /// The `X-Shale-Write-Token` value: `origin:shard:lsn`.
+    pub fn token(&self) -> String {
+        format!("{}:{}:{}", self.node, self.shard, self.lsn)
+    }
 }
 
 impl Shard {
@@ -111,11 +179,13 @@ impl Shard {
         metrics: Arc<ShardMetrics>,
         manifest: ManifestClient,
         fatal: FatalReporter,
+        replication: ShardReplication,
     ) -> Rc<Shard> {
         let data_dir = config.node.data_dir.clone();
         let pending_dir = system_dir(&data_dir)
             .join("pending")
             .join(format!("shard-{shard_id}"));
+        let replicas = ReplicaLogs::new(config.clone(), replication.positions.clone());
         Rc::new(Shard {
             shard_id,
             node_id: config.node.id,
@@ -138,6 +208,9 @@ impl Shard {
             rejected: RefCell::new(HashMap::new()),
             flush_forced: RefCell::new(Default::default()),
             fatal,
+            replication,
+            replicas,
+            acks_changed: LocalNotify::new(),
         })
     }
 
@@ -167,9 +240,7 @@ impl Shard {
             .context("register flushes interrupted by a crash")?;
         let version = self.manifest.current();
         let wal_config = WalConfig {
-            dir: system_dir(&self.data_dir)
-                .join("wal")
-                .join(format!("shard-{}", self.shard_id)),
+            dir: wal_dir(&self.data_dir, self.shard_id),
             origin_node: self.node_id,
             shard: self.shard_id,
             segment_bytes_max: self.config.wal.segment_bytes_max,
@@ -254,6 +325,20 @@ impl Shard {
             wal.config().dir.display()
         );
         self.durable_lsn.set(next_lsn.saturating_sub(1));
+        self.replication
+            .positions
+            .advance(self.node_id, self.shard_id, next_lsn.saturating_sub(1));
+        if let Some(outbox) = self.replication.outbox.clone() {
+            let shard = self.shard_id;
+            wal.set_durable_observer(Box::new(move |bytes, first_lsn, last_lsn| {
+                outbox.offer(shale_replication::wal_stream::ShippedGroup {
+                    shard,
+                    first_lsn,
+                    last_lsn,
+                    bytes: bytes::Bytes::copy_from_slice(bytes),
+                });
+            }));
+        }
         *self.wal.borrow_mut() = Some(Rc::new(wal));
         self.ready.set(true);
         tracing::info!(
@@ -270,13 +355,15 @@ impl Shard {
         Ok(())
     }
 
-    /// Validates, logs and buffers one line-protocol request; resolves once it is durable.
+    /// Validates, logs and buffers one line-protocol request; resolves once it is durable here
+    /// and, for `ack` above `local`, on as many peers as the level asks.
     pub async fn write(
         self: &Rc<Self>,
         database: &str,
         precision: Precision,
         body: bytes::Bytes,
-    ) -> Result<u64, WriteError> {
+        ack: AckLevel,
+    ) -> Result<Written, WriteError> {
         let Some(wal) = self.wal() else {
             return Err(WriteError::NotReady);
         };
@@ -314,7 +401,14 @@ impl Shard {
                 self.refresh_wal_metrics();
                 self.metrics.write_rows.add(rows);
                 self.metrics.write_bytes.add(body.len() as u64);
-                Ok(rows)
+                let written = Written {
+                    rows,
+                    node: self.node_id,
+                    shard: self.shard_id,
+                    lsn,
+                };
+                self.wait_copies(written, ack).await?;
+                Ok(written)
             }
             Err(error) => {
                 // The WAL refuses everything after a failed write or sync; rows buffered past
@@ -672,7 +766,108 @@ impl Shard {
     fn note_durable(&self, lsn: u64) {
         if lsn > self.durable_lsn.get() {
             self.durable_lsn.set(lsn);
+            self.replication
+                .positions
+                .advance(self.node_id, self.shard_id, lsn);
             self.durable_changed.notify();
+        }
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// Shards of this node (the replica log of an origin shard belongs to one of them).
+    pub fn shard_count(&self) -> usize {
+        self.config.shard_count()
+    }
+
+    /// Stops the node: a failure this shard cannot recover from by itself.
+    pub fn report_fatal(&self, message: String) {
+        self.fatal
+            .report(format!("shard {}", self.shard_id), message);
+    }
+
+    /// Node-wide positions of the rows queries see, for reads waiting on write tokens.
+    pub fn positions(&self) -> Arc<Positions> {
+        self.replication.positions.clone()
+    }
+
+    /// Called by the ack task when peers acknowledged more of this shard's WAL.
+    pub fn note_acks(&self) {
+        self.acks_changed.notify();
+    }
+
+    /// Waits until `ack` copies of the write hold it durably: `majority` counts the voters
+    /// (this node among them if it votes), `all` every member. Fails after
+    /// `cluster.ack_timeout_ms` saying the rows are durable here and keep replicating.
+    async fn wait_copies(&self, written: Written, ack: AckLevel) -> Result<(), WriteError> {
+        if ack == AckLevel::Local || !self.config.cluster.enabled {
+            return Ok(());
+        }
+        let Some(metrics) = self.manifest.raft_metrics() else {
+            return Err(WriteError::NotReplicated {
+                reason: "the cluster membership is not known yet".into(),
+                written,
+            });
+        };
+        let membership = metrics.membership_config.membership();
+        let me = self.node_id;
+        let (peers, needed): (Vec<u64>, usize) = match ack {
+            AckLevel::Local => unreachable!("returned above"),
+            AckLevel::Majority => {
+                let voters: Vec<u64> = membership.voter_ids().collect();
+                let majority = voters.len() / 2 + 1;
+                let mine = usize::from(voters.contains(&me));
+                (
+                    voters.into_iter().filter(|id| *id != me).collect(),
+                    majority.saturating_sub(mine),
+                )
+            }
+            AckLevel::All => {
+                let peers: Vec<u64> = membership
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .filter(|id| *id != me)
+                    .collect();
+                let needed = peers.len();
+                (peers, needed)
+            }
+        };
+        drop(metrics);
+        if needed == 0 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let timeout = Duration::from_millis(self.config.cluster.ack_timeout_ms);
+        loop {
+            let changed = self.acks_changed.notified();
+            let copies = self
+                .replication
+                .acks
+                .copies(peers.iter().copied(), written.lsn);
+            if copies >= needed {
+                self.metrics.replication_wait.observe(started.elapsed());
+                return Ok(());
+            }
+            let elapsed = started.elapsed();
+            if elapsed >= timeout {
+                self.metrics.write_not_replicated.increment();
+                return Err(WriteError::NotReplicated {
+                    reason: format!(
+                        "ack={} wanted {needed} peer copies of lsn {} of node {} shard {} within \
+                         cluster.ack_timeout_ms ({} ms) and {copies} arrived; the rows are \
+                         durable on this node and keep replicating",
+                        ack.name(),
+                        written.lsn,
+                        written.node,
+                        written.shard,
+                        timeout.as_millis()
+                    ),
+                    written,
+                });
+            }
+            futures_lite::future::or(changed, glommio::timer::sleep(timeout - elapsed)).await;
         }
     }
 
@@ -749,6 +944,7 @@ impl Shard {
                     return;
                 }
             }
+            self.replicas.release(&self.manifest.current()).await;
             if stopping {
                 break;
             }
@@ -1278,6 +1474,7 @@ impl Shard {
                 shard: self.shard_id,
                 lsn_first,
                 chunks,
+                replica: None,
             };
             if let Some((key, frozen)) = flushing.as_ref() {
                 if key.0 == table.database && key.1 == table.measurement {
@@ -1294,6 +1491,7 @@ impl Shard {
             if let Some((chunks, lsn_first)) = buffer.and_then(|b| b.snapshot()) {
                 pieces.push(piece(lsn_first, chunks));
             }
+            self.replicas.snapshot(table, &mut pieces);
         }
         ShardSnapshot { version, pieces }
     }
@@ -1359,6 +1557,11 @@ fn sanitize(name: &str) -> String {
             }
         })
         .collect()
+}
+
+/// The WAL directory of this node's shard `shard`.
+pub fn wal_dir(data_dir: &std::path::Path, shard: u32) -> PathBuf {
+    system_dir(data_dir).join("wal").join(format!("shard-{shard}"))
 }
 
 /// Where the node keeps its own state (WAL, Raft, journals). Database names must start with a

@@ -374,7 +374,12 @@ impl Worker {
         tables.sort();
         tables.dedup();
         let checked_at = started.elapsed();
-        let (version, pieces, current) = self.snapshot(tables)?;
+        let (reconciled, current) = self.snapshot(tables)?;
+        let (version, pieces, file_cuts) = (
+            reconciled.version,
+            reconciled.pieces,
+            reconciled.file_cuts,
+        );
         let snapshot_at = started.elapsed();
         let cached = self.refresh_piece_cache(&pieces, &current)?;
         let cache_at = started.elapsed();
@@ -404,6 +409,19 @@ impl Worker {
             // the ones not there yet instead of failing: it reads that origin's data as of
             // what has arrived (eventual consistency; `shale_query_files_absent_total`).
             let present = |f: &&FileEntry| self.data_dir.join(&f.path).exists();
+            // Files of a stream above its cut hold rows this node answers from replicated
+            // buffers (see `query::snapshot`): reading them too would count those rows twice.
+            if !file_cuts.is_empty() {
+                let table_name = TableName {
+                    database: table.database.clone(),
+                    measurement: table.measurement.clone(),
+                };
+                entries.retain(|f| {
+                    file_cuts
+                        .get(&(f.origin_node, f.shard, table_name.clone()))
+                        .is_none_or(|cut| f.lsn_last <= *cut)
+                });
+            }
             let before = entries.len();
             entries.retain(present);
             if entries.len() < before {
@@ -603,9 +621,10 @@ impl Worker {
             .iter()
             .flat_map(|s| s.pieces.iter().map(piece_key))
             .collect();
-        let (version, pieces) =
-            reconcile(snapshots).ok_or_else(|| QueryError::Internal("no shard answered".into()))?;
-        Ok((version, pieces, current))
+        let present = crate::replica::on_disk(&self.data_dir);
+        let reconciled = reconcile(snapshots, &present)
+            .ok_or_else(|| QueryError::Internal("no shard answered".into()))?;
+        Ok((reconciled, current))
     }
 
     /// Brings the cached copy of every kept piece up to date and returns each piece's table.
@@ -820,13 +839,9 @@ fn file_scans(data_dir: &Path, entries: &[&FileEntry]) -> Vec<String> {
         .collect()
 }
 
-/// What `Worker::snapshot` returns: the pinned version, the pieces it keeps, and the keys of
-/// every piece the shards hold for the tables asked about.
-type Snapshot = (
-    Arc<shale_replication::ManifestVersion>,
-    Vec<BufferPiece>,
-    HashSet<PieceKey>,
-);
+/// What `Worker::snapshot` returns: the pinned version with the pieces it keeps and the file
+/// cuts, and the keys of every piece the shards hold for the tables asked about.
+type Snapshot = (super::snapshot::Reconciled, HashSet<PieceKey>);
 
 fn piece_key(piece: &BufferPiece) -> PieceKey {
     PieceKey {
@@ -1075,6 +1090,7 @@ mod tests {
             shard: 0,
             lsn_first: 7,
             chunks: (0..chunks).map(chunk).collect(),
+            replica: None,
         }
     }
 

@@ -6,7 +6,18 @@
 //! flush always takes a table's whole buffer, and one shard commits a table's files in LSN
 //! order. The engine pins the newest version among the shards' answers and drops pieces that
 //! version already holds; a piece a shard no longer has is in the version that shard read.
+//!
+//! Rows replicated from another node's WAL (`crate::replica`) follow the rule per row, since a
+//! replica cannot know where the origin's flushes cut: a row with LSN `x` is in the stream's
+//! files ending at the smallest `lsn_last >= x`. Walking the stream's files in LSN order from
+//! the piece's first row, `held` is the end of the run whose files are all on this node's disk.
+//! Rows above `held` are read from the buffer and the stream's files above `held` are left out
+//! of the query (they are absent, or would double rows the buffer answers); rows at or below
+//! it come from files. This needs the buffer to hold every row of the first group not on disk;
+//! when it cannot (the replica log started inside that group) the piece keeps only rows above
+//! the stream's flushed-through LSN and absent files are skipped, as for any file.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
@@ -29,7 +40,21 @@ pub struct BufferPiece {
     /// The rows in order, as at least one chunk, all with one schema. Earlier chunks are shared
     /// with the shard's buffer, not copies.
     pub chunks: Vec<RecordBatch>,
+    /// Set for rows replicated from another node: the LSN of each record's rows.
+    pub replica: Option<RowLsns>,
 }
+
+/// The LSNs of a replicated piece's rows.
+#[derive(Clone, Debug)]
+pub struct RowLsns {
+    /// (LSN, index of the record's first row in the piece), in LSN order.
+    pub records: Arc<Vec<(u64, u32)>>,
+    /// The replica log holds every record of its origin from this LSN on.
+    pub complete_from: u64,
+}
+
+/// (origin node, shard, table): a WAL stream.
+pub type StreamKey = (u64, u32, TableName);
 
 impl BufferPiece {
     pub fn schema(&self) -> arrow::datatypes::SchemaRef {
@@ -38,6 +63,31 @@ impl BufferPiece {
 
     pub fn num_rows(&self) -> usize {
         self.chunks.iter().map(RecordBatch::num_rows).sum()
+    }
+
+    /// The replicated piece's rows with an LSN above `lsn`, or `None` if it has none.
+    fn rows_above(self, lsn: u64) -> Option<BufferPiece> {
+        let Some(replica) = &self.replica else {
+            return (self.lsn_first > lsn).then_some(self);
+        };
+        let index = replica.records.partition_point(|(record, _)| *record <= lsn);
+        if index == 0 {
+            return Some(self);
+        }
+        let &(lsn_first, offset) = replica.records.get(index)?;
+        let records = replica.records[index..]
+            .iter()
+            .map(|&(record, row)| (record, row - offset))
+            .collect();
+        Some(BufferPiece {
+            chunks: self.rows_from(offset as usize),
+            lsn_first,
+            replica: Some(RowLsns {
+                records: Arc::new(records),
+                complete_from: replica.complete_from,
+            }),
+            ..self
+        })
     }
 
     /// The rows from `offset` on, as slices of the chunks (no copy).
@@ -68,28 +118,91 @@ pub struct SnapshotRequest {
     pub reply: flume::Sender<ShardSnapshot>,
 }
 
-/// Combines the shards' answers: the newest version, and the pieces it does not hold yet.
+/// What `reconcile` decides: the pinned version, the rows to read from buffers, and for each
+/// stream with replicated rows, the LSN above which its files must not be read.
+pub struct Reconciled {
+    pub version: Arc<ManifestVersion>,
+    pub pieces: Vec<BufferPiece>,
+    pub file_cuts: HashMap<StreamKey, u64>,
+}
+
+/// Combines the shards' answers: the newest version, and the rows it does not hold yet (for
+/// replicated rows: not in files on this node's disk; `present` says whether a path is).
 pub fn reconcile(
     snapshots: Vec<ShardSnapshot>,
-) -> Option<(Arc<ManifestVersion>, Vec<BufferPiece>)> {
+    present: &dyn Fn(&str) -> bool,
+) -> Option<Reconciled> {
     let version = snapshots
         .iter()
         .map(|s| s.version.clone())
         .max_by_key(|v| v.index)?;
-    let pieces = snapshots
+    let manifest = &version.manifest;
+    let pieces: Vec<BufferPiece> = snapshots.into_iter().flat_map(|s| s.pieces).collect();
+    // The first buffered LSN and completeness of each stream with replicated rows.
+    let mut streams: HashMap<StreamKey, (u64, u64)> = HashMap::new();
+    for piece in &pieces {
+        if let Some(replica) = &piece.replica {
+            let key = (piece.origin_node, piece.shard, piece.table.clone());
+            let entry = streams
+                .entry(key)
+                .or_insert((piece.lsn_first, replica.complete_from));
+            entry.0 = entry.0.min(piece.lsn_first);
+        }
+    }
+    let mut thresholds: HashMap<StreamKey, u64> = HashMap::new();
+    let mut file_cuts = HashMap::new();
+    for ((origin, shard, table), (first, complete_from)) in streams {
+        let (database, measurement) = (table.database.clone(), table.measurement.clone());
+        let stream = (origin, shard, database.as_str(), measurement.as_str());
+        let held = crate::replica::held_through(manifest, stream, first.saturating_sub(1), present);
+        let ends_after = |lsn: u64| {
+            manifest
+                .stream_files_after(origin, shard, stream.2, stream.3, lsn)
+                .next()
+                .map(|(end, _)| end)
+        };
+        // The first end not wholly on disk, if any; its rows start after the previous end.
+        let servable = match ends_after(held) {
+            None => true,
+            Some(missing_end) => {
+                complete_from <= 1
+                    || ends_after(complete_from.saturating_sub(2))
+                        .is_some_and(|end| end < missing_end)
+            }
+        };
+        let key = (origin, shard, table);
+        if servable {
+            thresholds.insert(key.clone(), held);
+            file_cuts.insert(key, held);
+        } else {
+            let flushed = manifest
+                .flushed_through(origin, shard, stream.2, stream.3)
+                .unwrap_or(0);
+            thresholds.insert(key, flushed);
+        }
+    }
+    let pieces = pieces
         .into_iter()
-        .flat_map(|s| s.pieces)
-        .filter(|piece| {
-            let flushed = version.manifest.flushed_through(
+        .filter_map(|piece| {
+            if piece.replica.is_some() {
+                let key = (piece.origin_node, piece.shard, piece.table.clone());
+                let threshold = thresholds.get(&key).copied().unwrap_or(0);
+                return piece.rows_above(threshold);
+            }
+            let flushed = manifest.flushed_through(
                 piece.origin_node,
                 piece.shard,
                 &piece.table.database,
                 &piece.table.measurement,
             );
-            flushed.is_none_or(|lsn| lsn < piece.lsn_first)
+            flushed.is_none_or(|lsn| lsn < piece.lsn_first).then_some(piece)
         })
         .collect();
-    Some((version, pieces))
+    Some(Reconciled {
+        version,
+        pieces,
+        file_cuts,
+    })
 }
 
 #[cfg(test)]
@@ -115,6 +228,7 @@ mod tests {
             shard: 0,
             lsn_first: 1,
             chunks: vec![chunk(0..3), chunk(3..7)],
+            replica: None,
         };
         assert_eq!(piece.num_rows(), 7);
         for offset in 0..=7 {

@@ -1,0 +1,308 @@
+//! Rows replicated from another node's WAL, buffered per (origin, shard, table) so queries on
+//! this node see them before the origin's files arrive.
+//!
+//! Thread: a [`ReplicaBuffers`] belongs to the shard that owns the replica log of its
+//! (origin, shard) and is `!Send` like the rest of the shard.
+//!
+//! # The exactly-once rule per row
+//! A replica never registers replicated rows as files: only the origin (or, after a takeover,
+//! the node the manifest names) does. The replica cannot know where the origin's flushes cut a
+//! table's rows, so every buffered row keeps its LSN: a row with LSN `x` of table `t` is in
+//! the files of the origin's stream `(origin, shard, t)` ending at the smallest `lsn_last >= x`,
+//! if one is registered. A query keeps a buffered row iff those files are not all on this
+//! node's disk (see `query::snapshot::reconcile`), and the shard drops rows only once they are.
+//!
+//! Rows go into parts of at most [`PART_ROWS`] rows; a part is dropped whole once all its
+//! rows are in files held here, so memory is bounded by the unflushed rows plus one part.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+
+use shale_io::wal::RecordView;
+use shale_replication::manifest::Manifest;
+
+use crate::buffer::{FrozenBuffer, MeasurementBuffer, Value};
+use crate::ingest::{IngestPayload, RECORD_KIND_LINE_PROTOCOL};
+use crate::line_protocol::{self, ParseLimits};
+use crate::query::snapshot::{BufferPiece, RowLsns, TableName};
+
+/// Rows per part: a part is the unit in which replicated rows are released.
+pub const PART_ROWS: usize = crate::buffer::CHUNK_ROWS;
+
+/// (database, measurement).
+type TableKey = (String, String);
+
+/// One part of a table's replicated rows, and the LSN of each record's first row in it.
+enum Part {
+    Open {
+        buffer: MeasurementBuffer,
+        records: Vec<(u64, u32)>,
+    },
+    Sealed {
+        frozen: Arc<FrozenBuffer>,
+        records: Arc<Vec<(u64, u32)>>,
+    },
+}
+
+impl Part {
+    fn last_lsn(&self) -> Option<u64> {
+        match self {
+            Part::Open { records, .. } => records.last().map(|(lsn, _)| *lsn),
+            Part::Sealed { records, .. } => records.last().map(|(lsn, _)| *lsn),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Part::Open { buffer, .. } => buffer.bytes_estimate(),
+            Part::Sealed { frozen, .. } => frozen.bytes_estimate,
+        }
+    }
+}
+
+/// The replicated rows of one table.
+#[derive(Default)]
+struct ReplicaTable {
+    parts: VecDeque<Part>,
+    /// Rows at or below this LSN are in files this node holds, and were dropped.
+    dropped_through: u64,
+}
+
+impl ReplicaTable {
+    fn open_part(&mut self) -> (&mut MeasurementBuffer, &mut Vec<(u64, u32)>) {
+        let full = match self.parts.back() {
+            Some(Part::Open { buffer, .. }) => buffer.rows() >= PART_ROWS,
+            _ => true,
+        };
+        if full {
+            if let Some(Part::Open { buffer, records }) = self.parts.back_mut() {
+                let frozen = buffer.freeze().expect("a full part has rows");
+                let records = Arc::new(std::mem::take(records));
+                *self.parts.back_mut().expect("checked above") = Part::Sealed {
+                    frozen: Arc::new(frozen),
+                    records,
+                };
+            }
+            self.parts.push_back(Part::Open {
+                buffer: MeasurementBuffer::new(),
+                records: Vec::new(),
+            });
+        }
+        match self.parts.back_mut() {
+            Some(Part::Open { buffer, records }) => (buffer, records),
+            _ => unreachable!("an open part was just ensured"),
+        }
+    }
+}
+
+/// The buffered rows of one (origin, shard) replica log.
+pub struct ReplicaBuffers {
+    pub origin: u64,
+    pub shard: u32,
+    tables: HashMap<TableKey, ReplicaTable>,
+    /// Every record of the origin from this LSN on was (or will be) applied here; rows below
+    /// it never reached this node's buffers (the log started, or was reset, above them).
+    complete_from: u64,
+    /// Highest LSN whose rows are in the buffers.
+    applied_lsn: u64,
+    rows: usize,
+    bytes: usize,
+}
+
+impl ReplicaBuffers {
+    /// Buffers for a log whose next record will be `next_lsn`.
+    pub fn new(origin: u64, shard: u32, next_lsn: u64) -> ReplicaBuffers {
+        ReplicaBuffers {
+            origin,
+            shard,
+            tables: HashMap::new(),
+            complete_from: next_lsn,
+            applied_lsn: next_lsn.saturating_sub(1),
+            rows: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Highest LSN whose rows are queryable here.
+    pub fn applied_lsn(&self) -> u64 {
+        self.applied_lsn
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Forgets every row: the log restarts at `next_lsn` (the origin no longer has the records
+    /// in between; they are in its files).
+    pub fn reset(&mut self, next_lsn: u64) {
+        *self = ReplicaBuffers::new(self.origin, self.shard, next_lsn);
+    }
+
+    /// Adds the rows of one replicated record. Records arrive in LSN order; one at or below
+    /// `applied_lsn` is skipped (a resend). Fails only on a record this build cannot read.
+    pub fn apply(&mut self, record: &RecordView<'_>) -> Result<(), String> {
+        if record.lsn <= self.applied_lsn {
+            return Ok(());
+        }
+        if record.kind != RECORD_KIND_LINE_PROTOCOL {
+            return Err(format!("unknown record kind {}", record.kind));
+        }
+        let payload = IngestPayload::decode(record.payload).map_err(|e| e.to_string())?;
+        // The origin accepted these rows under its limits; replay them whatever ours are.
+        let limits = ParseLimits {
+            line_bytes_max: usize::MAX,
+            columns_per_line_max: usize::MAX,
+        };
+        let batch = line_protocol::parse(
+            payload.body,
+            payload.precision,
+            record.time_ns.div_euclid(1000),
+            &limits,
+        )
+        .map_err(|e| format!("replicated request no longer parses: {e}"))?;
+        for line in batch.lines() {
+            let measurement = line.measurement();
+            let key = (payload.database.to_string(), measurement.to_string());
+            let table = self.tables.entry(key).or_default();
+            let (buffer, records) = table.open_part();
+            let row = buffer.rows() as u32;
+            let starts_record = records.last().is_none_or(|(lsn, _)| *lsn != record.lsn);
+            if starts_record {
+                records.push((record.lsn, row));
+            }
+            let before = buffer.bytes_estimate();
+            buffer.append_row(
+                record.lsn,
+                line.time_us(),
+                line.tags(),
+                line.fields().map(|(key, value)| (key, Value::from(value))),
+            );
+            self.bytes += buffer.bytes_estimate() - before;
+            self.rows += 1;
+        }
+        self.applied_lsn = record.lsn;
+        Ok(())
+    }
+
+    /// Drops the parts whose rows are all in files of `manifest` that are on this node's disk
+    /// (`present` says whether a path is). Returns the rows dropped.
+    pub fn drop_held(&mut self, manifest: &Manifest, present: &dyn Fn(&str) -> bool) -> usize {
+        let mut dropped_rows = 0;
+        for ((database, measurement), table) in self.tables.iter_mut() {
+            let held = held_through(
+                manifest,
+                (self.origin, self.shard, database, measurement),
+                table.dropped_through,
+                present,
+            );
+            if held <= table.dropped_through {
+                continue;
+            }
+            table.dropped_through = held;
+            while table
+                .parts
+                .front()
+                .and_then(Part::last_lsn)
+                .is_some_and(|last| last <= held)
+            {
+                let part = table.parts.pop_front().expect("checked above");
+                let rows = match &part {
+                    Part::Open { buffer, .. } => buffer.rows(),
+                    Part::Sealed { frozen, .. } => frozen.rows(),
+                };
+                self.bytes = self.bytes.saturating_sub(part.bytes());
+                self.rows -= rows;
+                dropped_rows += rows;
+            }
+        }
+        self.tables.retain(|_, table| !table.parts.is_empty());
+        dropped_rows
+    }
+
+    /// The lowest LSN with a row still buffered, if any: the replica log must keep it.
+    pub fn lsn_first(&self) -> Option<u64> {
+        self.tables
+            .values()
+            .filter_map(|t| match t.parts.front()? {
+                Part::Open { records, .. } => records.first().map(|(lsn, _)| *lsn),
+                Part::Sealed { records, .. } => records.first().map(|(lsn, _)| *lsn),
+            })
+            .min()
+    }
+
+    /// The buffered rows of `table` as query pieces (sealed parts shared, the open part's
+    /// builders copied), each with the LSN of every record's rows.
+    pub fn snapshot(&mut self, table: &TableName) -> Vec<BufferPiece> {
+        let key = (table.database.clone(), table.measurement.clone());
+        let Some(replica) = self.tables.get_mut(&key) else {
+            return Vec::new();
+        };
+        let mut pieces = Vec::with_capacity(replica.parts.len());
+        for part in replica.parts.iter_mut() {
+            let (chunks, records) = match part {
+                Part::Open { buffer, records } => match buffer.snapshot() {
+                    Some((chunks, _)) => (chunks, Arc::new(records.clone())),
+                    None => continue,
+                },
+                Part::Sealed { frozen, records } => (frozen.chunks.clone(), records.clone()),
+            };
+            let Some(&(lsn_first, _)) = records.first() else {
+                continue;
+            };
+            pieces.push(BufferPiece {
+                table: table.clone(),
+                origin_node: self.origin,
+                shard: self.shard,
+                lsn_first,
+                chunks,
+                replica: Some(RowLsns {
+                    records,
+                    complete_from: self.complete_from,
+                }),
+            });
+        }
+        pieces
+    }
+}
+
+/// The highest LSN through which every file of the stream above `after` is present here:
+/// walking the stream's files in LSN order, the end of the last run of ends whose files are all
+/// present. Rows of the table at or below it are in files this node holds.
+pub fn held_through(
+    manifest: &Manifest,
+    (origin, shard, database, measurement): (u64, u32, &str, &str),
+    after: u64,
+    present: &dyn Fn(&str) -> bool,
+) -> u64 {
+    let mut held = after;
+    let mut end: Option<(u64, bool)> = None;
+    for (lsn_last, path) in manifest.stream_files_after(origin, shard, database, measurement, after)
+    {
+        match end {
+            Some((lsn, complete)) if lsn != lsn_last => {
+                if !complete {
+                    return held;
+                }
+                held = lsn;
+                end = Some((lsn_last, present(path)));
+            }
+            Some((lsn, complete)) => end = Some((lsn, complete && present(path))),
+            None => end = Some((lsn_last, present(path))),
+        }
+    }
+    match end {
+        Some((lsn, true)) => lsn,
+        _ => held,
+    }
+}
+
+/// Whether the file at `path` (relative to `data_dir`) is on disk: files reach their final
+/// name only once verified, so existence means usable.
+pub fn on_disk(data_dir: &Path) -> impl Fn(&str) -> bool + '_ {
+    move |path| data_dir.join(path).exists()
+}
