@@ -40,6 +40,7 @@
 //! and byte offset. Version 1 segments keep the per-record rule: a bad record with no valid
 //! record after it is a torn tail.
 
+mod catchup;
 mod config;
 mod direct_io;
 mod error;
@@ -47,6 +48,7 @@ mod group;
 mod record;
 mod recovery;
 mod segment;
+mod shipped;
 mod stats;
 mod writer;
 
@@ -61,6 +63,7 @@ use std::{
 use glommio::{io::Directory, task::JoinHandle};
 
 pub use self::{
+    catchup::{read_groups, GroupRead},
     config::WalConfig,
     direct_io::prime_direct_io_probe,
     error::WalError,
@@ -70,6 +73,7 @@ pub use self::{
     segment::{
         SEGMENT_FORMAT_VERSION, SEGMENT_FORMAT_VERSION_V1, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC,
     },
+    shipped::{for_each_record, DurableGroup, GroupView},
     stats::{LatencyHistogram, WalStats, SYNC_LATENCY_BUCKET_BOUNDS_US},
 };
 use self::{
@@ -90,11 +94,124 @@ pub(crate) struct Shared {
     /// The locked WAL directory; taken (and so unlocked) by `close`.
     directory: RefCell<Option<Rc<Directory>>>,
     state: RefCell<State>,
+    /// Called by the writer with each group once it is durable (`Wal::set_durable_observer`).
+    /// Kept outside `state` so the observer may call back into the `Wal`.
+    observer: RefCell<Option<Rc<DurableObserver>>>,
 }
+
+/// A durable observer: `(group bytes, first LSN, last LSN)`.
+pub type DurableObserver = dyn Fn(&[u8], u64, u64);
 
 impl Shared {
     fn directory(&self) -> Result<Rc<Directory>, WalError> {
         self.directory.borrow().clone().ok_or(WalError::Closed)
+    }
+}
+
+impl State {
+    /// Appends are refused once the WAL failed or is closing.
+    fn check_accepting(&self) -> Result<(), WalError> {
+        if let Some(reason) = &self.failure {
+            return Err(WalError::Failed {
+                reason: reason.clone(),
+            });
+        }
+        if self.closing {
+            return Err(WalError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Refuses with `Full` (and counts it) when `bytes` more would pass `queue_bytes_max`.
+    fn check_queue(&mut self, config: &WalConfig, bytes: usize) -> Result<(), WalError> {
+        if self.queue_bytes + bytes > config.queue_bytes_max {
+            self.stats.appends_rejected_full += 1;
+            return Err(WalError::Full {
+                queue_bytes: self.queue_bytes,
+                frame_bytes: bytes,
+                queue_bytes_max: config.queue_bytes_max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Places one frame of at most `frame_bytes_max` bytes with the next LSN in the pending
+    /// groups: plans a segment rotation or a new group where the limits say so, lets `write`
+    /// append the frame to the group's buffer (returning its length), and updates every
+    /// counter. Returns the LSN. The caller checked the queue limit; on error nothing changes.
+    fn place_frame(
+        &mut self,
+        config: &WalConfig,
+        frame_bytes_max: usize,
+        write: impl FnOnce(&mut Vec<u8>, u64) -> Result<usize, WalError>,
+    ) -> Result<u64, WalError> {
+        let bytes_max = frame_bytes_max + GROUP_HEADER_BYTES;
+        let rotate = self.segment_projected_bytes > HEADER_BYTES as u64
+            && self.segment_projected_bytes + bytes_max as u64 > config.segment_bytes_max;
+        let start_batch = rotate
+            || self
+                .batches
+                .back()
+                .is_none_or(|batch| batch.bytes.len() + frame_bytes_max > config.write_bytes_max);
+        let lsn = self.next_lsn;
+        // A new group's buffer is pushed only once its first frame is written, so an encoding
+        // error or a panic in `write` never leaves an empty group for the writer.
+        let (frame_start, frame_len) = if start_batch {
+            let mut bytes = self.spare_buffers.pop().unwrap_or_default();
+            bytes.extend_from_slice(&[0u8; GROUP_HEADER_BYTES]);
+            let frame_len = match write(&mut bytes, lsn) {
+                Ok(frame_len) => frame_len,
+                Err(error) => {
+                    bytes.clear();
+                    self.spare_buffers.push(bytes);
+                    return Err(error);
+                }
+            };
+            self.batches.push_back(Batch {
+                bytes,
+                first_lsn: lsn,
+                last_lsn: lsn,
+                records: 0,
+                frames_crc: crc32fast::Hasher::new(),
+                rotate_before: rotate,
+            });
+            (GROUP_HEADER_BYTES, frame_len)
+        } else {
+            let batch = self
+                .batches
+                .back_mut()
+                .expect("a batch exists when none is started");
+            let frame_start = batch.bytes.len();
+            (frame_start, write(&mut batch.bytes, lsn)?)
+        };
+        let batch = self
+            .batches
+            .back_mut()
+            .expect("a batch exists or was just started");
+        batch
+            .frames_crc
+            .update(&batch.bytes[frame_start..frame_start + FRAME_HEADER_BYTES]);
+        batch.last_lsn = lsn;
+        batch.records += 1;
+        debug_assert!(frame_len <= frame_bytes_max);
+        debug_assert_eq!(batch.bytes.len(), frame_start + frame_len);
+        let added_bytes = frame_len + if start_batch { GROUP_HEADER_BYTES } else { 0 };
+
+        if rotate {
+            self.segment_projected_bytes = HEADER_BYTES as u64;
+        }
+        self.segment_projected_bytes += added_bytes as u64;
+        self.queue_bytes += added_bytes;
+        self.next_lsn += 1;
+        self.stats.appends += 1;
+        self.stats.append_bytes += added_bytes as u64;
+        Ok(lsn)
+    }
+
+    fn wake_writer(&mut self) {
+        if let Some(waker) = self.writer_waker.take() {
+            waker.wake();
+        }
     }
 }
 
@@ -119,6 +236,12 @@ struct State {
     waiters: BTreeMap<u64, Waker>,
     /// Segment files on disk, oldest first; the last is the one being written.
     segments: VecDeque<SegmentEntry>,
+    /// A `reset_to` the writer has not started yet: the LSN the fresh segment starts at.
+    reset_requested: Option<u64>,
+    /// The writer is carrying out a reset.
+    reset_running: bool,
+    /// The task waiting in `reset_to`.
+    reset_waker: Option<Waker>,
     stats: WalStats,
 }
 
@@ -222,10 +345,14 @@ impl Wal {
                 writer_waker: None,
                 waiters: BTreeMap::new(),
                 segments: recovered.segments,
+                reset_requested: None,
+                reset_running: false,
+                reset_waker: None,
                 stats,
             }),
             directory: RefCell::new(Some(Rc::new(recovered.directory))),
             config,
+            observer: RefCell::new(None),
         });
         let writer = glommio::spawn_local(writer::run(shared.clone(), recovered.active)).detach();
         Ok((
@@ -273,14 +400,7 @@ impl Wal {
         let config = &self.shared.config;
         let mut guard = self.shared.state.borrow_mut();
         let state = &mut *guard;
-        if let Some(reason) = &state.failure {
-            return Err(WalError::Failed {
-                reason: reason.clone(),
-            });
-        }
-        if state.closing {
-            return Err(WalError::Closed);
-        }
+        state.check_accepting()?;
         if payload_len > config.record_bytes_max as usize {
             return Err(WalError::TooLarge {
                 payload_bytes: payload_len,
@@ -289,86 +409,184 @@ impl Wal {
         }
         let frame_bytes_max = payload_len + FRAME_OVERHEAD_BYTES_MAX;
         // Whether this record starts a group is decided below; limits assume it does.
-        let bytes_max = frame_bytes_max + GROUP_HEADER_BYTES;
-        if state.queue_bytes + bytes_max > config.queue_bytes_max {
-            state.stats.appends_rejected_full += 1;
-            return Err(WalError::Full {
-                queue_bytes: state.queue_bytes,
-                frame_bytes: bytes_max,
-                queue_bytes_max: config.queue_bytes_max,
-            });
-        }
-
-        let rotate = state.segment_projected_bytes > HEADER_BYTES as u64
-            && state.segment_projected_bytes + bytes_max as u64 > config.segment_bytes_max;
-        let start_batch = rotate
-            || state
-                .batches
-                .back()
-                .is_none_or(|batch| batch.bytes.len() + frame_bytes_max > config.write_bytes_max);
-        let lsn = state.next_lsn;
-        let header = RecordHeader {
-            origin_node: config.origin_node,
-            shard: config.shard,
-            lsn,
-            kind,
-            time_ns,
-        };
-        // A new group's buffer is pushed only once its first frame is encoded, so an encoding
-        // error or a panic in `fill` never leaves an empty group for the writer.
-        let frame_start = if start_batch {
-            GROUP_HEADER_BYTES
-        } else {
-            state.batches.back().map_or(0, |batch| batch.bytes.len())
-        };
-        let frame_len = if start_batch {
-            let mut bytes = state.spare_buffers.pop().unwrap_or_default();
-            bytes.extend_from_slice(&[0u8; GROUP_HEADER_BYTES]);
-            let frame_len =
-                encode_frame(&mut bytes, header, payload_len, fill).map_err(WalError::Encode)?;
-            state.batches.push_back(Batch {
-                bytes,
-                first_lsn: lsn,
-                last_lsn: lsn,
-                records: 0,
-                frames_crc: crc32fast::Hasher::new(),
-                rotate_before: rotate,
-            });
-            frame_len
-        } else {
-            let batch = state
-                .batches
-                .back_mut()
-                .expect("a batch exists when none is started");
-            encode_frame(&mut batch.bytes, header, payload_len, fill).map_err(WalError::Encode)?
-        };
-        let batch = state
-            .batches
-            .back_mut()
-            .expect("a batch exists or was just started");
-        batch
-            .frames_crc
-            .update(&batch.bytes[frame_start..frame_start + FRAME_HEADER_BYTES]);
-        batch.last_lsn = lsn;
-        batch.records += 1;
-        debug_assert!(frame_len <= frame_bytes_max);
-        let added_bytes = frame_len + if start_batch { GROUP_HEADER_BYTES } else { 0 };
-
-        if rotate {
-            state.segment_projected_bytes = HEADER_BYTES as u64;
-        }
-        state.segment_projected_bytes += added_bytes as u64;
-        state.queue_bytes += added_bytes;
-        state.next_lsn += 1;
-        state.stats.appends += 1;
-        state.stats.append_bytes += added_bytes as u64;
-        if let Some(waker) = state.writer_waker.take() {
-            waker.wake();
-        }
+        state.check_queue(config, frame_bytes_max + GROUP_HEADER_BYTES)?;
+        let lsn = state.place_frame(config, frame_bytes_max, |bytes, lsn| {
+            let header = RecordHeader {
+                origin_node: config.origin_node,
+                shard: config.shard,
+                lsn,
+                kind,
+                time_ns,
+            };
+            encode_frame(bytes, header, payload_len, fill).map_err(WalError::Encode)
+        })?;
+        state.wake_writer();
         Ok(Append {
             lsn,
             shared: self.shared.clone(),
         })
+    }
+
+    /// Appends a group commit received from another WAL of this WAL's origin node and shard
+    /// (a replica storing its origin's log): `group` is one whole group as the origin wrote it
+    /// (`DurableGroup::bytes`, or what the durable observer saw). The group is validated
+    /// completely before anything is appended (see `GroupView::parse`); its frames are then
+    /// copied unchanged, byte for byte, into this WAL's pending groups, where they may share a
+    /// group (and its new group header) with other frames. Limits and segment rotation apply
+    /// exactly as for `append`. All of the group is appended or none of it.
+    ///
+    /// The group must continue this WAL: a first LSN above `next_lsn` fails with `Gap`. A
+    /// group wholly below `next_lsn` (a resend) fails with `Duplicate`. A group that straddles
+    /// `next_lsn` (a catch-up that restarts inside a group) appends only its records from
+    /// `next_lsn` on. The returned `Append` carries the group's last LSN; its `durable`
+    /// resolves when the whole group is durable here. Other faults: `BadGroup` (damaged, or
+    /// another origin node or shard), `TooLarge` (a payload over `record_bytes_max`), `Full`,
+    /// `GroupTooLarge`, `Failed`, `Closed`.
+    pub fn append_group(&self, group: &[u8]) -> Result<Append, WalError> {
+        let view = GroupView::parse(group, self.shared.config.record_bytes_max)?;
+        self.append_group_view(&view)
+    }
+
+    /// `append_group` for a group the caller already parsed (to read its rows as well).
+    pub fn append_group_view(&self, group: &GroupView<'_>) -> Result<Append, WalError> {
+        let config = &self.shared.config;
+        let mut guard = self.shared.state.borrow_mut();
+        let state = &mut *guard;
+        state.check_accepting()?;
+        if (group.origin_node(), group.shard()) != (config.origin_node, config.shard) {
+            return Err(WalError::BadGroup(format!(
+                "group belongs to node {} shard {}, but this wal stores node {} shard {}",
+                group.origin_node(),
+                group.shard(),
+                config.origin_node,
+                config.shard
+            )));
+        }
+        if group.payload_bytes_max() > config.record_bytes_max as usize {
+            return Err(WalError::TooLarge {
+                payload_bytes: group.payload_bytes_max(),
+                record_bytes_max: config.record_bytes_max,
+            });
+        }
+        let next_lsn = state.next_lsn;
+        if group.first_lsn() > next_lsn {
+            return Err(WalError::Gap {
+                expected: next_lsn,
+                got: group.first_lsn(),
+            });
+        }
+        if group.last_lsn() < next_lsn {
+            return Err(WalError::Duplicate {
+                next_lsn,
+                got: group.first_lsn(),
+            });
+        }
+        let new_frames = || group.frames().filter(|&(lsn, _)| lsn >= next_lsn);
+        // Each frame may start a group of its own, so the bound counts a group header per
+        // frame; the queue check then holds for every frame placed below.
+        let bytes_max: usize = new_frames()
+            .map(|(_, frame)| frame.len() + GROUP_HEADER_BYTES)
+            .sum();
+        if bytes_max > config.queue_bytes_max {
+            return Err(WalError::GroupTooLarge {
+                group_bytes: bytes_max,
+                queue_bytes_max: config.queue_bytes_max,
+            });
+        }
+        state.check_queue(config, bytes_max)?;
+        for (lsn, frame) in new_frames() {
+            let placed = state.place_frame(config, frame.len(), |bytes, placed_lsn| {
+                debug_assert_eq!(placed_lsn, lsn);
+                bytes.extend_from_slice(frame);
+                Ok(frame.len())
+            })?;
+            debug_assert_eq!(placed, lsn);
+        }
+        state.wake_writer();
+        Ok(Append {
+            lsn: group.last_lsn(),
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Registers `observer` (replacing any earlier one) to see every group commit from now on,
+    /// exactly as it is on disk (sealed group header and frames), with its first and last
+    /// LSN. The writer task calls it on this WAL's executor, in LSN order, once per group,
+    /// right after the group's fdatasync returned (after its write, with `fsync` off), and
+    /// after `durable_lsn` covers the group but before the group's `Append::durable` waiters
+    /// run. It is never called for a group whose write or sync failed. It borrows the WAL's
+    /// own buffer, so copy what must outlive the call; it must not block or panic, and it may
+    /// call back into this `Wal`. Groups made durable before it was set are not seen: read
+    /// them with `read_groups`. With no observer set the writer only checks an `Option`.
+    pub fn set_durable_observer(&self, observer: Box<DurableObserver>) {
+        *self.shared.observer.borrow_mut() = Some(Rc::from(observer));
+    }
+
+    /// Removes the durable observer; groups completing from now on are not reported.
+    pub fn clear_durable_observer(&self) {
+        self.shared.observer.borrow_mut().take();
+    }
+
+    /// Makes this WAL continue at `lsn`, dropping every record it holds: for a replica whose
+    /// origin no longer has the records from `next_lsn` up to `lsn` (it released them because
+    /// they are in committed files). Allowed only when `lsn > next_lsn` and every appended
+    /// record is durable (nothing pending or in flight); otherwise `ResetRefused` and nothing
+    /// changes. The writer then creates and syncs a fresh segment starting at `lsn`, deletes
+    /// every older segment and syncs the directory; `next_lsn` is `lsn` from the call on, so
+    /// appends may follow at once (they are written after the reset). An I/O error during the
+    /// reset fails the WAL, as any writer error does. Cancellation-safe: once called, the
+    /// reset happens whether or not the future is awaited.
+    ///
+    /// Crash safety: a crash at any point leaves the old segments (all, some, or none) and
+    /// possibly the fresh one. The caller must make sure that reopening passes
+    /// `replay_from_lsn >= lsn` to `Wal::open` (for a replica, the origin's first unflushed LSN
+    /// from the committed manifest, which is at least `lsn` because the origin only releases
+    /// flushed records); record it durably before calling this if it is not already. With
+    /// that, every crash state opens with `next_lsn == lsn`: old records are below
+    /// `replay_from_lsn`, so they are checked and skipped, and the LSN gap before `lsn` is
+    /// accepted. Opened with a lower `replay_from_lsn`, such a WAL refuses to start, because
+    /// the records between its old end and `lsn` are missing.
+    pub async fn reset_to(&self, lsn: u64) -> Result<(), WalError> {
+        {
+            let mut state = self.shared.state.borrow_mut();
+            state.check_accepting()?;
+            let refuse = |reason: String| Err(WalError::ResetRefused(reason));
+            if state.reset_requested.is_some() || state.reset_running {
+                return refuse("another reset is under way".to_owned());
+            }
+            if lsn <= state.next_lsn {
+                return refuse(format!(
+                    "lsn {lsn} is not above the next lsn {}",
+                    state.next_lsn
+                ));
+            }
+            if !state.batches.is_empty() || state.durable_lsn + 1 != state.next_lsn {
+                return refuse(format!(
+                    "records up to lsn {} are appended but only up to {} are durable",
+                    state.next_lsn - 1,
+                    state.durable_lsn
+                ));
+            }
+            state.reset_requested = Some(lsn);
+            state.next_lsn = lsn;
+            // Appends made from now on plan their groups in the fresh segment.
+            state.segment_projected_bytes = HEADER_BYTES as u64;
+            state.wake_writer();
+        }
+        std::future::poll_fn(|context| {
+            let mut state = self.shared.state.borrow_mut();
+            if let Some(reason) = &state.failure {
+                return Poll::Ready(Err(WalError::Failed {
+                    reason: reason.clone(),
+                }));
+            }
+            if state.reset_requested.is_none() && !state.reset_running {
+                return Poll::Ready(Ok(()));
+            }
+            state.reset_waker = Some(context.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     /// Deletes, oldest first, every segment all of whose records have an LSN below `lsn`,

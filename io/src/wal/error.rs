@@ -69,6 +69,37 @@ pub enum WalError {
     /// The configuration is inconsistent.
     #[error("invalid wal config: {0}")]
     Config(String),
+
+    /// `append_group` got a group that starts after this WAL's next LSN: records in between
+    /// are missing, and nothing was appended. The sender must resend from `expected` (or, if
+    /// it no longer has those records, the replica must `reset_to` a later LSN).
+    #[error(
+        "wal group starts at lsn {got}, but this wal expects lsn {expected}: records are missing"
+    )]
+    Gap { expected: u64, got: u64 },
+
+    /// `append_group` got a group whose every record is already in this WAL (a resend);
+    /// nothing was appended. `got` is the group's first LSN. The records are durable once
+    /// `Wal::durable_lsn` reaches the group's last LSN.
+    #[error("wal group starting at lsn {got} is already in this wal (next lsn {next_lsn})")]
+    Duplicate { next_lsn: u64, got: u64 },
+
+    /// A group received from another WAL is damaged or not for this WAL; nothing was
+    /// appended. The message names what is wrong.
+    #[error("bad wal group: {0}")]
+    BadGroup(String),
+
+    /// A group holds more bytes than `queue_bytes_max` can ever hold, so `append_group`
+    /// could never accept it: the replica's limits must be at least the origin's.
+    #[error("wal group of {group_bytes} bytes can never fit queue_bytes_max {queue_bytes_max}")]
+    GroupTooLarge {
+        group_bytes: usize,
+        queue_bytes_max: usize,
+    },
+
+    /// `reset_to` was called when it is not allowed; nothing changed.
+    #[error("wal reset refused: {0}")]
+    ResetRefused(String),
 }
 
 impl WalError {

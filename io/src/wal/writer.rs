@@ -167,29 +167,44 @@ impl ActiveSegment {
 /// waiter up to its last LSN. Runs until
 /// `close` (after draining what was appended) or the first I/O error, which is fatal.
 pub(crate) async fn run(shared: Rc<Shared>, mut segment: ActiveSegment) {
-    while let Some(batch) = next_batch(&shared).await {
-        match commit(&shared, &mut segment, &batch).await {
-            Ok(()) => complete(&shared, batch),
-            Err(reason) => {
-                fail(&shared, reason);
-                break;
-            }
+    while let Some(work) = next_work(&shared).await {
+        let result = match work {
+            Work::Batch(batch) => commit(&shared, &mut segment, &batch)
+                .await
+                .map(|()| complete(&shared, batch)),
+            Work::Reset(lsn) => reset(&shared, &mut segment, lsn).await,
+        };
+        if let Err(reason) = result {
+            fail(&shared, reason);
+            break;
         }
     }
     segment.close().await;
 }
 
-/// Waits for a group to write; `None` when the WAL is closing with nothing left, or failed.
-async fn next_batch(shared: &Shared) -> Option<Batch> {
+/// What the writer does next.
+enum Work {
+    Batch(Batch),
+    /// Start a fresh segment at this LSN and delete every older one (`Wal::reset_to`).
+    Reset(u64),
+}
+
+/// Waits for work; `None` when the WAL is closing with nothing left, or failed. A reset comes
+/// before any group: `reset_to` requires an empty queue, so every queued group came after it.
+async fn next_work(shared: &Shared) -> Option<Work> {
     std::future::poll_fn(|context| {
         let mut state = shared.state.borrow_mut();
         if state.failure.is_some() {
             return Poll::Ready(None);
         }
+        if let Some(lsn) = state.reset_requested.take() {
+            state.reset_running = true;
+            return Poll::Ready(Some(Work::Reset(lsn)));
+        }
         if let Some(mut batch) = state.batches.pop_front() {
             // Taken from the queue, the group can grow no more: its header is final.
             batch.seal();
-            return Poll::Ready(Some(batch));
+            return Poll::Ready(Some(Work::Batch(batch)));
         }
         if state.closing {
             return Poll::Ready(None);
@@ -255,7 +270,8 @@ async fn commit(shared: &Shared, segment: &mut ActiveSegment, batch: &Batch) -> 
     Ok(())
 }
 
-/// Marks a written (and synced) group durable and wakes its waiters.
+/// Marks a written (and synced) group durable, shows it to the durable observer, and wakes
+/// its waiters.
 fn complete(shared: &Shared, mut batch: Batch) {
     let ready: Vec<Waker> = {
         let mut state = shared.state.borrow_mut();
@@ -270,15 +286,101 @@ fn complete(shared: &Shared, mut batch: Batch) {
         state.stats.group_records += batch.records;
         let later = state.waiters.split_off(&(batch.last_lsn + 1));
         let ready = std::mem::replace(&mut state.waiters, later);
+        ready.into_values().collect()
+    };
+    // Cloned out of its cell so the observer may replace itself or call into the WAL.
+    let observer = shared.observer.borrow().clone();
+    if let Some(observer) = observer {
+        observer(&batch.bytes, batch.first_lsn, batch.last_lsn);
+    }
+    {
+        let mut state = shared.state.borrow_mut();
         if state.spare_buffers.len() < 2
             && batch.bytes.capacity() <= 2 * shared.config.write_bytes_max
         {
             batch.bytes.clear();
             state.spare_buffers.push(std::mem::take(&mut batch.bytes));
         }
-        ready.into_values().collect()
-    };
+    }
     ready.into_iter().for_each(Waker::wake);
+}
+
+/// Carries out `Wal::reset_to`: creates and syncs a segment starting at `lsn` (and syncs the
+/// directory), switches to it, then deletes every older segment and syncs the directory.
+/// The order keeps every crash state openable with `replay_from_lsn >= lsn`: the fresh
+/// segment exists before any old one goes, and the LSNs missing from whatever old segments
+/// survive are all below `lsn`.
+async fn reset(shared: &Shared, segment: &mut ActiveSegment, lsn: u64) -> Result<(), String> {
+    let config = &shared.config;
+    let directory = shared.directory().map_err(|error| error.to_string())?;
+    let header = SegmentHeader {
+        format_version: SEGMENT_FORMAT_VERSION,
+        origin_node: config.origin_node,
+        shard: config.shard,
+        first_lsn: lsn,
+    };
+    let next = ActiveSegment::create(&directory, &config.dir, header, config.fsync, false)
+        .await
+        .map_err(|error| error.to_string())?;
+    let previous = std::mem::replace(segment, next);
+    previous.close().await;
+    let old: Vec<SegmentEntry> = {
+        let mut state = shared.state.borrow_mut();
+        let old = state.segments.iter().cloned().collect();
+        state.segments.push_back(SegmentEntry {
+            first_lsn: lsn,
+            path: segment.path().to_owned(),
+        });
+        state.stats.segments_created += 1;
+        old
+    };
+    for victim in old {
+        match glommio::io::remove(&victim.path)
+            .await
+            .map_err(io::Error::from)
+        {
+            Ok(()) => {}
+            // A concurrent release_below got there first.
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(format!(
+                    "delete wal segment {} in reset: {error}",
+                    victim.path.display()
+                ))
+            }
+        }
+        let mut state = shared.state.borrow_mut();
+        if state
+            .segments
+            .front()
+            .is_some_and(|entry| entry.first_lsn == victim.first_lsn)
+        {
+            state.segments.pop_front();
+            state.stats.segments_released += 1;
+        }
+    }
+    if config.fsync {
+        directory
+            .sync()
+            .await
+            .map_err(|error| format!("sync wal directory {}: {error}", config.dir.display()))?;
+    }
+    tracing::info!(
+        shard_id = config.shard,
+        origin_node = config.origin_node,
+        lsn,
+        "wal reset"
+    );
+    let waker = {
+        let mut state = shared.state.borrow_mut();
+        state.durable_lsn = lsn - 1;
+        state.reset_running = false;
+        state.reset_waker.take()
+    };
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+    Ok(())
 }
 
 /// Fails the WAL for good: after a failed write or fdatasync the state of the file is
@@ -291,7 +393,9 @@ fn fail(shared: &Shared, reason: String) {
         state.batches.clear();
         state.queue_bytes = 0;
         state.stats.failed = true;
-        std::mem::take(&mut state.waiters).into_values().collect()
+        let mut ready: Vec<Waker> = std::mem::take(&mut state.waiters).into_values().collect();
+        ready.extend(state.reset_waker.take());
+        ready
     };
     ready.into_iter().for_each(Waker::wake);
 }
