@@ -39,6 +39,13 @@
 //! segment, or a whole group with wrong LSNs, node or shard refuses start-up naming the segment
 //! and byte offset. Version 1 segments keep the per-record rule: a bad record with no valid
 //! record after it is a torn tail.
+//!
+//! # Shipping to peers
+//! A group commit is shipped unchanged: `set_durable_observer` sees each group once it is
+//! durable, a replica's `Wal` (opened with the origin's node and shard) stores received
+//! groups with `append_group` after validating them whole (`shipped`), `reset_to` moves a
+//! replica past records its origin released, and `read_groups` (`catchup`) reads groups back
+//! from disk on any thread for a peer that is catching up.
 
 mod catchup;
 mod config;
