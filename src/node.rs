@@ -226,6 +226,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             source: Arc::new(crate::wal_replication::SegmentSource {
                 data_dir: data_dir.to_path_buf(),
                 node_id: config.node.id,
+                positions: positions.clone(),
             }),
             acks: Arc::new(move |peer, shard, lsn| {
                 if let Some(board) = boards.get(shard as usize) {

@@ -136,15 +136,19 @@ impl From<ReplicaError> for ReplicaAppendError {
 pub struct SegmentSource {
     pub data_dir: PathBuf,
     pub node_id: u64,
+    /// Each shard's durable LSN: a group complete on disk but not yet synced is never sent
+    /// (a power cut could still take it back and its LSNs be reused).
+    pub positions: Arc<crate::shard::Positions>,
 }
 
 impl GroupSource for SegmentSource {
     fn read(&self, shard: u32, from_lsn: u64, bytes_max: usize) -> Boxed<Result<GroupBatch, String>> {
         let dir = crate::shard::wal_dir(&self.data_dir, shard);
         let node = self.node_id;
+        let durable = self.positions.get(node, shard);
         Box::pin(async move {
             let read = tokio::task::spawn_blocking(move || {
-                shale_io::wal::read_groups(&dir, node, shard, from_lsn, bytes_max)
+                shale_io::wal::read_groups(&dir, node, shard, from_lsn, durable, bytes_max)
             })
             .await
             .map_err(|e| format!("wal read task: {e}"))?
