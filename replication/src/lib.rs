@@ -16,6 +16,7 @@ pub mod raft_types;
 pub mod state_machine;
 pub mod transport;
 pub mod version;
+pub mod wal_stream;
 
 pub use control::CommitReceipt;
 pub use control::ManifestClient;

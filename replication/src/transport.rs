@@ -9,9 +9,9 @@
 //! byte: [`STATUS_ACCEPTED`], or a refusal code followed by a UTF-8 message and the end of the
 //! stream. After acceptance a call carries the request bytes up to the end of the stream and is
 //! answered by `[0 ok | 1 error][body]` up to the end of the stream; a bulk stream belongs to its
-//! handler. Raft calls and bulk streams use separate connections to a peer (see [`Lane`]), so a
-//! large transfer competes with heartbeats neither for flow-control credit nor in one congestion
-//! window.
+//! handler. Raft calls, file fetches and WAL streams use separate connections to a peer (see
+//! [`Lane`]), so a large transfer competes with heartbeats or WAL shipping neither for
+//! flow-control credit nor in one congestion window.
 
 pub mod raft_network;
 pub mod tls;
@@ -66,7 +66,7 @@ pub enum StreamKind {
     /// A follower's proposal forwarded to the leader.
     RaftForward = 4,
     FileFetch = 5,
-    /// Reserved for WAL replication (part 2).
+    /// One shard's WAL shipped to a peer (see `crate::wal_stream`).
     WalStream = 6,
 }
 
@@ -86,7 +86,8 @@ impl StreamKind {
     /// The connection a stream of this kind travels on.
     pub fn lane(self) -> Lane {
         match self {
-            StreamKind::FileFetch | StreamKind::WalStream => Lane::Bulk,
+            StreamKind::FileFetch => Lane::Bulk,
+            StreamKind::WalStream => Lane::Wal,
             _ => Lane::Control,
         }
     }
@@ -98,6 +99,10 @@ impl StreamKind {
 pub enum Lane {
     Control,
     Bulk,
+    /// WAL streams: acknowledged writes wait for them, so they must not queue behind a
+    /// multi-gigabyte file fetch on `Bulk`, and their steady flow must not delay heartbeats on
+    /// `Control`.
+    Wal,
 }
 
 /// Limits and timings of the transport. All sizes are bytes.
