@@ -707,7 +707,7 @@ fn cluster_plane(
         serve: Default::default(),
         sink,
         presence,
-        wal: Some(wal),
+        // TEMP wal: Some(wal),
     }))
 }
 

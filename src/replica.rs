@@ -70,9 +70,9 @@ struct ReplicaTable {
 }
 
 impl ReplicaTable {
-    fn open_part(&mut self) -> (&mut MeasurementBuffer, &mut Vec<(u64, u32)>) {
+    fn open_part(&mut self, part_rows: usize) -> (&mut MeasurementBuffer, &mut Vec<(u64, u32)>) {
         let full = match self.parts.back() {
-            Some(Part::Open { buffer, .. }) => buffer.rows() >= PART_ROWS,
+            Some(Part::Open { buffer, .. }) => buffer.rows() >= part_rows,
             _ => true,
         };
         if full {
@@ -108,6 +108,8 @@ pub struct ReplicaBuffers {
     applied_lsn: u64,
     rows: usize,
     bytes: usize,
+    /// Rows per part ([`PART_ROWS`]; smaller in tests).
+    part_rows: usize,
 }
 
 impl ReplicaBuffers {
@@ -121,6 +123,15 @@ impl ReplicaBuffers {
             applied_lsn: next_lsn.saturating_sub(1),
             rows: 0,
             bytes: 0,
+            part_rows: PART_ROWS,
+        }
+    }
+
+    /// Buffers whose parts hold `part_rows` rows (tests use small parts).
+    pub fn with_part_rows(origin: u64, shard: u32, next_lsn: u64, part_rows: usize) -> Self {
+        ReplicaBuffers {
+            part_rows: part_rows.max(1),
+            ..ReplicaBuffers::new(origin, shard, next_lsn)
         }
     }
 
@@ -140,7 +151,7 @@ impl ReplicaBuffers {
     /// Forgets every row: the log restarts at `next_lsn` (the origin no longer has the records
     /// in between; they are in its files).
     pub fn reset(&mut self, next_lsn: u64) {
-        *self = ReplicaBuffers::new(self.origin, self.shard, next_lsn);
+        *self = ReplicaBuffers::with_part_rows(self.origin, self.shard, next_lsn, self.part_rows);
     }
 
     /// Adds the rows of one replicated record. Records arrive in LSN order; one at or below
@@ -169,7 +180,7 @@ impl ReplicaBuffers {
             let measurement = line.measurement();
             let key = (payload.database.to_string(), measurement.to_string());
             let table = self.tables.entry(key).or_default();
-            let (buffer, records) = table.open_part();
+            let (buffer, records) = table.open_part(self.part_rows);
             let row = buffer.rows() as u32;
             let starts_record = records.last().is_none_or(|(lsn, _)| *lsn != record.lsn);
             if starts_record {
@@ -305,4 +316,115 @@ pub fn held_through(
 /// name only once verified, so existence means usable.
 pub fn on_disk(data_dir: &Path) -> impl Fn(&str) -> bool + '_ {
     move |path| data_dir.join(path).exists()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::line_protocol::Precision;
+    use shale_replication::manifest::{FileEntry, ManifestCommand};
+
+    /// A record of node 2 shard 0 holding one row `cpu v=<lsn>` of database `db`.
+    pub(crate) fn record_payload(lsn: u64) -> Vec<u8> {
+        let body = format!("cpu v={lsn}i {}\n", 1_767_225_600 + lsn);
+        let payload = IngestPayload {
+            database: "db",
+            precision: Precision::Seconds,
+            body: body.as_bytes(),
+        };
+        let mut out = vec![0u8; payload.encoded_len()];
+        payload.encode_into(&mut out);
+        out
+    }
+
+    pub(crate) fn apply(buffers: &mut ReplicaBuffers, lsns: std::ops::RangeInclusive<u64>) {
+        for lsn in lsns {
+            let payload = record_payload(lsn);
+            let record = RecordView {
+                origin_node: 2,
+                shard: 0,
+                lsn,
+                kind: RECORD_KIND_LINE_PROTOCOL,
+                time_ns: 0,
+                payload: &payload,
+            };
+            buffers.apply(&record).unwrap();
+        }
+    }
+
+    /// A registered file of node 2 shard 0's `db.cpu` covering `first..=last`.
+    pub(crate) fn file(path: &str, first: u64, last: u64) -> FileEntry {
+        FileEntry {
+            path: path.to_owned(),
+            size_bytes: 4096,
+            blake3_hex: "ab".repeat(32),
+            rows: last - first + 1,
+            time_min_us: 1_000,
+            time_max_us: 2_000,
+            database: "db".to_owned(),
+            measurement: "cpu".to_owned(),
+            origin_node: 2,
+            shard: 0,
+            lsn_first: first,
+            lsn_last: last,
+            created_at_ms: 1_700_000_000_000,
+            columns_fingerprint: 7,
+        }
+    }
+
+    pub(crate) fn manifest(files: Vec<FileEntry>) -> Manifest {
+        let mut manifest = Manifest::default();
+        manifest.apply(1, &ManifestCommand::Register { files });
+        manifest
+    }
+
+    fn table() -> TableName {
+        TableName {
+            database: "db".into(),
+            measurement: "cpu".into(),
+        }
+    }
+
+    // A replica drops rows only once every file that holds them is on its disk: a part goes
+    // once the run of present files covers its last row, never on a file that is registered
+    // but absent (queries would lose those rows until the fetch), and a resend of an applied
+    // record adds nothing.
+    #[test]
+    fn rows_are_dropped_only_once_their_files_are_on_disk() {
+        let mut buffers = ReplicaBuffers::with_part_rows(2, 0, 1, 3);
+        apply(&mut buffers, 1..=8);
+        apply(&mut buffers, 5..=8);
+        assert_eq!((buffers.rows(), buffers.applied_lsn()), (8, 8));
+        // Parts: [1,2,3] [4,5,6] [7,8]; files: a = 1..3, b1 + b2 = 4..6 (two hours).
+        let manifest = manifest(vec![file("a", 1, 3), file("b1", 4, 6), file("b2", 4, 6)]);
+        let absent_b2 = |path: &str| path != "b2";
+        assert_eq!(buffers.drop_held(&manifest, &absent_b2), 3);
+        assert_eq!(buffers.lsn_first(), Some(4));
+        assert_eq!(buffers.drop_held(&manifest, &|_| true), 3);
+        assert_eq!(buffers.lsn_first(), Some(7));
+        assert_eq!(buffers.rows(), 2);
+        let pieces = buffers.snapshot(&table());
+        assert_eq!(pieces.len(), 1);
+        assert_eq!(pieces[0].num_rows(), 2);
+        assert_eq!(pieces[0].lsn_first, 7);
+    }
+
+    // held_through walks a stream's ends in order and stops before the first end with any file
+    // missing; several files per end (one per hour) must all be present.
+    #[test]
+    fn held_through_stops_at_the_first_incomplete_end() {
+        let manifest = manifest(vec![
+            file("a", 1, 3),
+            file("b1", 4, 6),
+            file("b2", 4, 6),
+            file("c", 7, 9),
+        ]);
+        let stream = (2, 0, "db", "cpu");
+        assert_eq!(held_through(&manifest, stream, 0, &|_| true), 9);
+        assert_eq!(held_through(&manifest, stream, 0, &|p| p != "b2"), 3);
+        assert_eq!(held_through(&manifest, stream, 0, &|p| p != "a"), 0);
+        assert_eq!(held_through(&manifest, stream, 3, &|p| p != "a"), 9);
+        assert_eq!(held_through(&manifest, stream, 0, &|p| p != "c"), 6);
+        assert_eq!(held_through(&manifest, (3, 0, "db", "cpu"), 5, &|_| true), 5);
+    }
 }

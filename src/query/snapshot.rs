@@ -216,6 +216,69 @@ mod tests {
         RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(values))]).unwrap()
     }
 
+    fn replica_version(files: Vec<shale_replication::manifest::FileEntry>) -> Arc<ManifestVersion> {
+        Arc::new(ManifestVersion {
+            index: 1,
+            manifest: crate::replica::tests::manifest(files),
+        })
+    }
+
+    /// The v values of the kept pieces, in order.
+    fn kept_values(pieces: &[BufferPiece]) -> Vec<i64> {
+        pieces
+            .iter()
+            .flat_map(|p| p.chunks.iter())
+            .flat_map(|b| {
+                let column = b.column_by_name("v").unwrap();
+                column.as_primitive::<Int64Type>().values().to_vec()
+            })
+            .collect()
+    }
+
+    /// Replicated rows 1..=8 of node 2 shard 0 (`v` = LSN), from a log complete from
+    /// `complete_from`, reconciled against files a (1..3), b1 and b2 (4..6), with `present`.
+    fn reconcile_replica(
+        complete_from: u64,
+        present: &dyn Fn(&str) -> bool,
+    ) -> (Vec<i64>, Option<u64>) {
+        use crate::replica::tests::{apply, file};
+        let mut buffers =
+            crate::replica::ReplicaBuffers::with_part_rows(2, 0, complete_from, 1000);
+        apply(&mut buffers, complete_from..=8);
+        let table = TableName {
+            database: "db".into(),
+            measurement: "cpu".into(),
+        };
+        let snapshot = ShardSnapshot {
+            version: replica_version(vec![file("a", 1, 3), file("b1", 4, 6), file("b2", 4, 6)]),
+            pieces: buffers.snapshot(&table),
+        };
+        let reconciled = reconcile(vec![snapshot], present).unwrap();
+        let cut = reconciled.file_cuts.get(&(2, 0, table)).copied();
+        (kept_values(&reconciled.pieces), cut)
+    }
+
+    // The per-row rule for replicated rows: with every file present, the rows above the last
+    // file come from the buffer and the files from disk; with one file of a flush missing, the
+    // buffer answers that whole flush and the flush's present file is left out (never both,
+    // never neither); when the replica log started inside the missing flush it cannot answer
+    // it, so it keeps only rows above every file and the missing file's rows wait for the
+    // fetch (eventual, like any absent file) rather than half-appearing.
+    #[test]
+    fn replicated_rows_are_kept_per_row_against_files_on_disk() {
+        assert_eq!(reconcile_replica(1, &|_| true), (vec![7, 8], Some(6)));
+        assert_eq!(
+            reconcile_replica(1, &|p| p != "b2"),
+            (vec![4, 5, 6, 7, 8], Some(3))
+        );
+        assert_eq!(
+            reconcile_replica(1, &|p| p != "a"),
+            ((1..=8).collect(), Some(0))
+        );
+        assert_eq!(reconcile_replica(5, &|p| p != "b2"), (vec![7, 8], None));
+        assert_eq!(reconcile_replica(4, &|p| p != "b2"), (vec![4, 5, 6, 7, 8], Some(3)));
+    }
+
     // rows_from skips whole chunks, slices the one the offset falls in, and is empty at the end.
     #[test]
     fn rows_from_slices_across_chunks() {
