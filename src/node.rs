@@ -607,6 +607,8 @@ fn cluster_plane(
         serve: Default::default(),
         sink,
         presence,
+        // WAL streaming is wired in by the node once its replica logs exist.
+        wal: None,
     }))
 }
 
