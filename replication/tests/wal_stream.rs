@@ -659,9 +659,9 @@ fn a_replica_behind_the_oldest_record_on_disk_is_reset_then_fed() {
 fn a_gap_in_the_replica_log_triggers_resync_and_converges() {
     // A replica log that reports a Gap (here it loses its tail from LSN 41 when the group at
     // 101 arrives, with many groups in flight behind it) must make the origin resend from the
-    // replica's durable position; the groups that were already in flight behind the gap are
-    // dropped rather than answered with more Resyncs, and the log converges to exactly the
-    // origin's WAL.
+    // replica's durable position on the same stream (no reconnect: the position is asked
+    // once), although the appends already in flight behind the gap fail too, and the log
+    // converges to exactly the origin's WAL.
     let ca = tls::generate_ca(CLUSTER).unwrap();
     let sink = Arc::new(MemorySink::default());
     *sink.lose_tail.lock().unwrap() = Some((101, 41));
