@@ -206,9 +206,14 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     let (replica_senders, replica_receivers): (Vec<_>, Vec<_>) = (0..shard_count)
         .map(|_| flume::unbounded::<ReplicaRequest>())
         .unzip();
+    let ship_defaults = shale_replication::wal_stream::WalShipConfig::default();
     let ship_config = shale_replication::wal_stream::WalShipConfig {
         ring_bytes_per_shard: config.cluster.wal_ship_ring_bytes,
-        ..Default::default()
+        // A group is one record at most this large (or write_bytes_max of smaller ones).
+        message_bytes_max: ship_defaults.message_bytes_max.max(
+            (config.wal.record_bytes_max as usize).max(config.wal.write_bytes_max) + (1 << 20),
+        ),
+        ..ship_defaults
     };
     let (outbox, outbox_receiver) = shale_replication::wal_stream::outbox(&ship_config);
     let replication: Vec<ShardReplication> = ack_boards
@@ -707,7 +712,7 @@ fn cluster_plane(
         serve: Default::default(),
         sink,
         presence,
-        // TEMP wal: Some(wal),
+        wal: Some(wal),
     }))
 }
 

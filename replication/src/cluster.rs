@@ -1,11 +1,13 @@
 //! A cluster node's control plane: the QUIC transport, the Raft network and RPC server over
-//! it, proposal forwarding to the leader, and peer file replication (serving and fetching).
+//! it, proposal forwarding to the leader, peer file replication (serving and fetching) and WAL
+//! streaming (shipping and receiving).
 //!
 //! Threads: everything here runs on the control thread's tokio runtime (`shale-control`); file
 //! bytes are written on the `shale-fetch` glommio thread (the sink) and served from tokio's
 //! blocking pool. Built by the node when `[cluster] enabled`; a standalone node uses
 //! [`crate::control::NoPeers`] instead.
 
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +56,8 @@ use crate::transport::Transport;
 use crate::transport::TransportConfig;
 use crate::version::ManifestVersion;
 use crate::version::Published;
+use crate::wal_stream::WalReplicationParts;
+use crate::wal_stream::WalStreamHandle;
 
 /// How long a forwarded proposal may take on the leader, commit included.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,18 +75,26 @@ pub struct ClusterSettings {
     /// Writes fetched files; started by the node before the control thread.
     pub sink: FileSink,
     pub presence: PresenceIndex,
+    /// WAL streaming to and from every peer; `None` leaves WAL streams unserved.
+    pub wal: Option<WalReplicationParts>,
 }
 
 /// Shared views of the running plane, for the node's API and metrics.
 #[derive(Clone, Default)]
 pub struct ClusterView {
     replication: Arc<OnceLock<ReplicatorHandle>>,
+    wal_stream: Arc<OnceLock<WalStreamHandle>>,
 }
 
 impl ClusterView {
     /// The file replicator's handle once it runs (lag, present version).
     pub fn replication(&self) -> Option<&ReplicatorHandle> {
         self.replication.get()
+    }
+
+    /// WAL streaming's handle once it runs (positions and lag per peer, origin and shard).
+    pub fn wal_stream(&self) -> Option<&WalStreamHandle> {
+        self.wal_stream.get()
     }
 }
 
@@ -179,6 +191,13 @@ impl ControlPlane for ClusterPlane {
                     .collect::<Vec<_>>()
             })
         };
+        if let Some(parts) = settings.wal {
+            let (peers, watch) = tokio::sync::watch::channel(BTreeMap::new());
+            tokio::spawn(track_wal_peers(raft.clone(), local, peers));
+            let handle = crate::wal_stream::start(&transport, parts, watch);
+            let _ = self.view.wal_stream.set(handle);
+        }
+
         let (replicator, handle) = Replicator::new(ReplicatorParts {
             local,
             data_dir: settings.data_dir.clone(),
@@ -217,6 +236,55 @@ async fn track_members(raft: Raft, members: Arc<ArcSwapOption<BTreeSet<NodeId>>>
             .map(|(id, _)| *id)
             .collect();
         members.store((!ids.is_empty()).then(|| Arc::new(ids)));
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Keeps the WAL shipper's peers equal to the membership's voters and learners other than this
+/// node, at their recorded QUIC addresses. A member whose address does not resolve is left out
+/// (and logged) until the membership changes again.
+async fn track_wal_peers(
+    raft: Raft,
+    local: NodeId,
+    peers: tokio::sync::watch::Sender<BTreeMap<NodeId, SocketAddr>>,
+) {
+    let mut metrics = raft.metrics();
+    let mut known: Option<Vec<(NodeId, ClusterNode)>> = None;
+    loop {
+        let members: Vec<(NodeId, ClusterNode)> = metrics
+            .borrow_and_update()
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != local)
+            .map(|(id, node)| (*id, node.clone()))
+            .collect();
+        // Metrics change with every heartbeat; resolve addresses only when members change.
+        if known.as_ref() == Some(&members) {
+            if metrics.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        known = Some(members.clone());
+        let mut current = BTreeMap::new();
+        for (id, node) in members {
+            match node_quic_addr(&node) {
+                Ok(addr) => {
+                    current.insert(id, addr);
+                }
+                Err(error) => {
+                    tracing::warn!(peer = id, %error, "member not shipped wal: no quic address")
+                }
+            }
+        }
+        peers.send_if_modified(|known| {
+            let changed = *known != current;
+            *known = std::mem::take(&mut current);
+            changed
+        });
         if metrics.changed().await.is_err() {
             return;
         }

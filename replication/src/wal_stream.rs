@@ -103,7 +103,8 @@ pub trait ReplicaSink: Send + Sync {
     ) -> BoxFuture<'static, Result<u64, ReplicaAppendError>>;
     /// The origin no longer has records below `lsn` (they are in files): restart the replica
     /// log at `lsn`.
-    fn reset(&self, origin: NodeId, shard: u32, lsn: u64) -> BoxFuture<'static, Result<(), String>>;
+    fn reset(&self, origin: NodeId, shard: u32, lsn: u64)
+        -> BoxFuture<'static, Result<(), String>>;
 }
 
 /// Limits and timings of WAL streaming. Sizes are bytes.
@@ -199,7 +200,7 @@ pub struct WalStreamStatus {
     pub receiving: Vec<ReceivingStatus>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct ShipStat {
     acked_lsn: u64,
     last_ack: Option<Instant>,
@@ -247,13 +248,19 @@ impl WalStreamHandle {
     pub fn status(&self) -> WalStreamStatus {
         let now = Instant::now();
         let age = |at: Option<Instant>| at.map(|at| now.duration_since(at).as_millis() as u64);
-        let shipping: Vec<((NodeId, u32), u64, Option<Instant>, bool)> = lock(&self.shared.shipping)
+        // Copied out first, so the rings are never locked while the stats are.
+        let shipping: Vec<((NodeId, u32), ShipStat)> = lock(&self.shared.shipping)
             .iter()
-            .map(|(key, stat)| (*key, stat.acked_lsn, stat.last_ack, stat.connected))
+            .map(|(key, stat)| (*key, stat.clone()))
             .collect();
         let shipping = shipping
             .into_iter()
-            .map(|((peer, shard), acked_lsn, last_ack, connected)| {
+            .map(|((peer, shard), stat)| {
+                let ShipStat {
+                    acked_lsn,
+                    last_ack,
+                    connected,
+                } = stat;
                 let (offered_lsn, lag_bytes) = {
                     let shard_ring = self.shared.rings.shard(shard);
                     let ring = shard_ring.lock();
@@ -289,7 +296,11 @@ impl WalStreamHandle {
     }
 
     fn update_shipping(&self, peer: NodeId, shard: u32, update: impl FnOnce(&mut ShipStat)) {
-        update(lock(&self.shared.shipping).entry((peer, shard)).or_default());
+        update(
+            lock(&self.shared.shipping)
+                .entry((peer, shard))
+                .or_default(),
+        );
     }
 
     fn forget_peer(&self, peer: NodeId) {

@@ -45,7 +45,11 @@ const LSN_BYTES: usize = 8;
 pub enum Message {
     /// Opens a stream: the origin ships `shard` of its WAL. `origin` must be the authenticated
     /// peer.
-    Hello { version: u8, origin: u64, shard: u32 },
+    Hello {
+        version: u8,
+        origin: u64,
+        shard: u32,
+    },
     /// The replica's durable position; shipping starts after it.
     Position { durable_lsn: u64 },
     /// One group commit, opaque bytes covering `first_lsn..=last_lsn`.

@@ -178,7 +178,12 @@ impl Stream {
         .await?;
         self.handle
             .update_receiving(origin, shard, |stat| stat.durable_lsn = position);
-        tracing::debug!(origin, shard_id = shard, lsn = position, "wal stream from peer open");
+        tracing::debug!(
+            origin,
+            shard_id = shard,
+            lsn = position,
+            "wal stream from peer open"
+        );
         let mut state = Receiving {
             origin,
             shard,
@@ -343,7 +348,13 @@ impl Stream {
 
     /// Tells the origin why the stream ends, and ends it.
     async fn refuse(&mut self, reason: String) -> Result<(), WalStreamError> {
-        let _ = write_message(&mut self.send, &Message::Refused { reason: reason.clone() }).await;
+        let _ = write_message(
+            &mut self.send,
+            &Message::Refused {
+                reason: reason.clone(),
+            },
+        )
+        .await;
         let _ = self.send.finish();
         // Keep the stream until the origin has read the refusal (or goes away), so the reason
         // is not lost to a reset.

@@ -104,7 +104,9 @@ impl Ring {
         if next < oldest.first_lsn {
             return RingRead::Behind;
         }
-        let start = self.find(next).expect("contiguous groups cover oldest..=newest");
+        let start = self
+            .find(next)
+            .expect("contiguous groups cover oldest..=newest");
         let mut groups = Vec::new();
         let mut bytes = 0;
         for group in self.groups.range(start..) {
@@ -281,7 +283,10 @@ mod tests {
                 Pushed::Continued
             );
         }
-        assert_eq!((ring.len(), ring.bytes(), ring.dropped_groups()), (3, 300, 2));
+        assert_eq!(
+            (ring.len(), ring.bytes(), ring.dropped_groups()),
+            (3, 300, 2)
+        );
         assert_eq!(ring.read(1, 1 << 20), RingRead::Behind);
         assert_eq!(ring.read(20, 1 << 20), RingRead::Behind);
         assert_eq!(firsts(ring.read(21, 1 << 20)), vec![21, 31, 41]);

@@ -331,7 +331,9 @@ impl Session {
                 });
             }
             let header = protocol::group_header(group.first_lsn, group.last_lsn, length);
-            send.write_all(&header).await.map_err(std::io::Error::from)?;
+            send.write_all(&header)
+                .await
+                .map_err(std::io::Error::from)?;
             // quinn keeps the buffer until it is acknowledged instead of copying it.
             send.write_chunk(group.bytes)
                 .await
