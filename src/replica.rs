@@ -369,6 +369,7 @@ pub(crate) mod tests {
             lsn_last: last,
             created_at_ms: 1_700_000_000_000,
             columns_fingerprint: 7,
+            taken_by: None,
         }
     }
 

@@ -1197,6 +1197,7 @@ impl Shard {
                 lsn_last: frozen.lsn_last,
                 created_at_ms,
                 columns_fingerprint: file.columns_fingerprint,
+                taken_by: None,
             });
         }
         let journal = self.pending_dir.join(format!(

@@ -301,6 +301,7 @@ fn file_entry(path: String, size_bytes: u64, blake3_hex: String, i: u64) -> File
         lsn_last: i + 1,
         created_at_ms: 0,
         columns_fingerprint: 0,
+        taken_by: None,
     }
 }
 

@@ -58,6 +58,7 @@ fn entry(table: usize, i: usize) -> FileEntry {
         lsn_last: i as u64 * 10 + 10,
         created_at_ms: time_min_us / 1000,
         columns_fingerprint: table as u64,
+        taken_by: None,
     }
 }
 

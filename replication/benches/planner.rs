@@ -45,6 +45,7 @@ fn entry(i: usize) -> FileEntry {
         lsn_last: i as u64 + 1,
         created_at_ms: 0,
         columns_fingerprint: 0,
+        taken_by: None,
     }
 }
 

@@ -48,6 +48,21 @@ pub struct FileEntry {
     /// unknown (entries written before the field existed).
     #[serde(default)]
     pub columns_fingerprint: u64,
+    /// Set on files a survivor wrote from a dead node's replicated WAL records (a takeover):
+    /// the node that wrote them, which must be the taker of the origin shard's [`Fence`]. The
+    /// file still carries the origin's node, shard and LSN range, so the exactly-once rule
+    /// treats its rows as the origin's.
+    #[serde(default)]
+    pub taken_by: Option<u64>,
+}
+
+/// A dead node's shard handed over to a survivor: the origin's rows up to `through_lsn` are
+/// flushed by `taker` (from its replica of the origin's WAL), and the manifest refuses the
+/// origin's own files that start at or below it. It only ever rises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub through_lsn: u64,
+    pub taker: u64,
 }
 
 /// Lifecycle state of a cluster node, as recorded through Raft. `Joining` until the node is a
@@ -112,6 +127,14 @@ pub enum ManifestCommand {
         measurement: String,
         columns: Vec<ColumnDeclaration>,
     },
+    /// Hands `origin`'s `shard` over to `taker` through `through_lsn` (see [`Fence`]).
+    /// Re-committing the same fence is a no-op; a lower `through_lsn` is refused.
+    Fence {
+        origin: u64,
+        shard: u32,
+        through_lsn: u64,
+        taker: u64,
+    },
 }
 
 /// One column of a [`ManifestCommand::DeclareColumns`].
@@ -156,6 +179,35 @@ pub enum Rejection {
     InvalidColumns { reason: String },
     #[error("command carries {count} items, more than the limit of {limit}")]
     TooManyItems { count: usize, limit: usize },
+    #[error(
+        "{path} starts at lsn {lsn_first} of node {origin} shard {shard}, which is fenced \
+         through lsn {through_lsn} (taken over by node {taker})"
+    )]
+    Fenced {
+        path: String,
+        origin: u64,
+        shard: u32,
+        lsn_first: u64,
+        through_lsn: u64,
+        taker: u64,
+    },
+    #[error("{path} names node {taker} as its taker, but node {origin} shard {shard} is not fenced for it through lsn {lsn_last}")]
+    NotTaker {
+        path: String,
+        origin: u64,
+        shard: u32,
+        lsn_last: u64,
+        taker: u64,
+    },
+    #[error("node {origin} shard {shard} is fenced through lsn {existing}; a fence never moves back (asked {requested})")]
+    FenceBackwards {
+        origin: u64,
+        shard: u32,
+        existing: u64,
+        requested: u64,
+    },
+    #[error("a node cannot take over its own shard (node {origin})")]
+    SelfFence { origin: u64 },
 }
 
 impl FileEntry {
@@ -231,6 +283,13 @@ impl ManifestCommand {
                 measurement,
                 columns,
             } => return check_declaration(database, measurement, columns),
+            ManifestCommand::Fence { origin, taker, .. } => {
+                return if origin == taker {
+                    Err(Rejection::SelfFence { origin: *origin })
+                } else {
+                    Ok(())
+                };
+            }
         };
         let count = add.len() + remove.len();
         if count > COMMAND_ITEMS_MAX {
@@ -354,6 +413,8 @@ pub struct Manifest {
     node_states: Arc<BTreeMap<u64, NodeState>>,
     /// Declared column kinds by (database, measurement).
     tables: TableMap,
+    /// Takeovers: the fence of each (origin node, shard) ever handed over.
+    fences: OrdMap<(u64, u32), Fence>,
 }
 
 /// The serialized form of a [`Manifest`] (snapshots). The stream index is derived, not stored.
@@ -365,6 +426,9 @@ pub struct ManifestImage {
     /// Absent in images written before column declarations existed.
     #[serde(default)]
     pub tables: Vec<TableImage>,
+    /// Absent in images written before takeovers existed.
+    #[serde(default)]
+    pub fences: Vec<(u64, u32, Fence)>,
 }
 
 /// One table's declared columns in a [`ManifestImage`].
@@ -385,6 +449,19 @@ pub struct ManifestImageRef<'a> {
     node_states: &'a BTreeMap<u64, NodeState>,
     #[serde(serialize_with = "serialize_tables")]
     tables: &'a TableMap,
+    #[serde(serialize_with = "serialize_fences")]
+    fences: &'a OrdMap<(u64, u32), Fence>,
+}
+
+fn serialize_fences<S: serde::Serializer>(
+    fences: &OrdMap<(u64, u32), Fence>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(
+        fences
+            .iter()
+            .map(|((origin, shard), fence)| (*origin, *shard, *fence)),
+    )
 }
 
 #[derive(Serialize)]
@@ -622,11 +699,20 @@ impl Manifest {
                 measurement,
                 columns,
             } => return self.declare_columns(database, measurement, columns),
+            ManifestCommand::Fence {
+                origin,
+                shard,
+                through_lsn,
+                taker,
+            } => return self.fence(*origin, *shard, *through_lsn, *taker),
         };
 
         // Plan against the current state first; nothing changes unless the whole plan is valid.
         let mut to_add = Vec::with_capacity(add.len());
         for file in add {
+            if let Err(rejection) = self.check_fence(file) {
+                return ManifestResponse::Rejected(rejection);
+            }
             match self.files.get(file.path.as_str()) {
                 None => to_add.push(file),
                 Some(existing) if **existing == *file => {}
@@ -652,6 +738,67 @@ impl Manifest {
             files_added: to_add.len() as u64,
             files_removed: to_remove.len() as u64,
         }
+    }
+
+    /// Refuses a file of a fenced origin shard that starts at or below the fence, unless the
+    /// fence's taker wrote it; and a taker's file outside its fence.
+    fn check_fence(&self, file: &FileEntry) -> Result<(), Rejection> {
+        let fence = self.fences.get(&(file.origin_node, file.shard));
+        match (file.taken_by, fence) {
+            (None, Some(fence)) if file.lsn_first <= fence.through_lsn => Err(Rejection::Fenced {
+                path: file.path.clone(),
+                origin: file.origin_node,
+                shard: file.shard,
+                lsn_first: file.lsn_first,
+                through_lsn: fence.through_lsn,
+                taker: fence.taker,
+            }),
+            (Some(taker), fence)
+                if fence.is_none_or(|f| f.taker != taker || file.lsn_last > f.through_lsn) =>
+            {
+                Err(Rejection::NotTaker {
+                    path: file.path.clone(),
+                    origin: file.origin_node,
+                    shard: file.shard,
+                    lsn_last: file.lsn_last,
+                    taker,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn fence(&mut self, origin: u64, shard: u32, through_lsn: u64, taker: u64) -> ManifestResponse {
+        let applied = ManifestResponse::Applied {
+            files_added: 0,
+            files_removed: 0,
+        };
+        match self.fences.get(&(origin, shard)) {
+            Some(existing) if existing.through_lsn > through_lsn => {
+                ManifestResponse::Rejected(Rejection::FenceBackwards {
+                    origin,
+                    shard,
+                    existing: existing.through_lsn,
+                    requested: through_lsn,
+                })
+            }
+            Some(existing) if existing.through_lsn == through_lsn => applied,
+            _ => {
+                self.fences
+                    .insert((origin, shard), Fence { through_lsn, taker });
+                applied
+            }
+        }
+    }
+
+    /// The fence of `origin`'s `shard`, if a takeover ever fenced it.
+    pub fn fence_of(&self, origin: u64, shard: u32) -> Option<Fence> {
+        self.fences.get(&(origin, shard)).copied()
+    }
+
+    /// Every fence, by (origin node, shard).
+    pub fn fences(&self) -> impl Iterator<Item = ((u64, u32), Fence)> + '_ {
+        self.fences.iter().map(|(key, fence)| (*key, *fence))
     }
 
     fn declare_columns(
@@ -726,6 +873,7 @@ impl Manifest {
                     columns: (**columns).clone(),
                 })
                 .collect(),
+            fences: self.fences().map(|((o, s), f)| (o, s, f)).collect(),
         }
     }
 
@@ -736,6 +884,7 @@ impl Manifest {
             files: &self.files,
             node_states: &self.node_states,
             tables: &self.tables,
+            fences: &self.fences,
         }
     }
 
@@ -829,6 +978,11 @@ impl Manifest {
             streams,
             node_states: Arc::new(image.node_states),
             tables: TableMap::default(),
+            fences: image
+                .fences
+                .into_iter()
+                .map(|(origin, shard, fence)| ((origin, shard), fence))
+                .collect(),
         };
         for table in image.tables {
             let declarations: Vec<ColumnDeclaration> = table
@@ -936,6 +1090,7 @@ pub(crate) mod tests {
             lsn_last,
             created_at_ms: 1_700_000_000_000,
             columns_fingerprint: 7,
+            taken_by: None,
         }
     }
 
@@ -1143,6 +1298,73 @@ pub(crate) mod tests {
             ManifestCommand::Delete { paths }.check(),
             Err(Rejection::TooManyItems { .. })
         ));
+    }
+
+    #[test]
+    fn a_fence_hands_a_shard_over_and_refuses_the_origins_files_below_it() {
+        // Takeover is exact only if, once node 1 shard 0 is fenced through lsn 10 for node 2,
+        // node 1 can never register a file starting at or below 10 (it would double rows the
+        // taker flushed), only the taker may register files there, the fence never moves
+        // back, and all of it survives a snapshot image.
+        let mut manifest = Manifest::default();
+        manifest.apply(1, &register(vec![file("a", 1, 4)]));
+        let fence = |through_lsn, taker| ManifestCommand::Fence {
+            origin: 1,
+            shard: 0,
+            through_lsn,
+            taker,
+        };
+        assert_eq!(manifest.apply(2, &fence(10, 2)), applied(0, 0));
+        assert_eq!(
+            manifest.fence_of(1, 0),
+            Some(Fence {
+                through_lsn: 10,
+                taker: 2
+            })
+        );
+        // The origin's own file straddling the fence is refused; one above it is fine.
+        let refused = manifest.apply(3, &register(vec![file("late", 5, 12)]));
+        assert!(
+            matches!(refused, ManifestResponse::Rejected(Rejection::Fenced { through_lsn: 10, .. })),
+            "{refused:?}"
+        );
+        assert_eq!(manifest.apply(4, &register(vec![file("after", 11, 12)])), applied(1, 0));
+        // The taker's file below the fence is accepted; another node's, or one past the fence, not.
+        let mut taken = file("taken", 5, 10);
+        taken.taken_by = Some(2);
+        let mut stranger = file("stranger", 5, 10);
+        stranger.taken_by = Some(3);
+        let mut beyond = file("beyond", 5, 11);
+        beyond.taken_by = Some(2);
+        for bad in [stranger, beyond] {
+            let response = manifest.apply(5, &register(vec![bad]));
+            assert!(
+                matches!(response, ManifestResponse::Rejected(Rejection::NotTaker { .. })),
+                "{response:?}"
+            );
+        }
+        assert_eq!(manifest.apply(6, &register(vec![taken])), applied(1, 0));
+        assert_eq!(manifest.flushed_through(1, 0, "db", "cpu"), Some(12));
+        // Same fence again: a no-op; lower: refused; higher: moves up.
+        assert_eq!(manifest.apply(7, &fence(10, 2)), applied(0, 0));
+        assert!(matches!(
+            manifest.apply(8, &fence(9, 3)),
+            ManifestResponse::Rejected(Rejection::FenceBackwards { existing: 10, .. })
+        ));
+        assert_eq!(manifest.apply(9, &fence(20, 3)), applied(0, 0));
+        assert_eq!(manifest.fence_of(1, 0).map(|f| f.taker), Some(3));
+        assert!(matches!(
+            ManifestCommand::Fence {
+                origin: 4,
+                shard: 0,
+                through_lsn: 1,
+                taker: 4
+            }
+            .check(),
+            Err(Rejection::SelfFence { origin: 4 })
+        ));
+        let rebuilt = Manifest::from_image(manifest.to_image()).unwrap();
+        assert_eq!(rebuilt, manifest);
     }
 
     #[test]

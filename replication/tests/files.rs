@@ -78,6 +78,7 @@ fn entry(path: &str, bytes: &[u8], origin_node: NodeId, lsn: u64) -> FileEntry {
         lsn_last: lsn,
         created_at_ms: 0,
         columns_fingerprint: 0,
+        taken_by: None,
     }
 }
 

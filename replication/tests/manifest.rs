@@ -50,6 +50,7 @@ fn file(index: u64) -> FileEntry {
         lsn_last: index * 10 + 9,
         created_at_ms: 1_700_000_000_000,
         columns_fingerprint: 7,
+        taken_by: None,
     }
 }
 

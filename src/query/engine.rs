@@ -1037,6 +1037,7 @@ mod tests {
             lsn_last: 1,
             created_at_ms: 0,
             columns_fingerprint,
+            taken_by: None,
         }
     }
 
