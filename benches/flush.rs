@@ -37,6 +37,7 @@ fn bench(c: &mut Criterion) {
         measurement: "cpu",
         node: 1,
         shard: 0,
+        taker: None,
     };
     for shape in [Shape::ArcNarrow, Shape::TsbsCpu] {
         let body = Generator::new(shape, 1000, 1, 1_700_000_000_000_000_000).batch(ROWS);

@@ -144,8 +144,28 @@ pub fn local_extras(node: &NodeShared) -> Value {
                 "files_in_flight": m.files_in_flight,
             })
         });
+    let replica_logs: Vec<Value> = node
+        .positions
+        .replica_durable()
+        .into_iter()
+        .map(|(origin, shard, durable_lsn)| {
+            json!({
+                "origin": origin,
+                "shard": shard,
+                "durable_lsn": durable_lsn,
+                "applied_lsn": node.positions.get(origin, shard),
+            })
+        })
+        .collect();
+    let wal = node
+        .cluster
+        .as_ref()
+        .and_then(|view| view.wal_stream())
+        .map(|handle| serde_json::to_value(handle.status()).unwrap_or(Value::Null));
     json!({
         "unflushed_rows": crate::cluster_ops::unflushed_rows(node),
         "replication": replication,
+        "replica_logs": replica_logs,
+        "wal_streams": wal,
     })
 }

@@ -735,6 +735,7 @@ pub fn spawn_health_thread(shared: Arc<NodeShared>) -> anyhow::Result<()> {
                     continue;
                 }
                 commit_states(&shared, &metrics);
+                propose_fences(&shared, &metrics);
             }
         })
         .context("start the health thread")?;
@@ -796,6 +797,93 @@ fn commit_states(shared: &NodeShared, metrics: &RaftMetrics) {
         tracing::info!(node_id, state = state.as_str(), "committing node state");
         if let Err(error) = propose_state(shared, node_id, state) {
             tracing::warn!(node_id, %error, "node state not committed");
+            return;
+        }
+    }
+}
+
+/// On the leader: hands each shard of every dead node over to the live member holding the
+/// most of that shard's WAL (a `Fence` through its durable position, lowest id on a tie). Every
+/// live member must answer first: one that does not might hold more, and a fence through less
+/// than the most any survivor holds would drop rows acknowledged with `majority`. A fence moves
+/// up if a survivor later holds more, and moves to another taker if its taker died too.
+fn propose_fences(shared: &NodeShared, metrics: &RaftMetrics) {
+    let version = shared.manifest.current();
+    let dead: Vec<NodeId> = version
+        .manifest
+        .node_states()
+        .iter()
+        .filter(|(_, state)| **state == NodeState::Dead)
+        .map(|(id, _)| *id)
+        .collect();
+    if dead.is_empty() {
+        return;
+    }
+    let me = shared.manifest.node_id();
+    let mut best: BTreeMap<(NodeId, u32), (u64, NodeId)> = BTreeMap::new();
+    for (id, node) in metrics.membership_config.membership().nodes() {
+        if dead.contains(id) {
+            continue;
+        }
+        let held: Vec<(u64, u32, u64)> = if *id == me {
+            shared.positions.replica_durable()
+        } else {
+            match call_node(shared, &node.http_addr, "GET", "/api/v1/cluster/local", b"") {
+                Ok((200, answer)) => answer["node"]["replica_logs"]
+                    .as_array()
+                    .map(|logs| {
+                        logs.iter()
+                            .filter_map(|log| {
+                                Some((
+                                    log["origin"].as_u64()?,
+                                    u32::try_from(log["shard"].as_u64()?).ok()?,
+                                    log["durable_lsn"].as_u64()?,
+                                ))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                _ => {
+                    tracing::debug!(node_id = id, "no replica positions from a live member; fences wait");
+                    return;
+                }
+            }
+        };
+        for (origin, shard, lsn) in held {
+            if !dead.contains(&origin) {
+                continue;
+            }
+            let entry = best.entry((origin, shard)).or_insert((lsn, *id));
+            if lsn > entry.0 || (lsn == entry.0 && *id < entry.1) {
+                *entry = (lsn, *id);
+            }
+        }
+    }
+    for ((origin, shard), (through_lsn, taker)) in best {
+        if through_lsn == 0 {
+            continue;
+        }
+        let needed = match version.manifest.fence_of(origin, shard) {
+            None => true,
+            Some(fence) => {
+                through_lsn > fence.through_lsn
+                    || (through_lsn == fence.through_lsn
+                        && fence.taker != taker
+                        && dead.contains(&fence.taker))
+            }
+        };
+        if !needed {
+            continue;
+        }
+        tracing::info!(origin, shard, through_lsn, taker, "fencing a dead node's shard for takeover");
+        let command = ManifestCommand::Fence {
+            origin,
+            shard,
+            through_lsn,
+            taker,
+        };
+        if let Err(error) = shared.manifest.propose_blocking(command) {
+            tracing::warn!(origin, shard, %error, "fence not committed; retrying");
             return;
         }
     }

@@ -42,6 +42,9 @@ pub struct NodeShared {
     pub cluster: Option<shale_replication::cluster::ClusterView>,
     /// Peer health view and lifecycle operations (drain, transfer, leave) of a cluster node.
     pub ops: crate::cluster_ops::OpsState,
+    /// What this node's queries see of each WAL (own and replicated), and its replica logs'
+    /// durable positions.
+    pub positions: Arc<crate::shard::Positions>,
 }
 
 impl NodeShared {
@@ -281,6 +284,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         identity,
         cluster: cluster_view,
         ops: Default::default(),
+        positions: positions.clone(),
     });
     spawn_monitor_thread(shared.clone())?;
     if config.cluster.enabled && !config.cluster.bootstrap {

@@ -235,6 +235,49 @@ impl ReplicaBuffers {
         dropped_rows
     }
 
+    /// The tables with buffered rows.
+    pub fn tables(&self) -> Vec<(String, String)> {
+        self.tables.keys().cloned().collect()
+    }
+
+    /// The buffered rows of `table` with an LSN in `(after, through]`, one frozen buffer per
+    /// part (parts may differ in columns), for a takeover to flush into files.
+    pub fn rows_between(
+        &mut self,
+        table: &(String, String),
+        after: u64,
+        through: u64,
+    ) -> Vec<FrozenBuffer> {
+        let Some(replica) = self.tables.get_mut(table) else {
+            return Vec::new();
+        };
+        let mut frozen = Vec::new();
+        for part in replica.parts.iter_mut() {
+            let (chunks, records) = match part {
+                Part::Open { buffer, records } => match buffer.snapshot() {
+                    Some((chunks, _)) => (chunks, records.clone()),
+                    None => continue,
+                },
+                Part::Sealed { frozen, records } => {
+                    (frozen.chunks.clone(), records.as_ref().clone())
+                }
+            };
+            let rows: usize = chunks.iter().map(|c| c.num_rows()).sum();
+            let first = records.partition_point(|(lsn, _)| *lsn <= after);
+            let end = records.partition_point(|(lsn, _)| *lsn <= through);
+            if first >= end {
+                continue;
+            }
+            let start_row = records[first].1 as usize;
+            let end_row = records.get(end).map_or(rows, |(_, row)| *row as usize);
+            let sliced = slice_rows(&chunks, start_row, end_row);
+            if let Some(buffer) = frozen_from(sliced, records[first].0, records[end - 1].0) {
+                frozen.push(buffer);
+            }
+        }
+        frozen
+    }
+
     /// The lowest LSN with a row still buffered, if any: the replica log must keep it.
     pub fn lsn_first(&self) -> Option<u64> {
         self.tables
@@ -279,6 +322,66 @@ impl ReplicaBuffers {
         }
         pieces
     }
+}
+
+/// Rows `start..end` of `chunks`, as slices (no copy).
+fn slice_rows(
+    chunks: &[arrow::record_batch::RecordBatch],
+    start: usize,
+    end: usize,
+) -> Vec<arrow::record_batch::RecordBatch> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    for chunk in chunks {
+        let (from, to) = (offset, offset + chunk.num_rows());
+        offset = to;
+        let (lo, hi) = (start.max(from), end.min(to));
+        if lo < hi {
+            out.push(chunk.slice(lo - from, hi - lo));
+        }
+    }
+    out
+}
+
+/// A frozen buffer of replicated rows (one schema): tags are the dictionary columns.
+fn frozen_from(
+    chunks: Vec<arrow::record_batch::RecordBatch>,
+    lsn_first: u64,
+    lsn_last: u64,
+) -> Option<FrozenBuffer> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{DataType, TimestampMicrosecondType};
+    let schema = chunks.first()?.schema();
+    let tag_columns = schema
+        .fields()
+        .iter()
+        .filter(|f| matches!(f.data_type(), DataType::Dictionary(_, _)))
+        .map(|f| f.name().clone())
+        .collect();
+    let (mut time_min_us, mut time_max_us) = (i64::MAX, i64::MIN);
+    let mut bytes_estimate = 0;
+    for chunk in &chunks {
+        bytes_estimate += chunk.get_array_memory_size();
+        let time = chunk
+            .column_by_name(crate::buffer::TIME_COLUMN)?
+            .as_primitive_opt::<TimestampMicrosecondType>()?;
+        if let Some(min) = arrow::compute::min(time) {
+            time_min_us = time_min_us.min(min);
+        }
+        if let Some(max) = arrow::compute::max(time) {
+            time_max_us = time_max_us.max(max);
+        }
+        debug_assert_eq!(time.null_count(), 0);
+    }
+    Some(FrozenBuffer {
+        chunks,
+        tag_columns,
+        lsn_first,
+        lsn_last,
+        time_min_us,
+        time_max_us,
+        bytes_estimate,
+    })
 }
 
 /// The highest LSN through which every file of the stream above `after` is present here:

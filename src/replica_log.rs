@@ -41,17 +41,31 @@ pub enum ReplicaError {
 /// A stored group, durable already or once its fdatasync returns.
 pub enum Stored {
     Already(u64),
-    Pending(shale_io::wal::Append),
+    Pending {
+        append: shale_io::wal::Append,
+        positions: std::sync::Arc<crate::shard::Positions>,
+        origin: u64,
+        shard: u32,
+    },
 }
 
 impl Stored {
     pub async fn durable(self) -> Result<u64, ReplicaError> {
         match self {
             Stored::Already(lsn) => Ok(lsn),
-            Stored::Pending(append) => append
-                .durable()
-                .await
-                .map_err(|e| ReplicaError::Failed(format!("replica log sync: {e}"))),
+            Stored::Pending {
+                append,
+                positions,
+                origin,
+                shard,
+            } => {
+                let lsn = append
+                    .durable()
+                    .await
+                    .map_err(|e| ReplicaError::Failed(format!("replica log sync: {e}")))?;
+                positions.advance_replica_durable(origin, shard, lsn);
+                Ok(lsn)
+            }
         }
     }
 }
@@ -76,6 +90,21 @@ impl ReplicaLog {
     /// Highest LSN whose rows queries on this node see.
     pub fn applied_lsn(&self) -> u64 {
         self.buffers.borrow().applied_lsn()
+    }
+
+    /// Tables with buffered rows.
+    pub fn tables(&self) -> Vec<(String, String)> {
+        self.buffers.borrow().tables()
+    }
+
+    /// Buffered rows of `table` with an LSN in `(after, through]`, one frozen buffer per part.
+    pub fn rows_between(
+        &self,
+        table: &(String, String),
+        after: u64,
+        through: u64,
+    ) -> Vec<crate::buffer::FrozenBuffer> {
+        self.buffers.borrow_mut().rows_between(table, after, through)
     }
 
     pub fn buffered(&self) -> (usize, usize) {
@@ -194,6 +223,8 @@ impl ReplicaLogs {
             "replica log opened"
         );
         self.positions.advance(origin, shard, buffers.applied_lsn());
+        self.positions
+            .advance_replica_durable(origin, shard, report.next_lsn.saturating_sub(1));
         let log = Rc::new(ReplicaLog {
             origin,
             shard,
@@ -214,6 +245,7 @@ impl ReplicaLogs {
     /// stored already is success. Run these one at a time per shard (the request loop does):
     /// the part before `Stored` is what orders groups.
     pub async fn append(&self, origin: u64, bytes: bytes::Bytes) -> Result<Stored, ReplicaError> {
+        let positions = self.positions.clone();
         let view = GroupView::parse(&bytes, u32::MAX >> 2)
             .map_err(|e| ReplicaError::Failed(format!("group from node {origin}: {e}")))?;
         if view.origin_node() != origin {
@@ -252,7 +284,12 @@ impl ReplicaLogs {
             .map_err(|e| ReplicaError::Failed(format!("rows of node {origin}: {e}")))?;
             self.positions.advance(origin, shard, buffers.applied_lsn());
         }
-        Ok(Stored::Pending(append))
+        Ok(Stored::Pending {
+            append,
+            positions,
+            origin,
+            shard,
+        })
     }
 
     /// Highest durable LSN of (origin, shard) here; 0 when there is none.
@@ -278,6 +315,7 @@ impl ReplicaLogs {
         log.wal.reset_to(lsn).await.map_err(|e| failed(&e))?;
         log.buffers.borrow_mut().reset(lsn);
         self.positions.advance(origin, shard, lsn - 1);
+        self.positions.advance_replica_durable(origin, shard, lsn - 1);
         tracing::info!(origin, shard, lsn, "replica log reset: the origin released the records below");
         Ok(())
     }
@@ -309,6 +347,11 @@ impl ReplicaLogs {
                 tracing::warn!(origin = log.origin, shard = log.shard, %error, "replica log release failed");
             }
         }
+    }
+
+    /// Every open replica log.
+    pub fn logs(&self) -> Vec<Rc<ReplicaLog>> {
+        self.logs.borrow().values().cloned().collect()
     }
 
     /// Query pieces of `table` from every replica log.

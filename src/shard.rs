@@ -141,9 +141,32 @@ impl ShardReplication {
 #[derive(Default)]
 pub struct Positions {
     held: std::sync::Mutex<HashMap<(u64, u32), u64>>,
+    /// Durable LSN of each replica log (origin, shard) on this node: what a takeover can
+    /// flush if the origin dies.
+    replica_durable: std::sync::Mutex<HashMap<(u64, u32), u64>>,
 }
 
 impl Positions {
+    pub fn advance_replica_durable(&self, origin: u64, shard: u32, lsn: u64) {
+        let mut durable = self
+            .replica_durable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let entry = durable.entry((origin, shard)).or_insert(0);
+        *entry = (*entry).max(lsn);
+    }
+
+    /// (origin, shard, durable LSN) of every replica log, in order.
+    pub fn replica_durable(&self) -> Vec<(u64, u32, u64)> {
+        let durable = self
+            .replica_durable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = durable.iter().map(|(&(o, s), &l)| (o, s, l)).collect();
+        all.sort_unstable();
+        all
+    }
+
     pub fn advance(&self, origin: u64, shard: u32, lsn: u64) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let entry = held.entry((origin, shard)).or_insert(0);
@@ -238,6 +261,7 @@ impl Shard {
             .register_pending_journal()
             .await
             .context("register flushes interrupted by a crash")?;
+        self.manifest_barrier().await;
         let version = self.manifest.current();
         let wal_config = WalConfig {
             dir: wal_dir(&self.data_dir, self.shard_id),
@@ -261,10 +285,17 @@ impl Shard {
         // LSNs of this shard must never be reused: file names and the exactly-once rule are
         // keyed by them. If the WAL directory lost its segments (deleted by hand, a new disk
         // under `_system/wal`), continue above everything the manifest has in files.
+        // A takeover (a fence on this shard) flushed this shard's rows up to its LSN on a
+        // survivor: those rows are in files now, and this shard replays only above it.
+        let fenced_through = version
+            .manifest
+            .fence_of(self.node_id, self.shard_id)
+            .map_or(0, |fence| fence.through_lsn);
         let floor = version
             .manifest
             .shard_flushed_through(self.node_id, self.shard_id)
-            .map_or(1, |lsn| lsn + 1);
+            .map_or(1, |lsn| lsn + 1)
+            .max(fenced_through + 1);
         if floor > replay_from && !wal_has_segments(&wal_config.dir)? {
             tracing::warn!(
                 shard_id = self.shard_id,
@@ -298,6 +329,7 @@ impl Shard {
                                 .manifest
                                 .flushed_through(self.node_id, self.shard_id, db, m)
                                 .unwrap_or(0)
+                                .max(fenced_through)
                         });
                         last = Some((measurement, through));
                         through
@@ -353,6 +385,36 @@ impl Shard {
         );
         self.flush_wanted.notify();
         Ok(())
+    }
+
+    /// In a cluster, waits until this node's manifest holds everything committed before now
+    /// (a committed no-op applied here), retrying while there is no leader: a fence committed
+    /// while this node was down decides which of its WAL records it may replay.
+    async fn manifest_barrier(&self) {
+        if !self.config.cluster.enabled {
+            return;
+        }
+        let mut attempt = 0u32;
+        loop {
+            let barrier = ManifestCommand::Barrier {
+                node_id: self.node_id,
+            };
+            match self.manifest.propose(barrier).await {
+                Ok(_) => return,
+                Err(error) => {
+                    attempt += 1;
+                    if attempt == 1 || attempt % 20 == 0 {
+                        tracing::info!(
+                            shard_id = self.shard_id,
+                            attempt,
+                            %error,
+                            "waiting for the manifest to catch up before replaying the wal"
+                        );
+                    }
+                    self.registration_pause(attempt).await;
+                }
+            }
+        }
     }
 
     /// Validates, logs and buffers one line-protocol request; resolves once it is durable here
@@ -944,6 +1006,15 @@ impl Shard {
                     return;
                 }
             }
+            if let Some(reason) = self.fenced_rows() {
+                // Survivors flushed rows this shard still holds (it was declared dead while it
+                // ran, e.g. behind a partition). Keeping them would count them twice, and a
+                // buffer cannot give up a prefix: stop, and the restart replays only above
+                // the fence.
+                self.fatal.report(format!("shard {}", self.shard_id), reason);
+                return;
+            }
+            self.take_over().await;
             self.replicas.release(&self.manifest.current()).await;
             if stopping {
                 break;
@@ -1114,6 +1185,166 @@ impl Shard {
         true
     }
 
+    /// Why this shard must restart: a committed fence on it covers rows it still holds.
+    fn fenced_rows(&self) -> Option<String> {
+        let version = self.manifest.current();
+        let fence = version.manifest.fence_of(self.node_id, self.shard_id)?;
+        let mut lowest: Option<u64> = None;
+        let mut note = |lsn: u64| lowest = Some(lowest.map_or(lsn, |l| l.min(lsn)));
+        if let Some((_, frozen)) = self.flushing.borrow().as_ref() {
+            note(frozen.lsn_first);
+        }
+        for (frozen, _) in self.rejected.borrow().values() {
+            note(frozen.lsn_first);
+        }
+        for tables in self.buffers.borrow().values() {
+            for buffer in tables.values() {
+                if let Some(lsn) = buffer.lsn_first() {
+                    note(lsn);
+                }
+            }
+        }
+        let lowest = lowest?;
+        (lowest <= fence.through_lsn).then(|| {
+            format!(
+                "node {} took over this shard's rows through lsn {} (this node was declared \
+                 dead) and this shard still holds rows from lsn {lowest}; restarting replays \
+                 only the rows above the fence",
+                fence.taker, fence.through_lsn
+            )
+        })
+    }
+
+    /// Flushes the replicated rows of every origin shard the manifest fenced for this node
+    /// (a takeover of a dead node) into files registered under the origin's LSN ranges,
+    /// named and marked as this node's. Table by table in LSN order; a failure stops that
+    /// table until the next check, so files still commit in LSN order. Idempotent: a retry
+    /// after a crash publishes the same names and re-registers identical entries.
+    async fn take_over(self: &Rc<Self>) {
+        let version = self.manifest.current();
+        for log in self.replicas.logs() {
+            let Some(fence) = version.manifest.fence_of(log.origin, log.shard) else {
+                continue;
+            };
+            if fence.taker != self.node_id {
+                continue;
+            }
+            for table in log.tables() {
+                let after = version
+                    .manifest
+                    .flushed_through(log.origin, log.shard, &table.0, &table.1)
+                    .unwrap_or(0);
+                if after >= fence.through_lsn {
+                    continue;
+                }
+                for frozen in log.rows_between(&table, after, fence.through_lsn) {
+                    if let Err(error) = self.flush_taken(log.origin, log.shard, &table, &frozen).await {
+                        self.metrics.flush_errors.increment();
+                        tracing::warn!(
+                            origin = log.origin,
+                            origin_shard = log.shard,
+                            database = %table.0,
+                            measurement = %table.1,
+                            lsn_first = frozen.lsn_first,
+                            error = %format!("{error:#}"),
+                            "takeover flush failed; retrying at the next check"
+                        );
+                        break;
+                    }
+                    tracing::info!(
+                        origin = log.origin,
+                        origin_shard = log.shard,
+                        database = %table.0,
+                        measurement = %table.1,
+                        lsn_first = frozen.lsn_first,
+                        lsn_last = frozen.lsn_last,
+                        rows = frozen.rows(),
+                        "took over a dead node's rows into files"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Encodes, publishes and registers one part of a dead origin's rows as this node's
+    /// takeover files.
+    async fn flush_taken(
+        &self,
+        origin: u64,
+        origin_shard: u32,
+        table: &TableKey,
+        frozen: &crate::buffer::FrozenBuffer,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let parquet = Arc::new(self.config.parquet.clone());
+        let (database, measurement) = table.clone();
+        let taker = self.node_id;
+        let encode_input = crate::buffer::FrozenBuffer {
+            chunks: frozen.chunks.clone(),
+            tag_columns: frozen.tag_columns.clone(),
+            ..*frozen
+        };
+        let encoded = glommio::executor()
+            .spawn_blocking(move || {
+                let file_origin = FileOrigin {
+                    database: &database,
+                    measurement: &measurement,
+                    node: origin,
+                    shard: origin_shard,
+                    taker: Some(taker),
+                };
+                storage::encode(&encode_input, &file_origin, &parquet)
+            })
+            .await
+            .context("encode parquet")?;
+        let version = self.manifest.current();
+        let created_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut entries = Vec::with_capacity(encoded.len());
+        for file in &encoded {
+            let relative = file.relative_path.to_string_lossy().into_owned();
+            let absolute = self.data_dir.join(&file.relative_path);
+            let published = match publish::publish(&absolute, &file.bytes).await {
+                Ok(published) => published,
+                Err(PublishError::Exists { .. }) => {
+                    if let Some(entry) = version.manifest.file(&relative) {
+                        entries.push(entry.clone());
+                        continue;
+                    }
+                    // Left by a crash before its registration: the replica log still has the rows.
+                    std::fs::remove_file(&absolute)
+                        .with_context(|| format!("remove unregistered {}", absolute.display()))?;
+                    publish::publish(&absolute, &file.bytes)
+                        .await
+                        .context("publish parquet")?
+                }
+                Err(error) => return Err(error).context("publish parquet"),
+            };
+            self.metrics.files_written.increment();
+            self.metrics.file_bytes_written.add(published.size_bytes);
+            entries.push(FileEntry {
+                path: relative,
+                size_bytes: published.size_bytes,
+                blake3_hex: published.blake3_hex(),
+                rows: file.rows,
+                time_min_us: file.time_min_us,
+                time_max_us: file.time_max_us,
+                database: table.0.clone(),
+                measurement: table.1.clone(),
+                origin_node: origin,
+                shard: origin_shard,
+                lsn_first: frozen.lsn_first,
+                lsn_last: frozen.lsn_last,
+                created_at_ms,
+                columns_fingerprint: file.columns_fingerprint,
+                taken_by: Some(taker),
+            });
+        }
+        self.register(entries).await
+    }
+
     /// Encode, publish, journal, register. Idempotent: a retry after any failure converges.
     async fn flush_frozen(
         &self,
@@ -1133,6 +1364,7 @@ impl Shard {
                     measurement: &measurement,
                     node,
                     shard,
+                    taker: None,
                 };
                 storage::encode(&encode_input, &origin, &parquet)
             })
@@ -1320,6 +1552,15 @@ impl Shard {
                                 "journaled flush refused by the manifest; set aside, its rows replay from the wal"
                             );
                             set_journal_aside(&path, "rejected");
+                            // Its files were never registered and never will be (a takeover
+                            // fenced them, or the manifest holds other content at the path);
+                            // its rows replay from the WAL if they are still this shard's.
+                            let version = self.manifest.current();
+                            for entry in &entries {
+                                if version.manifest.file(&entry.path).is_none() {
+                                    let _ = std::fs::remove_file(self.data_dir.join(&entry.path));
+                                }
+                            }
                             break;
                         }
                         Err(error) => {

@@ -42,10 +42,14 @@ pub struct FileOrigin<'a> {
     pub measurement: &'a str,
     pub node: u64,
     pub shard: u32,
+    /// The survivor writing a dead node's rows (a takeover), if it is not `node` itself.
+    pub taker: Option<u64>,
 }
 
-/// `<database>/<measurement>/YYYY/MM/DD/HH/<node>-<shard>-<lsn_first>-<lsn_last>.parquet`.
-/// The LSN range makes a name unique per flush and lets replay recognise its own output.
+/// `<database>/<measurement>/YYYY/MM/DD/HH/<node>-<shard>-<lsn_first>-<lsn_last>.parquet`,
+/// with `-t<taker>` before `.parquet` for a file a survivor wrote from a dead node's rows.
+/// The LSN range makes a name unique per flush and lets replay recognise its own output; the
+/// taker suffix keeps a taker's file from ever colliding with one the origin wrote.
 pub fn file_path(origin: &FileOrigin<'_>, hour: i64, lsn_first: u64, lsn_last: u64) -> PathBuf {
     let (year, month, day, hour_of_day) = civil_hour(hour);
     PathBuf::from(origin.database)
@@ -54,10 +58,16 @@ pub fn file_path(origin: &FileOrigin<'_>, hour: i64, lsn_first: u64, lsn_last: u
         .join(format!("{month:02}"))
         .join(format!("{day:02}"))
         .join(format!("{hour_of_day:02}"))
-        .join(format!(
-            "n{}-s{}-{lsn_first:020}-{lsn_last:020}.parquet",
-            origin.node, origin.shard
-        ))
+        .join(match origin.taker {
+            None => format!(
+                "n{}-s{}-{lsn_first:020}-{lsn_last:020}.parquet",
+                origin.node, origin.shard
+            ),
+            Some(taker) => format!(
+                "n{}-s{}-{lsn_first:020}-{lsn_last:020}-t{taker}.parquet",
+                origin.node, origin.shard
+            ),
+        })
 }
 
 /// Splits by hour, sorts and encodes. Returns one file per UTC hour present in the rows.
@@ -587,6 +597,7 @@ mod tests {
             measurement: "m",
             node: 1,
             shard: 0,
+            taker: None,
         };
         let files = encode(&frozen, &origin, &crate::config::Config::default().parquet).unwrap();
         let reader =
@@ -612,6 +623,7 @@ mod tests {
             measurement: "m",
             node: 1,
             shard: 0,
+            taker: None,
         };
         let config = crate::config::Config::default().parquet;
         let files = encode(&frozen, &origin, &config).unwrap();

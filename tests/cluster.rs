@@ -1134,3 +1134,92 @@ fn majority_writes_are_read_anywhere_with_a_token_and_survive_a_killed_node() {
         });
     }
 }
+
+/// Rows in the manifest's files of origin `origin` (all, and those a taker wrote).
+fn origin_file_rows(node: &Node, origin: u64) -> (u64, u64) {
+    let files = node.manifest_files();
+    let of_origin = files
+        .iter()
+        .filter(|f| f["origin_node"].as_u64() == Some(origin));
+    let all = of_origin.clone().map(|f| f["rows"].as_u64().unwrap()).sum();
+    let taken = of_origin
+        .filter(|f| f["taken_by"].as_u64().is_some())
+        .map(|f| f["rows"].as_u64().unwrap())
+        .sum();
+    (all, taken)
+}
+
+/// Waits until `node` counts exactly `sent` rows of c.cpu, asserting on every answer that no
+/// row is counted twice and none appears that was never sent.
+fn wait_exact(node: &Node, sent: u64, what: &str) {
+    node.wait_until(what, || {
+        let (status, rows, distinct) = counts_after(node, &[]);
+        if status != 200 {
+            return false;
+        }
+        assert!(
+            rows == distinct && rows <= sent,
+            "{what}: {rows} rows, {distinct} distinct, {sent} sent on {}",
+            node.addr
+        );
+        rows == sent
+    });
+}
+
+// Takeover: node 3 takes majority writes that stay in its buffers, then is killed for good.
+// After cluster.dead_after_ms the leader commits it dead and fences its shard for the survivor
+// holding the most of its WAL, which flushes node 3's replicated rows into files of its own
+// (registered under node 3's LSN ranges): every acknowledged row is in files and counted once
+// on the survivors. Node 3 restarted replays only above the fence, takes new writes, and after
+// everything is flushed the manifest holds every row exactly once.
+#[test]
+fn a_dead_nodes_rows_are_taken_over_once_and_it_returns_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 3);
+    let mut nodes = start_three_writers_with(dir.path(), &certs, &members(3), |options| {
+        options.flush_age_ms = 600_000;
+        options.extra_env.extend([
+            ("SHALE_CLUSTER_UNHEALTHY_AFTER_MS".into(), "1000".into()),
+            ("SHALE_CLUSTER_DEAD_AFTER_MS".into(), "3000".into()),
+        ]);
+    });
+    let mut sent = 0u64;
+    for batch in 0..5 {
+        let (status, _, text) = write_acked(&nodes[2], "x", sent, 100, "majority");
+        assert_eq!(status, 204, "batch {batch} on node 3: {text}");
+        sent += 100;
+    }
+    let (status, _, text) = write_acked(&nodes[0], "y", sent, 100, "majority");
+    assert_eq!(status, 204, "{text}");
+    sent += 100;
+    assert_eq!(origin_file_rows(&nodes[0], 3), (0, 0), "node 3 flushed nothing yet");
+
+    nodes[2].kill9();
+    nodes[0].wait_until("node 3's rows taken over into files", || {
+        origin_file_rows(&nodes[0], 3) == (500, 500)
+    });
+    for node in &nodes[..2] {
+        wait_exact(node, sent, "the survivors count every acknowledged row once");
+    }
+
+    nodes[2].restart();
+    nodes[2].must_become_ready();
+    wait_exact(&nodes[2], sent, "the returning node counts every row once");
+    let (status, _, text) = write_acked(&nodes[2], "z", sent, 100, "majority");
+    assert_eq!(status, 204, "a write on the returned node: {text}");
+    sent += 100;
+    for node in &nodes {
+        wait_exact(node, sent, "every node counts the new rows once");
+    }
+
+    // Flush every buffer: the manifest then holds every row exactly once.
+    for id in [1, 3] {
+        let (status, body) = admin(&nodes[0], "POST", &format!("/api/v1/cluster/nodes/{id}/drain"), "");
+        assert_eq!(status, 200, "drain node {id}: {body}\nnode 3 log:\n{}", nodes[2].log());
+    }
+    nodes[0].wait_until("every row in files", || nodes[0].manifest_rows("c") == sent);
+    assert_eq!(origin_file_rows(&nodes[0], 3), (600, 500));
+    for node in &nodes {
+        wait_exact(node, sent, "exact counts from files");
+    }
+}

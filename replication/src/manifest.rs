@@ -127,8 +127,13 @@ pub enum ManifestCommand {
         measurement: String,
         columns: Vec<ColumnDeclaration>,
     },
+    /// Changes nothing. A node that commits one and sees it applied knows its manifest holds
+    /// every command committed before (a read barrier): a restarting node needs that before it
+    /// replays its WAL, or it could miss a fence committed while it was down.
+    Barrier { node_id: u64 },
     /// Hands `origin`'s `shard` over to `taker` through `through_lsn` (see [`Fence`]).
-    /// Re-committing the same fence is a no-op; a lower `through_lsn` is refused.
+    /// Re-committing the same fence is a no-op; a lower `through_lsn` is refused; the same
+    /// one with another taker replaces a taker that died before it finished.
     Fence {
         origin: u64,
         shard: u32,
@@ -283,6 +288,7 @@ impl ManifestCommand {
                 measurement,
                 columns,
             } => return check_declaration(database, measurement, columns),
+            ManifestCommand::Barrier { .. } => return Ok(()),
             ManifestCommand::Fence { origin, taker, .. } => {
                 return if origin == taker {
                     Err(Rejection::SelfFence { origin: *origin })
@@ -705,6 +711,12 @@ impl Manifest {
                 through_lsn,
                 taker,
             } => return self.fence(*origin, *shard, *through_lsn, *taker),
+            ManifestCommand::Barrier { .. } => {
+                return ManifestResponse::Applied {
+                    files_added: 0,
+                    files_removed: 0,
+                }
+            }
         };
 
         // Plan against the current state first; nothing changes unless the whole plan is valid.
@@ -782,7 +794,7 @@ impl Manifest {
                     requested: through_lsn,
                 })
             }
-            Some(existing) if existing.through_lsn == through_lsn => applied,
+            Some(existing) if *existing == (Fence { through_lsn, taker }) => applied,
             _ => {
                 self.fences
                     .insert((origin, shard), Fence { through_lsn, taker });
