@@ -130,6 +130,25 @@ impl Api {
                 ),
             ),
             Handler::ClusterNodes => (Endpoint::Other, self.cluster_nodes(&request)),
+            Handler::ClusterPositions => {
+                let me = self.node.manifest.node_id();
+                let positions: Vec<serde_json::Value> = (0..self.shard.shard_count() as u32)
+                    .map(|shard| {
+                        serde_json::json!({
+                            "origin": me,
+                            "shard": shard,
+                            "durable_lsn": self.node.positions.get(me, shard),
+                        })
+                    })
+                    .collect();
+                (
+                    Endpoint::Other,
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({ "success": true, "positions": positions }).to_string(),
+                    ),
+                )
+            }
             Handler::ClusterLocal => {
                 let all = crate::cluster_api::cluster(&self.node);
                 let mut local = all["nodes"]
@@ -212,6 +231,12 @@ impl Api {
                 &format!("database name is required: set {what}"),
             );
         };
+        let key = header_value(&request, "idempotency-key");
+        if let Some(key) = &key {
+            if let Err(reason) = crate::idempotency::check_key(key) {
+                return error(StatusCode::BAD_REQUEST, &reason);
+            }
+        }
         let ack_text = query
             .get("ack")
             .cloned()
@@ -286,12 +311,34 @@ impl Api {
         } else {
             (precision, body)
         };
-        match self.shard.write(&database, precision, body, ack).await {
-            Ok(written) => Response::builder()
-                .status(StatusCode::NO_CONTENT)
-                .header(WRITE_TOKEN_HEADER, written.token())
-                .body(Body::new(Bytes::new()))
-                .expect("static response"),
+        if let Some(key) = key.as_deref() {
+            if self.node.config.cluster.enabled && self.node.positions.keys.get(key).is_none() {
+                // The key may belong to a write another node stored a moment ago (a retry
+                // after a timeout, or after that node died): first hold everything the live
+                // peers hold durably, so its record, if any, has arrived here.
+                let timeout =
+                    std::time::Duration::from_millis(self.node.config.cluster.ack_timeout_ms);
+                if let Err(reason) = self.catch_up_with_peers(timeout).await {
+                    tracing::debug!(%reason, "idempotency check could not reach every peer");
+                }
+            }
+        }
+        match self
+            .shard
+            .write(&database, precision, body, ack, key.as_deref())
+            .await
+        {
+            Ok(written) => {
+                let mut response = Response::builder()
+                    .status(StatusCode::NO_CONTENT)
+                    .header(WRITE_TOKEN_HEADER, written.token());
+                if written.replayed {
+                    response = response.header("x-shale-idempotent-replay", "true");
+                }
+                response
+                    .body(Body::new(Bytes::new()))
+                    .expect("static response")
+            }
             Err(e) => write_error(e),
         }
     }
@@ -304,18 +351,12 @@ impl Api {
             );
         }
         let default_database = header_value(&request, "x-arc-database").filter(|d| !d.is_empty());
-        match header_value(&request, "x-shale-read-consistency")
+        let linearizable = match header_value(&request, "x-shale-read-consistency")
             .as_deref()
             .map(str::trim)
         {
-            None | Some("") | Some("eventual") | Some("read_your_writes") => {}
-            Some("linearizable") => {
-                return error(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "X-Shale-Read-Consistency: linearizable is not available yet; send the write \
-                     tokens in X-Shale-Read-After for read-your-writes",
-                )
-            }
+            None | Some("") | Some("eventual") | Some("read_your_writes") => false,
+            Some("linearizable") => true,
             Some(other) => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -325,7 +366,7 @@ impl Api {
                     ),
                 )
             }
-        }
+        };
         let mut tokens = Vec::new();
         for value in request.headers().get_all("x-shale-read-after") {
             let Ok(text) = value.to_str() else {
@@ -348,6 +389,30 @@ impl Api {
         }
         if let Err(response) = self.wait_for_tokens(&tokens).await {
             return response;
+        }
+        if linearizable && self.node.config.cluster.enabled {
+            // Everything committed before the read (a Raft barrier applied here) and every
+            // write any live node acknowledged before it (their durable positions, held here).
+            if let Err(e) = self
+                .node
+                .manifest
+                .propose(shale_replication::ManifestCommand::Barrier {
+                    node_id: self.node.manifest.node_id(),
+                })
+                .await
+            {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("linearizable read: the manifest barrier did not commit: {e}"),
+                );
+            }
+            let timeout = std::time::Duration::from_millis(self.node.config.query.timeout_ms);
+            if let Err(reason) = self.catch_up_with_peers(timeout).await {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("linearizable read: {reason}"),
+                );
+            }
         }
         let limit = self.node.config.query.request_bytes_max;
         let body = match self
@@ -402,37 +467,67 @@ impl Api {
             .expect("static response")
     }
 
+    /// Asks every live peer for its shards' durable LSNs and waits (within `timeout`) until
+    /// this node holds them all. Fails naming a peer that did not answer or a position that
+    /// did not arrive.
+    async fn catch_up_with_peers(&self, timeout: std::time::Duration) -> Result<(), String> {
+        let node = self.node.clone();
+        let positions =
+            crate::cluster_ops::off_shard(move || crate::cluster_ops::peer_positions(&node))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|answer| answer)?;
+        self.wait_for_positions(&positions, timeout)
+            .await
+            .map_err(|(origin, shard, lsn, held)| {
+                format!("node {origin} shard {shard} is durable through lsn {lsn}; this node holds {held}")
+            })
+    }
+
     /// Waits until this node's queries see every write the tokens name (its own WAL's durable
     /// rows, or a replica log's applied rows), within `query.timeout_ms`.
     async fn wait_for_tokens(&self, tokens: &[(u64, u32, u64)]) -> Result<(), Response<Body>> {
         if tokens.is_empty() {
             return Ok(());
         }
-        let positions = self.shard.positions();
         let timeout = std::time::Duration::from_millis(self.node.config.query.timeout_ms);
-        let started = std::time::Instant::now();
-        loop {
-            let behind = tokens
-                .iter()
-                .find(|(origin, shard, lsn)| positions.get(*origin, *shard) < *lsn);
-            let Some(&(origin, shard, lsn)) = behind else {
-                return Ok(());
-            };
-            if started.elapsed() >= timeout {
+        self.wait_for_positions(tokens, timeout)
+            .await
+            .map_err(|(origin, shard, lsn, held)| {
                 let mut response = error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &format!(
-                        "this node holds node {origin} shard {shard} through lsn {} and the \
+                        "this node holds node {origin} shard {shard} through lsn {held} and the \
                          read asked for lsn {lsn}; it did not arrive within query.timeout_ms \
                          ({} ms)",
-                        positions.get(origin, shard),
                         timeout.as_millis()
                     ),
                 );
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-                return Err(response);
+                response
+            })
+    }
+
+    /// Waits until this node holds every (origin, shard) through its LSN, within `timeout`;
+    /// fails with the first one behind: (origin, shard, wanted, held).
+    async fn wait_for_positions(
+        &self,
+        wanted: &[(u64, u32, u64)],
+        timeout: std::time::Duration,
+    ) -> Result<(), (u64, u32, u64, u64)> {
+        let positions = self.shard.positions();
+        let started = std::time::Instant::now();
+        loop {
+            let behind = wanted
+                .iter()
+                .find(|(origin, shard, lsn)| positions.get(*origin, *shard) < *lsn);
+            let Some(&(origin, shard, lsn)) = behind else {
+                return Ok(());
+            };
+            if started.elapsed() >= timeout {
+                return Err((origin, shard, lsn, positions.get(origin, shard)));
             }
             glommio::timer::sleep(std::time::Duration::from_millis(2)).await;
         }
@@ -1183,6 +1278,8 @@ impl Api {
                 ),
             ],
         );
+        let mut text = text;
+        crate::cluster_api::render_wal_metrics(&self.node, &mut text);
         Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
@@ -1303,6 +1400,7 @@ fn write_error(e: WriteError) -> Response<Body> {
         },
         WriteError::Schema(_) | WriteError::BadRequest(_) => StatusCode::BAD_REQUEST,
         WriteError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        WriteError::InProgress(_) => StatusCode::CONFLICT,
         WriteError::Overloaded(_) | WriteError::NotReady => {
             let mut response = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
             response
@@ -1394,6 +1492,7 @@ enum Handler {
     Cluster,
     ClusterNodes,
     ClusterLocal,
+    ClusterPositions,
     AddPeer,
     RemovePeer,
     TransferLeader,
@@ -1425,7 +1524,7 @@ struct Route {
 
 /// Every endpoint of the node, in one place: matching, 405s and the `Allow` header all come
 /// from this table.
-static ROUTES: [Route; 26] = [
+static ROUTES: [Route; 27] = [
     Route {
         pattern: "/write",
         methods: &[Method::POST],
@@ -1495,6 +1594,11 @@ static ROUTES: [Route; 26] = [
         pattern: "/api/v1/cluster/local",
         methods: &[Method::GET],
         handler: Handler::ClusterLocal,
+    },
+    Route {
+        pattern: "/api/v1/cluster/positions",
+        methods: &[Method::GET],
+        handler: Handler::ClusterPositions,
     },
     Route {
         pattern: "/api/v1/cluster/peer",

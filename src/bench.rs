@@ -37,6 +37,8 @@ pub struct IngestOptions {
     pub batch_lines: usize,
     pub hosts: usize,
     pub database: String,
+    /// The `ack` query parameter of every write (a shale cluster's acknowledgement level).
+    pub ack: Option<String>,
     /// Pre-generated batches cycled through by the workers.
     pub batches_pregenerated: usize,
     /// Generate every batch while running instead, each worker its own slice of the hosts, so
@@ -165,7 +167,10 @@ pub fn run_ingest(options: &IngestOptions) -> anyhow::Result<IngestReport> {
             })
             .collect()
     };
-    let path = format!("/write?db={}&precision=ns", options.database);
+    let mut path = format!("/write?db={}&precision=ns", options.database);
+    if let Some(ack) = &options.ack {
+        path.push_str(&format!("&ack={ack}"));
+    }
     let before = scrape_counters(addr);
 
     let stop = Arc::new(AtomicBool::new(false));

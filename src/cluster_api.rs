@@ -30,6 +30,36 @@ pub fn cluster(node: &NodeShared) -> Value {
         "millis_since_quorum_ack": raft.and_then(|m| m.millis_since_quorum_ack),
         "manifest_files": version.manifest.files().len(),
         "nodes": nodes,
+        "wal_replication": wal_replication(node),
+    })
+}
+
+/// This node's WAL streams: per peer and shard what it shipped and the peer holds durably
+/// (lag in records and bytes, seconds since the last ack), and per origin and shard what its
+/// replica logs hold; and the takeover fences the manifest records.
+fn wal_replication(node: &NodeShared) -> Value {
+    let version = node.manifest.current();
+    let fences: Vec<Value> = version
+        .manifest
+        .fences()
+        .map(|((origin, shard), fence)| {
+            json!({
+                "origin": origin,
+                "shard": shard,
+                "through_lsn": fence.through_lsn,
+                "taker": fence.taker,
+            })
+        })
+        .collect();
+    let streams = node
+        .cluster
+        .as_ref()
+        .and_then(|view| view.wal_stream())
+        .map(|handle| serde_json::to_value(handle.status()).unwrap_or(Value::Null));
+    json!({
+        "ack": node.config.cluster.ack.name(),
+        "streams": streams,
+        "fences": fences,
     })
 }
 
@@ -168,4 +198,68 @@ pub fn local_extras(node: &NodeShared) -> Value {
         "replica_logs": replica_logs,
         "wal_streams": wal,
     })
+}
+
+/// WAL replication series for `/metrics`: per peer and shard, what this node has shipped and
+/// not yet had acknowledged; per origin and shard, what its replica logs hold.
+pub fn render_wal_metrics(node: &NodeShared, out: &mut String) {
+    use std::fmt::Write;
+    let Some(handle) = node.cluster.as_ref().and_then(|view| view.wal_stream()) else {
+        return;
+    };
+    let status = handle.status();
+    let gauge = |out: &mut String, name: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    };
+    gauge(
+        out,
+        "shale_wal_ship_lag_records",
+        "Records of this node's shard WAL a peer does not hold durably yet.",
+    );
+    for s in &status.shipping {
+        let _ = writeln!(
+            out,
+            "shale_wal_ship_lag_records{{peer=\"{}\",shard=\"{}\"}} {}",
+            s.peer, s.shard, s.lag_records
+        );
+    }
+    gauge(
+        out,
+        "shale_wal_ship_lag_bytes",
+        "Bytes of those records still in the ring (a lower bound for a peer behind it).",
+    );
+    for s in &status.shipping {
+        let _ = writeln!(
+            out,
+            "shale_wal_ship_lag_bytes{{peer=\"{}\",shard=\"{}\"}} {}",
+            s.peer, s.shard, s.lag_bytes
+        );
+    }
+    gauge(
+        out,
+        "shale_wal_ship_ack_age_seconds",
+        "Seconds since the peer last acknowledged this shard's WAL (absent before its first ack).",
+    );
+    for s in &status.shipping {
+        if let Some(age) = s.last_ack_age_ms {
+            let _ = writeln!(
+                out,
+                "shale_wal_ship_ack_age_seconds{{peer=\"{}\",shard=\"{}\"}} {}",
+                s.peer,
+                s.shard,
+                age as f64 / 1000.0
+            );
+        }
+    }
+    gauge(
+        out,
+        "shale_replica_durable_lsn",
+        "Highest LSN of an origin's shard durable in this node's replica log.",
+    );
+    for (origin, shard, lsn) in node.positions.replica_durable() {
+        let _ = writeln!(
+            out,
+            "shale_replica_durable_lsn{{origin=\"{origin}\",shard=\"{shard}\"}} {lsn}"
+        );
+    }
 }

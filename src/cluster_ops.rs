@@ -802,6 +802,54 @@ fn commit_states(shared: &NodeShared, metrics: &RaftMetrics) {
     }
 }
 
+/// The durable WAL positions of every live member's own shards (members committed dead are
+/// skipped), as (origin, shard, lsn). Fails naming a member that did not answer.
+pub fn peer_positions(shared: &NodeShared) -> Result<Vec<(u64, u32, u64)>, String> {
+    let metrics = shared
+        .manifest
+        .raft_metrics()
+        .ok_or_else(|| "Raft has not started".to_string())?;
+    let version = shared.manifest.current();
+    let me = shared.manifest.node_id();
+    let mut positions = Vec::new();
+    for (id, node) in metrics.membership_config.membership().nodes() {
+        if *id == me || version.manifest.node_state(*id) == Some(NodeState::Dead) {
+            continue;
+        }
+        match call_node(
+            shared,
+            &node.http_addr,
+            "GET",
+            "/api/v1/cluster/positions",
+            b"",
+        ) {
+            Ok((200, answer)) => {
+                for entry in answer["positions"].as_array().into_iter().flatten() {
+                    let parsed = (|| {
+                        Some((
+                            entry["origin"].as_u64()?,
+                            u32::try_from(entry["shard"].as_u64()?).ok()?,
+                            entry["durable_lsn"].as_u64()?,
+                        ))
+                    })();
+                    positions.extend(parsed);
+                }
+            }
+            Ok((status, answer)) => {
+                return Err(format!(
+                    "node {id} answered {status} for its positions: {answer}"
+                ))
+            }
+            Err(error) => {
+                return Err(format!(
+                    "node {id} did not answer for its positions: {error}"
+                ))
+            }
+        }
+    }
+    Ok(positions)
+}
+
 /// On the leader: hands each shard of every dead node over to the live member holding the
 /// most of that shard's WAL (a `Fence` through its durable position, lowest id on a tie). Every
 /// live member must answer first: one that does not might hold more, and a fence through less
@@ -844,7 +892,10 @@ fn propose_fences(shared: &NodeShared, metrics: &RaftMetrics) {
                     })
                     .unwrap_or_default(),
                 _ => {
-                    tracing::debug!(node_id = id, "no replica positions from a live member; fences wait");
+                    tracing::debug!(
+                        node_id = id,
+                        "no replica positions from a live member; fences wait"
+                    );
                     return;
                 }
             }
@@ -875,7 +926,13 @@ fn propose_fences(shared: &NodeShared, metrics: &RaftMetrics) {
         if !needed {
             continue;
         }
-        tracing::info!(origin, shard, through_lsn, taker, "fencing a dead node's shard for takeover");
+        tracing::info!(
+            origin,
+            shard,
+            through_lsn,
+            taker,
+            "fencing a dead node's shard for takeover"
+        );
         let command = ManifestCommand::Fence {
             origin,
             shard,

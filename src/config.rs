@@ -160,6 +160,7 @@ pub struct ClusterConfig {
     pub drain_timeout_ms: u64,
     pub ack: AckLevel,
     pub ack_timeout_ms: u64,
+    pub idempotency_window_ms: u64,
     pub wal_ship_ring_bytes: usize,
 }
 

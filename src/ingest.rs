@@ -10,45 +10,71 @@ use std::io::Read;
 /// WAL record kind for a line-protocol request.
 pub const RECORD_KIND_LINE_PROTOCOL: u8 = 1;
 
-/// Version of the payload layout below.
+/// Version of the payload layout below without an idempotency key.
 const PAYLOAD_VERSION: u8 = 1;
+/// Version of the layout with an idempotency key.
+const PAYLOAD_VERSION_KEYED: u8 = 2;
+
+/// Longest `Idempotency-Key` accepted, in bytes.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
 
 /// The payload of a line-protocol WAL record:
-/// `[version u8][precision u8][database length u16 LE][database][body]`.
+/// `[version u8 = 1][precision u8][database length u16 LE][database][body]`, or with the
+/// request's `Idempotency-Key` (so the key travels to replicas and survives a takeover):
+/// `[version u8 = 2][precision u8][database length u16 LE][database][key length u16 LE][key]
+/// [body]`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct IngestPayload<'a> {
     pub database: &'a str,
     pub precision: crate::line_protocol::Precision,
     pub body: &'a [u8],
+    pub key: Option<&'a str>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PayloadError {
     #[error("payload is truncated")]
     Truncated,
-    #[error("payload version {0} is not supported (this build reads version {PAYLOAD_VERSION})")]
+    #[error("payload version {0} is not supported (this build reads versions 1 and 2)")]
     Version(u8),
     #[error("payload precision code {0} is unknown")]
     Precision(u8),
     #[error("payload database name is not UTF-8")]
     Database,
+    #[error("payload idempotency key is not UTF-8")]
+    Key,
 }
 
 impl<'a> IngestPayload<'a> {
+    fn key_bytes(&self) -> usize {
+        self.key.map_or(0, |key| 2 + key.len())
+    }
+
     pub fn encoded_len(&self) -> usize {
-        4 + self.database.len() + self.body.len()
+        4 + self.database.len() + self.key_bytes() + self.body.len()
     }
 
     /// Writes the payload into `out`, which must be exactly `encoded_len` bytes.
     pub fn encode_into(&self, out: &mut [u8]) {
         assert_eq!(out.len(), self.encoded_len());
         assert!(self.database.len() <= u16::MAX as usize);
-        out[0] = PAYLOAD_VERSION;
+        out[0] = if self.key.is_some() {
+            PAYLOAD_VERSION_KEYED
+        } else {
+            PAYLOAD_VERSION
+        };
         out[1] = precision_code(self.precision);
         out[2..4].copy_from_slice(&(self.database.len() as u16).to_le_bytes());
-        let body_start = 4 + self.database.len();
-        out[4..body_start].copy_from_slice(self.database.as_bytes());
-        out[body_start..].copy_from_slice(self.body);
+        let mut position = 4 + self.database.len();
+        out[4..position].copy_from_slice(self.database.as_bytes());
+        if let Some(key) = self.key {
+            assert!(key.len() <= u16::MAX as usize);
+            out[position..position + 2].copy_from_slice(&(key.len() as u16).to_le_bytes());
+            position += 2;
+            out[position..position + key.len()].copy_from_slice(key.as_bytes());
+            position += key.len();
+        }
+        out[position..].copy_from_slice(self.body);
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -61,18 +87,35 @@ impl<'a> IngestPayload<'a> {
         if bytes.len() < 4 {
             return Err(PayloadError::Truncated);
         }
-        if bytes[0] != PAYLOAD_VERSION {
-            return Err(PayloadError::Version(bytes[0]));
-        }
+        let keyed = match bytes[0] {
+            PAYLOAD_VERSION => false,
+            PAYLOAD_VERSION_KEYED => true,
+            other => return Err(PayloadError::Version(other)),
+        };
         let precision = precision_from_code(bytes[1]).ok_or(PayloadError::Precision(bytes[1]))?;
         let database_len = u16::from_le_bytes([bytes[2], bytes[3]]) as usize;
-        let body_start = 4 + database_len;
-        let database = bytes.get(4..body_start).ok_or(PayloadError::Truncated)?;
+        let mut position = 4 + database_len;
+        let database = bytes.get(4..position).ok_or(PayloadError::Truncated)?;
         let database = std::str::from_utf8(database).map_err(|_| PayloadError::Database)?;
+        let key = if keyed {
+            let length = bytes
+                .get(position..position + 2)
+                .ok_or(PayloadError::Truncated)?;
+            let length = u16::from_le_bytes([length[0], length[1]]) as usize;
+            position += 2;
+            let key = bytes
+                .get(position..position + length)
+                .ok_or(PayloadError::Truncated)?;
+            position += length;
+            Some(std::str::from_utf8(key).map_err(|_| PayloadError::Key)?)
+        } else {
+            None
+        };
         Ok(IngestPayload {
             database,
             precision,
-            body: &bytes[body_start..],
+            body: &bytes[position..],
+            key,
         })
     }
 }
@@ -259,6 +302,7 @@ mod tests {
             database: "metrics",
             precision: Precision::Milliseconds,
             body: b"cpu v=1 5\n",
+            key: None,
         };
         let encoded = payload.encode();
         let sample: &[u8] = b"\x01\x02\x07\x00metricscpu v=1 5\n";
@@ -270,6 +314,18 @@ mod tests {
         );
         assert_eq!(
             IngestPayload::decode(b"\x01\x00\x09\x00ab").unwrap_err(),
+            PayloadError::Truncated
+        );
+        // Version 2 carries the request's idempotency key between database and body.
+        let keyed = IngestPayload {
+            key: Some("retry-7"),
+            ..payload
+        };
+        let sample: &[u8] = b"\x02\x02\x07\x00metrics\x07\x00retry-7cpu v=1 5\n";
+        assert_eq!(keyed.encode(), sample);
+        assert_eq!(IngestPayload::decode(sample).unwrap(), keyed);
+        assert_eq!(
+            IngestPayload::decode(b"\x02\x02\x01\x00m\x09\x00ab").unwrap_err(),
             PayloadError::Truncated
         );
     }

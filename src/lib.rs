@@ -13,6 +13,7 @@ pub mod cluster_ops;
 pub mod config;
 pub mod failpoint;
 pub mod http_client;
+pub mod idempotency;
 pub mod identity;
 pub mod ingest;
 pub mod line_protocol;

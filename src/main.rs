@@ -206,6 +206,10 @@ enum BenchMode {
         /// Database written to (the `db` query parameter).
         #[arg(long, default_value = "bench")]
         database: String,
+        /// Copies each write waits for on a shale cluster (`local`, `majority`, `all`; the
+        /// `ack` query parameter). The server's `cluster.ack` when not given.
+        #[arg(long)]
+        ack: Option<String>,
         /// Load a dataset: generate every row while running (each worker its own hosts), so
         /// every (series, time) is distinct and the newest rows are about now. Needs --rows.
         /// Without it, workers cycle through 64 pre-generated batches (measures the server,
@@ -407,6 +411,7 @@ fn bench(mode: BenchMode) -> anyhow::Result<()> {
             batch_lines,
             hosts,
             database,
+            ack,
             unique,
             json,
             plot,
@@ -421,6 +426,7 @@ fn bench(mode: BenchMode) -> anyhow::Result<()> {
                 batch_lines,
                 hosts,
                 database,
+                ack,
                 batches_pregenerated: 64,
                 unique,
                 progress: !json,

@@ -122,6 +122,9 @@ pub struct ShardMetrics {
     pub body_read_timeouts: Counter,
     /// Writes durable here whose wanted peer copies did not arrive in time.
     pub write_not_replicated: Counter,
+    /// Rows and bytes replicated from other nodes' WALs held in this shard's replica buffers.
+    pub replica_buffer_rows: Counter,
+    pub replica_buffer_bytes: Counter,
     /// Time a write waited for peer copies after its local fdatasync (ack above `local`).
     pub replication_wait: Histogram,
     /// When the shard's executor last ran its heartbeat task, in ms since the node started;
@@ -164,7 +167,7 @@ impl NodeMetrics {
         let mut out = String::with_capacity(16 * 1024);
         type Pick = fn(&ShardMetrics) -> &Counter;
         #[rustfmt::skip]
-        let counters: [(&str, &str, Pick); 24] = [
+        let counters: [(&str, &str, Pick); 26] = [
             ("shale_write_rows_total", "Rows acknowledged to writers.", |m| &m.write_rows),
             ("shale_write_bytes_total", "Line-protocol bytes acknowledged (after decompression).", |m| &m.write_bytes),
             ("shale_write_rejected_overload_total", "Writes answered 503 because a buffer or queue was full.", |m| &m.write_rejected_overload),
@@ -188,6 +191,8 @@ impl NodeMetrics {
             ("shale_manifest_commit_errors_total", "Registration attempts that failed and were retried.", |m| &m.manifest_commit_errors),
             ("shale_registrations_rejected_total", "Flushes whose registration the manifest refused for good (rows stay in the WAL).", |m| &m.registrations_rejected),
             ("shale_http_body_read_timeouts_total", "Requests whose body did not arrive within http.body_read_timeout_ms.", |m| &m.body_read_timeouts),
+            ("shale_replica_buffer_rows", "Rows replicated from other nodes' WALs buffered here until their files are on this node.", |m| &m.replica_buffer_rows),
+            ("shale_replica_buffer_bytes", "Estimated bytes of those rows.", |m| &m.replica_buffer_bytes),
             ("shale_write_not_replicated_total", "Writes durable on this node whose wanted peer copies did not arrive within cluster.ack_timeout_ms (answered 503, X-Shale-Stored: local).", |m| &m.write_not_replicated),
         ];
         for (name, help, pick) in counters {

@@ -204,6 +204,9 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     let shard_count = config.shard_count();
     // WAL replication: every shard's ties to the control thread (unused when standalone).
     let positions: Arc<crate::shard::Positions> = Arc::default();
+    positions
+        .keys
+        .set_window_ms(config.cluster.idempotency_window_ms);
     let (ack_boards, ack_wakes): (Vec<_>, Vec<_>) =
         (0..shard_count).map(|_| AckBoard::new()).unzip();
     let (replica_senders, replica_receivers): (Vec<_>, Vec<_>) = (0..shard_count)
@@ -316,13 +319,15 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             .zip(snapshot_receivers)
             .zip(replication)
             .zip(ack_wakes.into_iter().zip(replica_receivers))
-            .map(|(((shutdown, snapshots), replication), (acks, replicas))| ShardChannels {
-                shutdown,
-                snapshots,
-                replication,
-                acks,
-                replicas,
-            })
+            .map(
+                |(((shutdown, snapshots), replication), (acks, replicas))| ShardChannels {
+                    shutdown,
+                    snapshots,
+                    replication,
+                    acks,
+                    replicas,
+                },
+            )
             .collect::<Vec<_>>(),
     ));
     let handles = {
@@ -462,7 +467,10 @@ async fn run_shard(
         .map(|task| task.detach())
     });
     if let Err(error) = spawned {
-        fatal.report(source.clone(), format!("start the replication tasks: {error}"));
+        fatal.report(
+            source.clone(),
+            format!("start the replication tasks: {error}"),
+        );
         return;
     }
     glommio::spawn_local({

@@ -434,6 +434,7 @@ pub(crate) mod tests {
             database: "db",
             precision: Precision::Seconds,
             body: body.as_bytes(),
+            key: None,
         };
         let mut out = vec![0u8; payload.encoded_len()];
         payload.encode_into(&mut out);
@@ -529,6 +530,9 @@ pub(crate) mod tests {
         assert_eq!(held_through(&manifest, stream, 0, &|p| p != "a"), 0);
         assert_eq!(held_through(&manifest, stream, 3, &|p| p != "a"), 9);
         assert_eq!(held_through(&manifest, stream, 0, &|p| p != "c"), 6);
-        assert_eq!(held_through(&manifest, (3, 0, "db", "cpu"), 5, &|_| true), 5);
+        assert_eq!(
+            held_through(&manifest, (3, 0, "db", "cpu"), 5, &|_| true),
+            5
+        );
     }
 }

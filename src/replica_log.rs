@@ -104,7 +104,9 @@ impl ReplicaLog {
         after: u64,
         through: u64,
     ) -> Vec<crate::buffer::FrozenBuffer> {
-        self.buffers.borrow_mut().rows_between(table, after, through)
+        self.buffers
+            .borrow_mut()
+            .rows_between(table, after, through)
     }
 
     pub fn buffered(&self) -> (usize, usize) {
@@ -208,9 +210,14 @@ impl ReplicaLogs {
             fsync: self.config.wal.fsync,
         };
         let mut buffers = ReplicaBuffers::new(origin, shard, start);
-        let (wal, report) = Wal::open(wal_config, start, |record| buffers.apply(&record))
-            .await
-            .map_err(|e| failed("open", &e))?;
+        let keys = &self.positions.keys;
+        let (wal, report) = Wal::open(wal_config, start, |record| {
+            buffers.apply(&record)?;
+            record_key(keys, &record);
+            Ok(())
+        })
+        .await
+        .map_err(|e| failed("open", &e))?;
         if buffers.applied_lsn() + 1 < report.next_lsn {
             // Nothing was replayed (an empty log that continues above its start).
             buffers.reset(report.next_lsn);
@@ -279,7 +286,9 @@ impl ReplicaLogs {
                 if record.lsn < next {
                     return Ok(());
                 }
-                buffers.apply(&record)
+                buffers.apply(&record)?;
+                record_key(&self.positions.keys, &record);
+                Ok(())
             })
             .map_err(|e| ReplicaError::Failed(format!("rows of node {origin}: {e}")))?;
             self.positions.advance(origin, shard, buffers.applied_lsn());
@@ -305,7 +314,9 @@ impl ReplicaLogs {
             return Ok(());
         }
         let failed = |e: &dyn std::fmt::Display| {
-            ReplicaError::Failed(format!("reset replica log of node {origin} shard {shard}: {e}"))
+            ReplicaError::Failed(format!(
+                "reset replica log of node {origin} shard {shard}: {e}"
+            ))
         };
         // The marker first: a reopen after a crash in the reset must replay from `lsn`.
         publish::replace(&log.marker, lsn.to_string().as_bytes())
@@ -315,8 +326,14 @@ impl ReplicaLogs {
         log.wal.reset_to(lsn).await.map_err(|e| failed(&e))?;
         log.buffers.borrow_mut().reset(lsn);
         self.positions.advance(origin, shard, lsn - 1);
-        self.positions.advance_replica_durable(origin, shard, lsn - 1);
-        tracing::info!(origin, shard, lsn, "replica log reset: the origin released the records below");
+        self.positions
+            .advance_replica_durable(origin, shard, lsn - 1);
+        tracing::info!(
+            origin,
+            shard,
+            lsn,
+            "replica log reset: the origin released the records below"
+        );
         Ok(())
     }
 
@@ -337,7 +354,8 @@ impl ReplicaLogs {
             if keep_from <= log.start.get() {
                 continue;
             }
-            if let Err(error) = publish::replace(&log.marker, keep_from.to_string().as_bytes()).await
+            if let Err(error) =
+                publish::replace(&log.marker, keep_from.to_string().as_bytes()).await
             {
                 tracing::warn!(origin = log.origin, shard = log.shard, %error, "replica start marker not written");
                 continue;
@@ -389,4 +407,25 @@ impl ReplicaLogs {
             }
         }
     }
+}
+
+/// Remembers the idempotency key of a replicated record, if it carries one, so a retry of that
+/// write on this node answers its original outcome.
+fn record_key(keys: &crate::idempotency::Keys, record: &shale_io::wal::RecordView<'_>) {
+    let Ok(payload) = crate::ingest::IngestPayload::decode(record.payload) else {
+        return;
+    };
+    let Some(key) = payload.key else { return };
+    let rows = payload.body.iter().filter(|b| **b == b'\n').count() as u64
+        + u64::from(!payload.body.ends_with(b"\n") && !payload.body.is_empty());
+    keys.record(
+        key,
+        crate::idempotency::Seen {
+            origin: record.origin_node,
+            shard: record.shard,
+            lsn: record.lsn,
+            rows,
+        },
+        record.time_ns.div_euclid(1_000_000),
+    );
 }

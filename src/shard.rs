@@ -24,8 +24,6 @@ use crate::buffer::{
     check_kind, ColumnKind, FrozenBuffer, MeasurementBuffer, SchemaConflict, Value, MICROS_PER_HOUR,
 };
 use crate::config::{AckLevel, Config};
-use crate::replica_log::ReplicaLogs;
-use crate::wal_replication::AckBoard;
 use crate::ingest::{IngestPayload, RECORD_KIND_LINE_PROTOCOL};
 use crate::line_protocol::{
     self, Batch, FieldValue, ParseBuffers, ParseError, ParseLimits, Precision,
@@ -33,7 +31,9 @@ use crate::line_protocol::{
 use crate::metrics::ShardMetrics;
 use crate::node::FatalReporter;
 use crate::query::snapshot::{BufferPiece, ShardSnapshot, TableName};
+use crate::replica_log::ReplicaLogs;
 use crate::storage::{self, FileOrigin};
+use crate::wal_replication::AckBoard;
 
 /// Why a write was not acknowledged. Each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,9 @@ pub enum WriteError {
     Overloaded(String),
     #[error("node is starting: WAL recovery is not finished")]
     NotReady,
+    /// A write with the same idempotency key is being stored on this node.
+    #[error("{0}")]
+    InProgress(String),
     #[error("write could not be made durable: {0}")]
     Durability(String),
     /// Durable in this node's WAL, but fewer copies than asked arrived in time.
@@ -144,6 +147,8 @@ pub struct Positions {
     /// Durable LSN of each replica log (origin, shard) on this node: what a takeover can
     /// flush if the origin dies.
     replica_durable: std::sync::Mutex<HashMap<(u64, u32), u64>>,
+    /// Idempotency keys of the writes this node holds (its own and replicated).
+    pub keys: crate::idempotency::Keys,
 }
 
 impl Positions {
@@ -186,6 +191,8 @@ pub struct Written {
     pub node: u64,
     pub shard: u32,
     pub lsn: u64,
+    /// An earlier write with the same idempotency key: nothing new was stored.
+    pub replayed: bool,
 }
 
 impl Written {
@@ -317,6 +324,19 @@ impl Shard {
                 &limits,
             )
             .map_err(|e| format!("stored request no longer parses: {e}"))?;
+            if let Some(key) = payload.key {
+                let seen = crate::idempotency::Seen {
+                    origin: self.node_id,
+                    shard: self.shard_id,
+                    lsn: record.lsn,
+                    rows: batch.len() as u64,
+                };
+                self.replication.positions.keys.record(
+                    key,
+                    seen,
+                    record.time_ns.div_euclid(1_000_000),
+                );
+            }
             let mut last: Option<(&str, u64)> = None;
             for line in batch.lines() {
                 let measurement = line.measurement();
@@ -425,10 +445,73 @@ impl Shard {
         precision: Precision,
         body: bytes::Bytes,
         ack: AckLevel,
+        key: Option<&str>,
     ) -> Result<Written, WriteError> {
         let Some(wal) = self.wal() else {
             return Err(WriteError::NotReady);
         };
+        let Some(key) = key else {
+            return self
+                .write_logged(&wal, database, precision, body, ack, None)
+                .await;
+        };
+        let keys = &self.replication.positions.keys;
+        match keys.get(key) {
+            Some(crate::idempotency::Known::Done(seen)) => {
+                // A retry: answer the original outcome, store nothing.
+                let written = Written {
+                    rows: seen.rows,
+                    node: seen.origin,
+                    shard: seen.shard,
+                    lsn: seen.lsn,
+                    replayed: true,
+                };
+                if seen.origin == self.node_id && seen.shard == self.shard_id {
+                    self.wait_copies(written, ack).await?;
+                }
+                return Ok(written);
+            }
+            Some(crate::idempotency::Known::Pending) => {
+                return Err(WriteError::InProgress(format!(
+                    "a write with Idempotency-Key {key:?} is being stored on this node; retry"
+                )))
+            }
+            None => {}
+        }
+        if !keys.begin(key) {
+            return Err(WriteError::InProgress(format!(
+                "a write with Idempotency-Key {key:?} is being stored on this node; retry"
+            )));
+        }
+        let result = self
+            .write_logged(&wal, database, precision, body, ack, Some(key))
+            .await;
+        match &result {
+            Ok(written) | Err(WriteError::NotReplicated { written, .. }) => {
+                let seen = crate::idempotency::Seen {
+                    origin: written.node,
+                    shard: written.shard,
+                    lsn: written.lsn,
+                    rows: written.rows,
+                };
+                keys.record(key, seen, now_ms());
+            }
+            // Refused before anything was logged (or the node is failing): nothing stored.
+            Err(_) => keys.abort(key),
+        }
+        result
+    }
+
+    /// The write itself: parse, check, log (with the idempotency key, if any), buffer, wait.
+    async fn write_logged(
+        self: &Rc<Self>,
+        wal: &Rc<Wal>,
+        database: &str,
+        precision: Precision,
+        body: bytes::Bytes,
+        ack: AckLevel,
+        key: Option<&str>,
+    ) -> Result<Written, WriteError> {
         let now_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
@@ -452,7 +535,7 @@ impl Shard {
         if !undeclared.is_empty() {
             self.declare_columns(database, undeclared).await?;
         }
-        let result = self.log_and_buffer(&wal, database, precision, &body, &batch, now_ns);
+        let result = self.log_and_buffer(wal, database, precision, &body, &batch, now_ns, key);
         let rows = batch.len() as u64;
         *self.parse_buffers.borrow_mut() = Some(batch.into_buffers());
         let append = result?;
@@ -468,6 +551,7 @@ impl Shard {
                     node: self.node_id,
                     shard: self.shard_id,
                     lsn,
+                    replayed: false,
                 };
                 self.wait_copies(written, ack).await?;
                 Ok(written)
@@ -582,6 +666,7 @@ impl Shard {
         body: &[u8],
         batch: &Batch<'_>,
         now_ns: i64,
+        key: Option<&str>,
     ) -> Result<shale_io::wal::Append, WriteError> {
         if self.buffered_bytes.get() > self.config.buffer.shard_bytes_max {
             self.metrics.write_rejected_overload.increment();
@@ -597,6 +682,7 @@ impl Shard {
             database,
             precision,
             body,
+            key,
         };
         let append = wal
             .append_with(
@@ -1011,11 +1097,19 @@ impl Shard {
                 // ran, e.g. behind a partition). Keeping them would count them twice, and a
                 // buffer cannot give up a prefix: stop, and the restart replays only above
                 // the fence.
-                self.fatal.report(format!("shard {}", self.shard_id), reason);
+                self.fatal
+                    .report(format!("shard {}", self.shard_id), reason);
                 return;
             }
             self.take_over().await;
             self.replicas.release(&self.manifest.current()).await;
+            let (rows, bytes) = self
+                .replicas
+                .status()
+                .iter()
+                .fold((0, 0), |(r, b), s| (r + s.4, b + s.5));
+            self.metrics.replica_buffer_rows.set(rows as u64);
+            self.metrics.replica_buffer_bytes.set(bytes as u64);
             if stopping {
                 break;
             }
@@ -1238,7 +1332,10 @@ impl Shard {
                     continue;
                 }
                 for frozen in log.rows_between(&table, after, fence.through_lsn) {
-                    if let Err(error) = self.flush_taken(log.origin, log.shard, &table, &frozen).await {
+                    if let Err(error) = self
+                        .flush_taken(log.origin, log.shard, &table, &frozen)
+                        .await
+                    {
                         self.metrics.flush_errors.increment();
                         tracing::warn!(
                             origin = log.origin,
@@ -1751,6 +1848,13 @@ impl Shard {
     }
 }
 
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 fn field_kind(value: &FieldValue<'_>) -> ColumnKind {
     match value {
         FieldValue::Float(_) => ColumnKind::Float,
@@ -1803,7 +1907,9 @@ fn sanitize(name: &str) -> String {
 
 /// The WAL directory of this node's shard `shard`.
 pub fn wal_dir(data_dir: &std::path::Path, shard: u32) -> PathBuf {
-    system_dir(data_dir).join("wal").join(format!("shard-{shard}"))
+    system_dir(data_dir)
+        .join("wal")
+        .join(format!("shard-{shard}"))
 }
 
 /// Where the node keeps its own state (WAL, Raft, journals). Database names must start with a

@@ -58,7 +58,9 @@ pub struct ShardReplicaSink {
 }
 
 fn stopped<T, E: From<String>>() -> Result<T, E> {
-    Err(E::from("the shard owning this replica log stopped".to_owned()))
+    Err(E::from(
+        "the shard owning this replica log stopped".to_owned(),
+    ))
 }
 
 impl ShardReplicaSink {
@@ -70,11 +72,13 @@ impl ShardReplicaSink {
 impl ReplicaSink for ShardReplicaSink {
     fn position(&self, origin: u64, shard: u32) -> Boxed<Result<u64, String>> {
         let (reply, answer) = flume::bounded(1);
-        let sent = self.shard_for(origin, shard).send(ReplicaRequest::Position {
-            origin,
-            shard,
-            reply,
-        });
+        let sent = self
+            .shard_for(origin, shard)
+            .send(ReplicaRequest::Position {
+                origin,
+                shard,
+                reply,
+            });
         Box::pin(async move {
             if sent.is_err() {
                 return stopped();
@@ -83,11 +87,7 @@ impl ReplicaSink for ShardReplicaSink {
         })
     }
 
-    fn append(
-        &self,
-        origin: u64,
-        group: ShippedGroup,
-    ) -> Boxed<Result<u64, ReplicaAppendError>> {
+    fn append(&self, origin: u64, group: ShippedGroup) -> Boxed<Result<u64, ReplicaAppendError>> {
         let (reply, answer) = flume::bounded(1);
         // Sent here, not in the future: the order of calls is the order of the log.
         let sent = self
@@ -98,7 +98,8 @@ impl ReplicaSink for ShardReplicaSink {
                 reply,
             });
         Box::pin(async move {
-            let failed = || ReplicaAppendError::Failed("the shard owning this replica log stopped".into());
+            let failed =
+                || ReplicaAppendError::Failed("the shard owning this replica log stopped".into());
             if sent.is_err() {
                 return Err(failed());
             }
@@ -142,7 +143,12 @@ pub struct SegmentSource {
 }
 
 impl GroupSource for SegmentSource {
-    fn read(&self, shard: u32, from_lsn: u64, bytes_max: usize) -> Boxed<Result<GroupBatch, String>> {
+    fn read(
+        &self,
+        shard: u32,
+        from_lsn: u64,
+        bytes_max: usize,
+    ) -> Boxed<Result<GroupBatch, String>> {
         let dir = crate::shard::wal_dir(&self.data_dir, shard);
         let node = self.node_id;
         let durable = self.positions.get(node, shard);

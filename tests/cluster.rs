@@ -418,7 +418,9 @@ fn queries_on_one_node_while_another_ingests_never_fail_or_double_count() {
                 // Paced by the reader (a query per two batches), so queries overlap the whole
                 // ingest however fast either side is; bounded in case the reader is stuck.
                 let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                while answered.load(Ordering::SeqCst) < batch / 2 && std::time::Instant::now() < until {
+                while answered.load(Ordering::SeqCst) < batch / 2
+                    && std::time::Instant::now() < until
+                {
                     std::thread::yield_now();
                 }
             }
@@ -1025,8 +1027,8 @@ fn a_partitioned_minority_cannot_register_and_converges_after_healing() {
 
 /// `count(*)`, `count(DISTINCT v)` of c.cpu on a node, read after `tokens` (write tokens).
 fn counts_after(node: &Node, tokens: &[String]) -> (u16, u64, u64) {
-    let body = serde_json::json!({ "sql": "SELECT count(*), count(DISTINCT v) FROM c.cpu" })
-        .to_string();
+    let body =
+        serde_json::json!({ "sql": "SELECT count(*), count(DISTINCT v) FROM c.cpu" }).to_string();
     let joined = tokens.join(",");
     let headers: Vec<(&str, &str)> = if tokens.is_empty() {
         Vec::new()
@@ -1047,7 +1049,13 @@ fn counts_after(node: &Node, tokens: &[String]) -> (u16, u64, u64) {
 
 /// Writes rows `first..first + count` of `host` on `node` with `ack`; returns the status and
 /// the write token.
-fn write_acked(node: &Node, host: &str, first: u64, count: u64, ack: &str) -> (u16, String, String) {
+fn write_acked(
+    node: &Node,
+    host: &str,
+    first: u64,
+    count: u64,
+    ack: &str,
+) -> (u16, String, String) {
     let body: String = (first..first + count)
         .map(|i| format!("cpu,host={host} v={i}i {}\n", 1_767_225_600 + i))
         .collect();
@@ -1058,7 +1066,10 @@ fn write_acked(node: &Node, host: &str, first: u64, count: u64, ack: &str) -> (u
     );
     (
         response.status,
-        response.header("x-shale-write-token").unwrap_or_default().to_string(),
+        response
+            .header("x-shale-write-token")
+            .unwrap_or_default()
+            .to_string(),
         response.text(),
     )
 }
@@ -1090,7 +1101,11 @@ fn majority_writes_are_read_anywhere_with_a_token_and_survive_a_killed_node() {
         sent += 100;
         // Read on another node right away: the token makes it wait for these rows.
         let (status, rows, distinct) = counts_after(&nodes[1], std::slice::from_ref(&token));
-        assert_eq!((status, rows, distinct), (200, sent, sent), "after batch {batch}");
+        assert_eq!(
+            (status, rows, distinct),
+            (200, sent, sent),
+            "after batch {batch}"
+        );
         tokens.push(token);
     }
     assert!(
@@ -1101,14 +1116,20 @@ fn majority_writes_are_read_anywhere_with_a_token_and_survive_a_killed_node() {
     nodes[2].kill9();
     for batch in 0..5 {
         let (status, token, text) = write_acked(&nodes[0], "b", sent, 100, "majority");
-        assert_eq!(status, 204, "majority with one node down, batch {batch}: {text}");
+        assert_eq!(
+            status, 204,
+            "majority with one node down, batch {batch}: {text}"
+        );
         sent += 100;
         tokens.push(token);
     }
     let (status, token, text) = write_acked(&nodes[0], "c", sent, 10, "all");
     assert_eq!(status, 503, "ack=all with a node down: {text}");
     assert!(text.contains("durable on this node"), "{text}");
-    assert!(!token.is_empty(), "the refused write still names its place in the wal");
+    assert!(
+        !token.is_empty(),
+        "the refused write still names its place in the wal"
+    );
     sent += 10;
     tokens.push(token);
 
@@ -1201,14 +1222,22 @@ fn a_dead_nodes_rows_are_taken_over_once_and_it_returns_without_duplicates() {
     let (status, _, text) = write_acked(&nodes[0], "y", sent, 100, "majority");
     assert_eq!(status, 204, "{text}");
     sent += 100;
-    assert_eq!(origin_file_rows(&nodes[0], 3), (0, 0), "node 3 flushed nothing yet");
+    assert_eq!(
+        origin_file_rows(&nodes[0], 3),
+        (0, 0),
+        "node 3 flushed nothing yet"
+    );
 
     nodes[2].kill9();
     nodes[0].wait_until("node 3's rows taken over into files", || {
         origin_file_rows(&nodes[0], 3) == (500, 500)
     });
     for node in &nodes[..2] {
-        wait_exact(node, sent, "the survivors count every acknowledged row once");
+        wait_exact(
+            node,
+            sent,
+            "the survivors count every acknowledged row once",
+        );
     }
 
     nodes[2].restart();
@@ -1223,8 +1252,18 @@ fn a_dead_nodes_rows_are_taken_over_once_and_it_returns_without_duplicates() {
 
     // Flush every buffer: the manifest then holds every row exactly once.
     for id in [1, 3] {
-        let (status, body) = admin(&nodes[0], "POST", &format!("/api/v1/cluster/nodes/{id}/drain"), "");
-        assert_eq!(status, 200, "drain node {id}: {body}\nnode 3 log:\n{}", nodes[2].log());
+        let (status, body) = admin(
+            &nodes[0],
+            "POST",
+            &format!("/api/v1/cluster/nodes/{id}/drain"),
+            "",
+        );
+        assert_eq!(
+            status,
+            200,
+            "drain node {id}: {body}\nnode 3 log:\n{}",
+            nodes[2].log()
+        );
     }
     nodes[0].wait_until("every row in files", || nodes[0].manifest_rows("c") == sent);
     assert_eq!(origin_file_rows(&nodes[0], 3), (600, 500));
@@ -1239,7 +1278,8 @@ fn batch_counts(node: &Node) -> Option<std::collections::BTreeMap<u64, u64>> {
         "sql": "SELECT v // 100 AS batch, count(*) AS n FROM c.cpu GROUP BY batch ORDER BY batch"
     })
     .to_string();
-    let response = harness::request(node.addr, "POST", "/api/v1/query", &[], body.as_bytes()).ok()?;
+    let response =
+        harness::request(node.addr, "POST", "/api/v1/query", &[], body.as_bytes()).ok()?;
     if response.status != 200 {
         return None;
     }
@@ -1262,7 +1302,11 @@ fn check_batches(nodes: &[Node], acked: &std::collections::BTreeSet<u64>, sent: 
         for (node, answer) in nodes.iter().zip(&answers) {
             let Some(batches) = answer else { return false };
             for (&batch, &rows) in batches {
-                assert!(batch < sent, "{what}: batch {batch} was never sent ({})", node.addr);
+                assert!(
+                    batch < sent,
+                    "{what}: batch {batch} was never sent ({})",
+                    node.addr
+                );
                 assert!(
                     rows == 100 || (rows < 100 && !acked.contains(&batch)),
                     "{what}: batch {batch} has {rows} rows on {}",
@@ -1319,7 +1363,13 @@ fn a_power_cut_under_majority_writes_keeps_every_acknowledged_row_once() {
                     let body: String = (b * 100..b * 100 + 100)
                         .map(|v| format!("cpu,host=h{} v={v}i {}\n", b % 7, 1_767_225_600 + v))
                         .collect();
-                    match harness::request(addr, "POST", "/write?db=c&precision=s&ack=majority", &[], body.as_bytes()) {
+                    match harness::request(
+                        addr,
+                        "POST",
+                        "/write?db=c&precision=s&ack=majority",
+                        &[],
+                        body.as_bytes(),
+                    ) {
                         Ok(response) if response.status == 204 => acked.push(b),
                         Ok(_) => {}
                         Err(_) => break,
@@ -1398,6 +1448,95 @@ fn random_kills_under_majority_writes_lose_and_double_nothing() {
     for node in nodes.iter_mut() {
         node.must_become_ready();
     }
-    assert!(acked.len() > 20, "the load went on through the kills: {} acked", acked.len());
+    assert!(
+        acked.len() > 20,
+        "the load went on through the kills: {} acked",
+        acked.len()
+    );
     check_batches(&nodes, &acked, batch, "after the chaos run");
+}
+
+/// Sends batch `batch` to `node` with an `Idempotency-Key`; returns (status, token, replayed).
+fn send_keyed(node: &Node, batch: u64, key: &str, ack: &str) -> (u16, String, bool) {
+    let body: String = (batch * 100..batch * 100 + 100)
+        .map(|i| format!("cpu,host=h{} v={i}i {}\n", batch % 7, 1_767_225_600 + i))
+        .collect();
+    let response = node.post(
+        &format!("/write?db=c&precision=s&ack={ack}"),
+        &[("Idempotency-Key", key)],
+        body.as_bytes(),
+    );
+    (
+        response.status,
+        response
+            .header("x-shale-write-token")
+            .unwrap_or_default()
+            .to_string(),
+        response.header("x-shale-idempotent-replay") == Some("true"),
+    )
+}
+
+// Ambiguous outcomes are resolved, not guessed: a write carrying an Idempotency-Key and
+// retried — on the same node, on another node right away, after an ack=all timeout (503,
+// stored locally) on another node, and after its origin was killed — answers the original
+// outcome (same write token, `X-Shale-Idempotent-Replay`) and stores nothing twice. And a
+// linearizable read on another node sees an ack=local write made just before it.
+#[test]
+fn idempotent_retries_on_any_node_store_nothing_twice() {
+    let (_dir, mut nodes) = three_writers();
+    let mut acked = std::collections::BTreeSet::new();
+
+    let (status, token, replayed) = send_keyed(&nodes[0], 0, "k0", "majority");
+    assert_eq!((status, replayed), (204, false));
+    acked.insert(0);
+    assert_eq!(
+        send_keyed(&nodes[0], 0, "k0", "majority"),
+        (204, token.clone(), true)
+    );
+    assert_eq!(
+        send_keyed(&nodes[1], 0, "k0", "majority"),
+        (204, token.clone(), true)
+    );
+
+    // A linearizable read on node 3 sees node 1's ack=local write at once.
+    let (status, _, _) = send_keyed(&nodes[0], 1, "k1", "local");
+    assert_eq!(status, 204);
+    acked.insert(1);
+    let body = serde_json::json!({ "sql": "SELECT count(*) FROM c.cpu" }).to_string();
+    let response = nodes[2].post(
+        "/api/v1/query",
+        &[("X-Shale-Read-Consistency", "linearizable")],
+        body.as_bytes(),
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(harness::json(&response)["data"][0][0].as_u64(), Some(200));
+
+    // ack=all with node 3 down: 503, stored locally; the retry on node 2 finds the original.
+    nodes[2].kill9();
+    let (status, token, _) = send_keyed(&nodes[0], 2, "k2", "all");
+    assert_eq!(status, 503, "ack=all with a node down");
+    assert!(!token.is_empty());
+    acked.insert(2);
+    assert_eq!(
+        send_keyed(&nodes[1], 2, "k2", "majority"),
+        (204, token, true)
+    );
+
+    // The origin is killed after acknowledging; the retry on a survivor finds the original.
+    nodes[2].restart();
+    nodes[2].must_become_ready();
+    let (status, token, _) = send_keyed(&nodes[0], 3, "k3", "majority");
+    assert_eq!(status, 204);
+    acked.insert(3);
+    nodes[0].kill9();
+    assert_eq!(
+        send_keyed(&nodes[1], 3, "k3", "majority"),
+        (204, token, true)
+    );
+    // A fresh key on a survivor is a new write.
+    assert_eq!(send_keyed(&nodes[2], 4, "k4", "majority").0, 204);
+    acked.insert(4);
+    nodes[0].restart();
+    nodes[0].must_become_ready();
+    check_batches(&nodes, &acked, 5, "after the retries");
 }

@@ -130,7 +130,9 @@ pub enum ManifestCommand {
     /// Changes nothing. A node that commits one and sees it applied knows its manifest holds
     /// every command committed before (a read barrier): a restarting node needs that before it
     /// replays its WAL, or it could miss a fence committed while it was down.
-    Barrier { node_id: u64 },
+    Barrier {
+        node_id: u64,
+    },
     /// Hands `origin`'s `shard` over to `taker` through `through_lsn` (see [`Fence`]).
     /// Re-committing the same fence is a no-op; a lower `through_lsn` is refused; the same
     /// one with another taker replaces a taker that died before it finished.
@@ -1337,10 +1339,19 @@ pub(crate) mod tests {
         // The origin's own file straddling the fence is refused; one above it is fine.
         let refused = manifest.apply(3, &register(vec![file("late", 5, 12)]));
         assert!(
-            matches!(refused, ManifestResponse::Rejected(Rejection::Fenced { through_lsn: 10, .. })),
+            matches!(
+                refused,
+                ManifestResponse::Rejected(Rejection::Fenced {
+                    through_lsn: 10,
+                    ..
+                })
+            ),
             "{refused:?}"
         );
-        assert_eq!(manifest.apply(4, &register(vec![file("after", 11, 12)])), applied(1, 0));
+        assert_eq!(
+            manifest.apply(4, &register(vec![file("after", 11, 12)])),
+            applied(1, 0)
+        );
         // The taker's file below the fence is accepted; another node's, or one past the fence, not.
         let mut taken = file("taken", 5, 10);
         taken.taken_by = Some(2);
@@ -1351,7 +1362,10 @@ pub(crate) mod tests {
         for bad in [stranger, beyond] {
             let response = manifest.apply(5, &register(vec![bad]));
             assert!(
-                matches!(response, ManifestResponse::Rejected(Rejection::NotTaker { .. })),
+                matches!(
+                    response,
+                    ManifestResponse::Rejected(Rejection::NotTaker { .. })
+                ),
                 "{response:?}"
             );
         }
@@ -1412,7 +1426,14 @@ pub(crate) mod tests {
                 (12, "c".to_owned())
             ]
         );
-        assert_eq!(after(&manifest, 5), vec![(9, "b1".to_owned()), (9, "b2".to_owned()), (12, "c".to_owned())]);
+        assert_eq!(
+            after(&manifest, 5),
+            vec![
+                (9, "b1".to_owned()),
+                (9, "b2".to_owned()),
+                (12, "c".to_owned())
+            ]
+        );
         assert_eq!(after(&manifest, 9), vec![(12, "c".to_owned())]);
         assert!(after(&manifest, 12).is_empty());
         assert!(manifest
@@ -1425,7 +1446,10 @@ pub(crate) mod tests {
                 paths: vec!["b1".to_owned()],
             },
         );
-        assert_eq!(after(&manifest, 5), vec![(9, "b2".to_owned()), (12, "c".to_owned())]);
+        assert_eq!(
+            after(&manifest, 5),
+            vec![(9, "b2".to_owned()), (12, "c".to_owned())]
+        );
     }
 
     #[test]

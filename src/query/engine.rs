@@ -375,11 +375,8 @@ impl Worker {
         tables.dedup();
         let checked_at = started.elapsed();
         let (reconciled, current) = self.snapshot(tables)?;
-        let (version, pieces, file_cuts) = (
-            reconciled.version,
-            reconciled.pieces,
-            reconciled.file_cuts,
-        );
+        let (version, pieces, file_cuts) =
+            (reconciled.version, reconciled.pieces, reconciled.file_cuts);
         let snapshot_at = started.elapsed();
         let cached = self.refresh_piece_cache(&pieces, &current)?;
         let cache_at = started.elapsed();

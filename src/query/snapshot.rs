@@ -70,7 +70,9 @@ impl BufferPiece {
         let Some(replica) = &self.replica else {
             return (self.lsn_first > lsn).then_some(self);
         };
-        let index = replica.records.partition_point(|(record, _)| *record <= lsn);
+        let index = replica
+            .records
+            .partition_point(|(record, _)| *record <= lsn);
         if index == 0 {
             return Some(self);
         }
@@ -195,7 +197,9 @@ pub fn reconcile(
                 &piece.table.database,
                 &piece.table.measurement,
             );
-            flushed.is_none_or(|lsn| lsn < piece.lsn_first).then_some(piece)
+            flushed
+                .is_none_or(|lsn| lsn < piece.lsn_first)
+                .then_some(piece)
         })
         .collect();
     Some(Reconciled {
@@ -242,8 +246,7 @@ mod tests {
         present: &dyn Fn(&str) -> bool,
     ) -> (Vec<i64>, Option<u64>) {
         use crate::replica::tests::{apply, file};
-        let mut buffers =
-            crate::replica::ReplicaBuffers::with_part_rows(2, 0, complete_from, 1000);
+        let mut buffers = crate::replica::ReplicaBuffers::with_part_rows(2, 0, complete_from, 1000);
         apply(&mut buffers, complete_from..=8);
         let table = TableName {
             database: "db".into(),
@@ -276,7 +279,10 @@ mod tests {
             ((1..=8).collect(), Some(0))
         );
         assert_eq!(reconcile_replica(5, &|p| p != "b2"), (vec![7, 8], None));
-        assert_eq!(reconcile_replica(4, &|p| p != "b2"), (vec![4, 5, 6, 7, 8], Some(3)));
+        assert_eq!(
+            reconcile_replica(4, &|p| p != "b2"),
+            (vec![4, 5, 6, 7, 8], Some(3))
+        );
     }
 
     // rows_from skips whole chunks, slices the one the offset falls in, and is empty at the end.
