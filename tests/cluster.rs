@@ -932,9 +932,11 @@ fn ip(args: &[&str]) {
 }
 
 // A network partition (network namespaces, blackhole routes on both sides): the isolated
-// minority cannot register files while the majority elects a leader and goes on registering;
-// after healing every node converges to the same files and answers, and the rows the minority
-// acknowledged during the partition are among them.
+// minority cannot register files and answers ack=majority writes 503 (`X-Shale-Stored: local`)
+// while the majority elects a leader and goes on registering and acknowledging majority
+// writes; the majority declares the live minority node dead and fences its shard; after
+// healing every node converges to the same files and answers, and the rows the minority
+// stored during the partition are among them exactly once.
 #[test]
 fn a_partitioned_minority_cannot_register_and_converges_after_healing() {
     // SAFETY: geteuid has no preconditions.
@@ -977,6 +979,11 @@ fn a_partitioned_minority_cannot_register_and_converges_after_healing() {
             "SHALE_CLUSTER_PEERS".into(),
             format!("{}:7000:8000", net.addr(1)),
         ));
+        options.extra_env.extend([
+            ("SHALE_CLUSTER_ACK_TIMEOUT_MS".into(), "1500".into()),
+            ("SHALE_CLUSTER_UNHEALTHY_AFTER_MS".into(), "1000".into()),
+            ("SHALE_CLUSTER_DEAD_AFTER_MS".into(), "3000".into()),
+        ]);
         options.http_addr = Some(format!("{}:8000", net.addr(k)).parse().unwrap());
         options.command_prefix = vec!["ip".into(), "netns".into(), "exec".into(), net.namespace(k)];
         options
@@ -999,13 +1006,24 @@ fn a_partitioned_minority_cannot_register_and_converges_after_healing() {
     net.partition(1, 2, true);
     net.partition(1, 3, true);
     write_rows(&nodes[0], "minority", 100, 5);
+    let (code, _, text) = write_acked(&nodes[0], "minority", 200, 3, "majority");
+    assert_eq!(
+        code, 503,
+        "a minority cannot gather a majority of copies: {text}"
+    );
+    assert!(text.contains("durable on this node"), "{text}");
     let majority = [&nodes[1], &nodes[2]];
     // Acknowledged by node 2's WAL at once; registered once the majority has a leader.
     write_rows(majority[0], "majority", 1000, 1);
-    majority[0].wait_until("the majority to register its file", || {
-        majority[0].manifest_files().len() == 2
+    let (code, _, text) = write_acked(majority[1], "majority", 1001, 1, "majority");
+    assert_eq!(
+        code, 204,
+        "the majority acknowledges majority writes: {text}"
+    );
+    majority[0].wait_until("the majority to register its files", || {
+        majority[0].manifest_files().len() == 3
     });
-    wait_all_hold_every_file(majority, 2, "the majority's file on both majority nodes");
+    wait_all_hold_every_file(majority, 3, "the majority's files on both majority nodes");
     // The minority's rows were acknowledged (its WAL holds them) but cannot be registered:
     // its manifest has not moved past the partition.
     assert_eq!(
@@ -1014,12 +1032,30 @@ fn a_partitioned_minority_cannot_register_and_converges_after_healing() {
         "a minority must not register files"
     );
 
+    // The majority declares the live but silent node 1 dead and fences its shard.
+    majority[0].wait_until("node 1 dead and its shard fenced", || {
+        let cluster = status(majority[0]);
+        let dead = cluster["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["id"] == 1 && n["state"] == "dead");
+        let fenced = cluster["wal_replication"]["fences"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["origin"] == 1));
+        dead && fenced
+    });
+
     net.partition(1, 2, false);
     net.partition(1, 3, false);
-    let expected = (16, (0..10).sum::<i64>() + (100..105).sum::<i64>() + 1000);
+    let expected = (
+        20,
+        (0..10).sum::<i64>() + (100..105).sum::<i64>() + (200..203).sum::<i64>() + 1000 + 1001,
+    );
     for node in &nodes {
         node.wait_until("every node converges on every file", || {
-            holds_every_file(node, 3)
+            let files = nodes[1].manifest_files().len();
+            files >= 4 && holds_every_file(node, files)
         });
         node.wait_until("identical answers", || totals(node) == expected);
     }
