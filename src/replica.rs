@@ -36,7 +36,7 @@ type TableKey = (String, String);
 /// One part of a table's replicated rows, and the LSN of each record's first row in it.
 enum Part {
     Open {
-        buffer: MeasurementBuffer,
+        buffer: Box<MeasurementBuffer>,
         records: Vec<(u64, u32)>,
     },
     Sealed {
@@ -85,7 +85,7 @@ impl ReplicaTable {
                 };
             }
             self.parts.push_back(Part::Open {
-                buffer: MeasurementBuffer::new(),
+                buffer: Box::default(),
                 records: Vec::new(),
             });
         }

@@ -423,7 +423,7 @@ impl Shard {
                 Ok(_) => return,
                 Err(error) => {
                     attempt += 1;
-                    if attempt == 1 || attempt % 20 == 0 {
+                    if attempt == 1 || attempt.is_multiple_of(20) {
                         tracing::info!(
                             shard_id = self.shard_id,
                             attempt,
@@ -535,7 +535,13 @@ impl Shard {
         if !undeclared.is_empty() {
             self.declare_columns(database, undeclared).await?;
         }
-        let result = self.log_and_buffer(wal, database, precision, &body, &batch, now_ns, key);
+        let payload = IngestPayload {
+            database,
+            precision,
+            body: &body,
+            key,
+        };
+        let result = self.log_and_buffer(wal, payload, &batch, now_ns);
         let rows = batch.len() as u64;
         *self.parse_buffers.borrow_mut() = Some(batch.into_buffers());
         let append = result?;
@@ -661,13 +667,11 @@ impl Shard {
     fn log_and_buffer(
         &self,
         wal: &Wal,
-        database: &str,
-        precision: Precision,
-        body: &[u8],
+        payload: IngestPayload<'_>,
         batch: &Batch<'_>,
         now_ns: i64,
-        key: Option<&str>,
     ) -> Result<shale_io::wal::Append, WriteError> {
+        let database = payload.database;
         if self.buffered_bytes.get() > self.config.buffer.shard_bytes_max {
             self.metrics.write_rejected_overload.increment();
             self.flush_wanted.notify();
@@ -678,12 +682,6 @@ impl Shard {
                 self.config.buffer.shard_bytes_max
             )));
         }
-        let payload = IngestPayload {
-            database,
-            precision,
-            body,
-            key,
-        };
         let append = wal
             .append_with(
                 RECORD_KIND_LINE_PROTOCOL,

@@ -392,6 +392,9 @@ type StreamKey = (u64, u32, String, String);
 /// per hour with the same LSN range, so several files may share an end.
 type StreamMap = OrdMap<StreamKey, OrdSet<(u64, Arc<str>)>>;
 
+/// A stream's (`lsn_last`, path) pairs while an image is rebuilt.
+type StreamEnds = Vec<(u64, Arc<str>)>;
+
 /// The files of one table, indexed for query planning. Derived from [`Manifest::files`]; every
 /// map shares the entries (and path keys) with it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -928,7 +931,7 @@ impl Manifest {
 
         // Files of each table, in path order, and the end LSNs of each stream.
         let mut tables: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
-        let mut streams: BTreeMap<(u64, u32, &str, &str), Vec<(u64, Arc<str>)>> = BTreeMap::new();
+        let mut streams: BTreeMap<(u64, u32, &str, &str), StreamEnds> = BTreeMap::new();
         for (index, file) in files.iter().enumerate() {
             let (database, measurement) = (file.database.as_str(), file.measurement.as_str());
             tables
