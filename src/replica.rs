@@ -14,6 +14,12 @@
 //!
 //! Rows go into parts of at most [`PART_ROWS`] rows; a part is dropped whole once all its
 //! rows are in files held here, so memory is bounded by the unflushed rows plus one part.
+//!
+//! Records are parsed lazily: an arriving record is kept as it came (its payload, and the
+//! tables its lines name, found by a scan of each line's measurement), and parsed into Arrow
+//! parts only when a query or a takeover needs rows. A node nobody queries spends no CPU on
+//! parsing its peers' rows; a raw record is dropped, like a part, once every table it names is
+//! in files on this node through its LSN.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -65,8 +71,18 @@ impl Part {
 #[derive(Default)]
 struct ReplicaTable {
     parts: VecDeque<Part>,
-    /// Rows at or below this LSN are in files this node holds, and were dropped.
-    dropped_through: u64,
+}
+
+/// A replicated record not parsed yet.
+struct RawRecord {
+    lsn: u64,
+    time_ns: i64,
+    /// The WAL payload as the origin wrote it (`ingest::IngestPayload`).
+    payload: Vec<u8>,
+    /// The tables its lines name.
+    tables: Vec<TableKey>,
+    /// Its lines (points), counted by the scan.
+    rows: usize,
 }
 
 impl ReplicaTable {
@@ -101,6 +117,10 @@ pub struct ReplicaBuffers {
     pub origin: u64,
     pub shard: u32,
     tables: HashMap<TableKey, ReplicaTable>,
+    /// Records not parsed yet, in LSN order, all above every parsed row.
+    raw: VecDeque<RawRecord>,
+    /// For each table, the LSN through which its rows are in files on this node's disk.
+    held: HashMap<TableKey, u64>,
     /// Every record of the origin from this LSN on was (or will be) applied here; rows below
     /// it never reached this node's buffers (the log started, or was reset, above them).
     complete_from: u64,
@@ -119,6 +139,8 @@ impl ReplicaBuffers {
             origin,
             shard,
             tables: HashMap::new(),
+            raw: VecDeque::new(),
+            held: HashMap::new(),
             complete_from: next_lsn,
             applied_lsn: next_lsn.saturating_sub(1),
             rows: 0,
@@ -154,8 +176,9 @@ impl ReplicaBuffers {
         *self = ReplicaBuffers::with_part_rows(self.origin, self.shard, next_lsn, self.part_rows);
     }
 
-    /// Adds the rows of one replicated record. Records arrive in LSN order; one at or below
-    /// `applied_lsn` is skipped (a resend). Fails only on a record this build cannot read.
+    /// Takes one replicated record. Records arrive in LSN order; one at or below `applied_lsn`
+    /// is skipped (a resend). The record is kept raw until rows are needed (see the module
+    /// documentation). Fails only on a record this build cannot read.
     pub fn apply(&mut self, record: &RecordView<'_>) -> Result<(), String> {
         if record.lsn <= self.applied_lsn {
             return Ok(());
@@ -164,6 +187,36 @@ impl ReplicaBuffers {
             return Err(format!("unknown record kind {}", record.kind));
         }
         let payload = IngestPayload::decode(record.payload).map_err(|e| e.to_string())?;
+        let (measurements, rows) = scan_measurements(payload.body);
+        let tables = measurements
+            .into_iter()
+            .map(|measurement| (payload.database.to_string(), measurement))
+            .collect();
+        self.bytes += record.payload.len();
+        self.rows += rows;
+        self.raw.push_back(RawRecord {
+            lsn: record.lsn,
+            time_ns: record.time_ns,
+            payload: record.payload.to_vec(),
+            tables,
+            rows,
+        });
+        self.applied_lsn = record.lsn;
+        Ok(())
+    }
+
+    /// Parses every raw record into the tables' parts, in LSN order.
+    fn materialize(&mut self) -> Result<(), String> {
+        while let Some(raw) = self.raw.pop_front() {
+            self.bytes = self.bytes.saturating_sub(raw.payload.len());
+            self.rows = self.rows.saturating_sub(raw.rows);
+            self.parse_into_parts(&raw)?;
+        }
+        Ok(())
+    }
+
+    fn parse_into_parts(&mut self, raw: &RawRecord) -> Result<(), String> {
+        let payload = IngestPayload::decode(&raw.payload).map_err(|e| e.to_string())?;
         // The origin accepted these rows under its limits; replay them whatever ours are.
         let limits = ParseLimits {
             line_bytes_max: usize::MAX,
@@ -172,7 +225,7 @@ impl ReplicaBuffers {
         let batch = line_protocol::parse(
             payload.body,
             payload.precision,
-            record.time_ns.div_euclid(1000),
+            raw.time_ns.div_euclid(1000),
             &limits,
         )
         .map_err(|e| format!("replicated request no longer parses: {e}"))?;
@@ -182,13 +235,13 @@ impl ReplicaBuffers {
             let table = self.tables.entry(key).or_default();
             let (buffer, records) = table.open_part(self.part_rows);
             let row = buffer.rows() as u32;
-            let starts_record = records.last().is_none_or(|(lsn, _)| *lsn != record.lsn);
+            let starts_record = records.last().is_none_or(|(lsn, _)| *lsn != raw.lsn);
             if starts_record {
-                records.push((record.lsn, row));
+                records.push((raw.lsn, row));
             }
             let before = buffer.bytes_estimate();
             buffer.append_row(
-                record.lsn,
+                raw.lsn,
                 line.time_us(),
                 line.tags(),
                 line.fields().map(|(key, value)| (key, Value::from(value))),
@@ -196,25 +249,43 @@ impl ReplicaBuffers {
             self.bytes += buffer.bytes_estimate() - before;
             self.rows += 1;
         }
-        self.applied_lsn = record.lsn;
         Ok(())
     }
 
-    /// Drops the parts whose rows are all in files of `manifest` that are on this node's disk
-    /// (`present` says whether a path is). Returns the rows dropped.
+    /// Parses what is still raw; a record that no longer parses is logged and its rows left
+    /// out (the origin validated it, so this means a bug or damage the WAL checks missed).
+    fn materialize_or_log(&mut self) {
+        if let Err(error) = self.materialize() {
+            tracing::error!(origin = self.origin, shard = self.shard, %error, "replicated record not parsed");
+        }
+    }
+
+    /// Drops the parts and raw records whose rows are all in files of `manifest` that are on
+    /// this node's disk (`present` says whether a path is). Returns the rows dropped.
     pub fn drop_held(&mut self, manifest: &Manifest, present: &dyn Fn(&str) -> bool) -> usize {
-        let mut dropped_rows = 0;
-        for ((database, measurement), table) in self.tables.iter_mut() {
+        let mut names: Vec<TableKey> = self.tables.keys().cloned().collect();
+        for raw in &self.raw {
+            for table in &raw.tables {
+                if !names.contains(table) {
+                    names.push(table.clone());
+                }
+            }
+        }
+        for table in names {
+            let mark = self.held.get(&table).copied().unwrap_or(0);
             let held = held_through(
                 manifest,
-                (self.origin, self.shard, database, measurement),
-                table.dropped_through,
+                (self.origin, self.shard, &table.0, &table.1),
+                mark,
                 present,
             );
-            if held <= table.dropped_through {
-                continue;
+            if held > mark {
+                self.held.insert(table, held);
             }
-            table.dropped_through = held;
+        }
+        let mut dropped_rows = 0;
+        for (key, table) in self.tables.iter_mut() {
+            let held = self.held.get(key).copied().unwrap_or(0);
             while table
                 .parts
                 .front()
@@ -232,11 +303,22 @@ impl ReplicaBuffers {
             }
         }
         self.tables.retain(|_, table| !table.parts.is_empty());
+        while self.raw.front().is_some_and(|raw| {
+            raw.tables
+                .iter()
+                .all(|table| self.held.get(table).is_some_and(|held| *held >= raw.lsn))
+        }) {
+            let raw = self.raw.pop_front().expect("checked above");
+            self.bytes = self.bytes.saturating_sub(raw.payload.len());
+            self.rows = self.rows.saturating_sub(raw.rows);
+            dropped_rows += raw.rows;
+        }
         dropped_rows
     }
 
-    /// The tables with buffered rows.
-    pub fn tables(&self) -> Vec<(String, String)> {
+    /// The tables with buffered rows (parsing what is still raw).
+    pub fn tables(&mut self) -> Vec<(String, String)> {
+        self.materialize_or_log();
         self.tables.keys().cloned().collect()
     }
 
@@ -248,6 +330,7 @@ impl ReplicaBuffers {
         after: u64,
         through: u64,
     ) -> Vec<FrozenBuffer> {
+        self.materialize_or_log();
         let Some(replica) = self.tables.get_mut(table) else {
             return Vec::new();
         };
@@ -280,18 +363,22 @@ impl ReplicaBuffers {
 
     /// The lowest LSN with a row still buffered, if any: the replica log must keep it.
     pub fn lsn_first(&self) -> Option<u64> {
-        self.tables
+        let parsed = self
+            .tables
             .values()
             .filter_map(|t| match t.parts.front()? {
                 Part::Open { records, .. } => records.first().map(|(lsn, _)| *lsn),
                 Part::Sealed { records, .. } => records.first().map(|(lsn, _)| *lsn),
             })
-            .min()
+            .min();
+        let raw = self.raw.front().map(|raw| raw.lsn);
+        parsed.into_iter().chain(raw).min()
     }
 
     /// The buffered rows of `table` as query pieces (sealed parts shared, the open part's
     /// builders copied), each with the LSN of every record's rows.
     pub fn snapshot(&mut self, table: &TableName) -> Vec<BufferPiece> {
+        self.materialize_or_log();
         let key = (table.database.clone(), table.measurement.clone());
         let Some(replica) = self.tables.get_mut(&key) else {
             return Vec::new();
@@ -322,6 +409,48 @@ impl ReplicaBuffers {
         }
         pieces
     }
+}
+
+/// The measurements a line-protocol body names (each once, in first-seen order) and its number
+/// of points, by a scan of each line's first element: much cheaper than parsing. Blank lines
+/// and `#` comments are skipped as the parser skips them; `\,` and `\ ` are the measurement's
+/// escapes.
+fn scan_measurements(body: &[u8]) -> (Vec<String>, usize) {
+    let mut measurements: Vec<String> = Vec::new();
+    let mut rows = 0;
+    for line in body.split(|b| *b == b'\n') {
+        let start = line
+            .iter()
+            .position(|b| *b != b' ' && *b != b'\t')
+            .unwrap_or(line.len());
+        let line = &line[start..];
+        if line.is_empty() || line[0] == b'#' || line == b"\r" {
+            continue;
+        }
+        rows += 1;
+        let mut name = Vec::new();
+        let mut index = 0;
+        while index < line.len() {
+            match line[index] {
+                b'\\' if matches!(line.get(index + 1), Some(b',') | Some(b' ')) => {
+                    name.push(line[index + 1]);
+                    index += 2;
+                }
+                b',' | b' ' => break,
+                byte => {
+                    name.push(byte);
+                    index += 1;
+                }
+            }
+        }
+        let name = String::from_utf8_lossy(&name);
+        if measurements.last().is_none_or(|last| **last != *name)
+            && !measurements.iter().any(|m| **m == *name)
+        {
+            measurements.push(name.into_owned());
+        }
+    }
+    (measurements, rows)
 }
 
 /// Rows `start..end` of `chunks`, as slices (no copy).
@@ -512,6 +641,40 @@ pub(crate) mod tests {
         assert_eq!(pieces.len(), 1);
         assert_eq!(pieces[0].num_rows(), 2);
         assert_eq!(pieces[0].lsn_first, 7);
+
+        // The same once parsed into parts (a query came first): parts go whole.
+        let mut parsed = ReplicaBuffers::with_part_rows(2, 0, 1, 3);
+        apply(&mut parsed, 1..=8);
+        assert_eq!(parsed.snapshot(&table()).len(), 3);
+        assert_eq!(parsed.drop_held(&manifest, &absent_b2), 3);
+        assert_eq!(parsed.lsn_first(), Some(4));
+        assert_eq!(parsed.drop_held(&manifest, &|_| true), 3);
+        assert_eq!((parsed.rows(), parsed.lsn_first()), (2, Some(7)));
+    }
+
+    // The scan that finds a raw record's tables agrees with the parser on what a measurement
+    // is: blank lines, comments, leading blanks, CRLF, repeated names (names with escaped
+    // characters are refused by the name rules before they reach a WAL).
+    #[test]
+    fn the_measurement_scan_finds_every_table_of_a_body() {
+        let body = b"cpu,host=a v=1 1\n\n# note\n  mem v=2 2\r\ndisk v=3\ncpu v=4\n\r\n";
+        let (names, rows) = scan_measurements(body);
+        assert_eq!(names, vec!["cpu", "mem", "disk"]);
+        assert_eq!(rows, 4);
+        let batch = line_protocol::parse(
+            body,
+            crate::line_protocol::Precision::Seconds,
+            0,
+            &ParseLimits::default(),
+        )
+        .unwrap();
+        let mut parsed: Vec<String> = Vec::new();
+        for line in batch.lines() {
+            if !parsed.iter().any(|m| m == line.measurement()) {
+                parsed.push(line.measurement().to_owned());
+            }
+        }
+        assert_eq!(parsed, names);
     }
 
     // held_through walks a stream's ends in order and stops before the first end with any file

@@ -94,7 +94,7 @@ impl ReplicaLog {
 
     /// Tables with buffered rows.
     pub fn tables(&self) -> Vec<(String, String)> {
-        self.buffers.borrow().tables()
+        self.buffers.borrow_mut().tables()
     }
 
     /// Buffered rows of `table` with an LSN in `(after, through]`, one frozen buffer per part.
