@@ -1576,3 +1576,62 @@ fn idempotent_retries_on_any_node_store_nothing_twice() {
     nodes[0].must_become_ready();
     check_batches(&nodes, &acked, 5, "after the retries");
 }
+
+// A node declared dead while it still runs (here frozen with SIGSTOP, as a long GC pause or a
+// partition would silence it) has its unflushed, replicated rows taken over by a survivor.
+// When it resumes it finds the fence over rows it still buffers: it must stop rather than
+// flush them a second time, and its restart replays only what is its own. Every acknowledged
+// row ends up counted once on every node.
+#[test]
+fn a_node_declared_dead_while_running_stops_and_returns_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 3);
+    let mut nodes = start_three_writers_with(dir.path(), &certs, &members(3), |options| {
+        options.flush_age_ms = 600_000;
+        options.extra_env.extend([
+            ("SHALE_CLUSTER_UNHEALTHY_AFTER_MS".into(), "1000".into()),
+            ("SHALE_CLUSTER_DEAD_AFTER_MS".into(), "3000".into()),
+        ]);
+    });
+    let frozen = (0..3)
+        .find(|&i| leader_of(&nodes[0]) != Some(i as u64 + 1))
+        .unwrap();
+    let origin = frozen as u64 + 1;
+    let mut sent = 0u64;
+    for batch in 0..3 {
+        let (status, _, text) = write_acked(&nodes[frozen], "f", sent, 100, "majority");
+        assert_eq!(status, 204, "batch {batch}: {text}");
+        sent += 100;
+    }
+    // SAFETY: kill(2) with a live child's pid has no memory-safety preconditions.
+    assert_eq!(
+        unsafe { libc::kill(nodes[frozen].pid() as i32, libc::SIGSTOP) },
+        0
+    );
+    let watcher = &nodes[(frozen + 1) % 3];
+    watcher.wait_until("the frozen node's rows taken over into files", || {
+        origin_file_rows(watcher, origin) == (300, 300)
+    });
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::kill(nodes[frozen].pid() as i32, libc::SIGCONT) },
+        0
+    );
+    let status = nodes[frozen].must_exit();
+    assert!(!status.success(), "a fenced node stops with an error");
+    assert!(
+        nodes[frozen].log().contains("took over this shard's rows"),
+        "the node says why it stopped"
+    );
+    nodes[frozen].restart();
+    nodes[frozen].must_become_ready();
+    for node in &nodes {
+        wait_exact(node, sent, "every node counts the taken-over rows once");
+    }
+    let (status, _, text) = write_acked(&nodes[frozen], "g", sent, 100, "majority");
+    assert_eq!(status, 204, "{text}");
+    sent += 100;
+    for node in &nodes {
+        wait_exact(node, sent, "and the rows written after the return");
+    }
+}
