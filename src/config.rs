@@ -161,6 +161,7 @@ pub struct ClusterConfig {
     pub ack: AckLevel,
     pub ack_timeout_ms: u64,
     pub idempotency_window_ms: u64,
+    pub wal_peer_retention_bytes: u64,
     pub wal_ship_ring_bytes: usize,
 }
 

@@ -1745,23 +1745,59 @@ impl Shard {
                 }
             }
         }
-        if keep_from <= self.released_below.get() {
-            return;
+        if keep_from > self.released_below.get() {
+            // The marker goes first: after a crash, replay starts at it, whether or not the
+            // segments below it were deleted yet.
+            let marker = self.release_marker_path();
+            if let Err(error) = publish::replace(&marker, keep_from.to_string().as_bytes()).await {
+                tracing::warn!(shard_id = self.shard_id, %error, "wal release marker not written");
+                return;
+            }
+            self.released_below.set(keep_from);
         }
-        // The marker goes first: after a crash, replay starts at it, whether or not the
-        // segments below it were deleted yet.
-        let marker = self.release_marker_path();
-        if let Err(error) = publish::replace(&marker, keep_from.to_string().as_bytes()).await {
-            tracing::warn!(shard_id = self.shard_id, %error, "wal release marker not written");
-            return;
-        }
-        self.released_below.set(keep_from);
-        match wal.release_below(keep_from).await {
+        // Segments a live peer has not stored yet stay (within cluster.wal_peer_retention_bytes),
+        // so it resumes from this WAL instead of restarting its replica log at a gap.
+        let delete_below = keep_from.min(self.peer_retention_floor(&wal).unwrap_or(u64::MAX));
+        match wal.release_below(delete_below).await {
+            Ok(0) => {}
             Ok(_) => self.refresh_wal_metrics(),
             Err(error) => {
                 tracing::warn!(shard_id = self.shard_id, %error, "wal release failed");
             }
         }
+    }
+
+    /// The lowest LSN a member of the cluster (not committed dead) still lacks of this shard's
+    /// WAL, if keeping it costs at most `cluster.wal_peer_retention_bytes` of segments.
+    fn peer_retention_floor(&self, wal: &Wal) -> Option<u64> {
+        if !self.config.cluster.enabled {
+            return None;
+        }
+        let metrics = self.manifest.raft_metrics()?;
+        let version = self.manifest.current();
+        let floor = metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| *id != self.node_id)
+            .filter(|id| {
+                version.manifest.node_state(*id)
+                    != Some(shale_replication::manifest::NodeState::Dead)
+            })
+            .map(|peer| self.replication.acks.acked(peer) + 1)
+            .min()?;
+        let held_bytes = wal.stats().segments as u64 * self.config.wal.segment_bytes_max;
+        if held_bytes > self.config.cluster.wal_peer_retention_bytes {
+            tracing::debug!(
+                shard_id = self.shard_id,
+                peer_floor = floor,
+                held_bytes,
+                "wal kept for peers is over cluster.wal_peer_retention_bytes; releasing"
+            );
+            return None;
+        }
+        Some(floor)
     }
 
     fn release_marker_path(&self) -> PathBuf {

@@ -209,6 +209,12 @@ impl AckBoard {
         let _ = self.changed.try_send(());
     }
 
+    /// The LSN through which `peer` holds this shard's log (0 before its first ack).
+    pub fn acked(&self, peer: u64) -> u64 {
+        let acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        acked.get(&peer).copied().unwrap_or(0)
+    }
+
     /// How many of `peers` hold the log through `lsn`.
     pub fn copies(&self, peers: impl Iterator<Item = u64>, lsn: u64) -> usize {
         let acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());

@@ -1635,3 +1635,49 @@ fn a_node_declared_dead_while_running_stops_and_returns_without_duplicates() {
         wait_exact(node, sent, "and the rows written after the return");
     }
 }
+
+// A member that is down while its peers write, flush and rotate their WAL segments resumes
+// from their WALs when it returns: an origin keeps the segments a member has not stored
+// (within cluster.wal_peer_retention_bytes) instead of releasing them once flushed, so the
+// member's replica log continues without a gap (no reset) and holds every row.
+#[test]
+fn a_member_that_was_down_resumes_from_its_peers_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 3);
+    let mut nodes = start_three_writers_with(dir.path(), &certs, &members(3), |options| {
+        // Small segments rotate after a few writes and flushes (200 ms) would release them;
+        // a small ring makes a returning member read older groups from the WAL on disk.
+        options.extra_env.extend([
+            ("SHALE_WAL_SEGMENT_BYTES_MAX".into(), "8192".into()),
+            ("SHALE_CLUSTER_WAL_SHIP_RING_BYTES".into(), "4096".into()),
+        ]);
+    });
+    let mut sent = 0u64;
+    let (status, _, text) = write_acked(&nodes[0], "a", sent, 100, "all");
+    assert_eq!(status, 204, "{text}");
+    sent += 100;
+    nodes[2].kill9();
+    for _ in 0..10 {
+        let (status, _, text) = write_acked(&nodes[0], "b", sent, 100, "majority");
+        assert_eq!(status, 204, "{text}");
+        sent += 100;
+    }
+    nodes[0].wait_until("node 1 flushed its rows", || {
+        nodes[0].manifest_rows("c") == sent
+    });
+    nodes[2].restart();
+    nodes[2].must_become_ready();
+    wait_exact(&nodes[2], sent, "the returning member holds every row");
+    nodes[2].wait_until("node 1's wal position on node 3", || {
+        let positions = admin(&nodes[2], "GET", "/api/v1/cluster/local", "").1;
+        positions["node"]["replica_logs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|log| log["origin"] == 1 && log["durable_lsn"].as_u64() >= Some(11))
+    });
+    assert!(
+        !nodes[2].log().contains("replica log reset"),
+        "node 3's replica of node 1 restarted at a gap instead of resuming"
+    );
+}
