@@ -1223,11 +1223,23 @@ fn wait_exact(node: &Node, sent: u64, what: &str) {
         if status != 200 {
             return false;
         }
-        assert!(
-            rows == distinct && rows <= sent,
-            "{what}: {rows} rows, {distinct} distinct, {sent} sent on {}",
-            node.addr
-        );
+        if rows != distinct || rows > sent {
+            let files: Vec<String> = node
+                .manifest_files()
+                .iter()
+                .map(|f| {
+                    let present = node.data_dir.join(f["path"].as_str().unwrap()).exists();
+                    format!("{} present={present}", f["path"])
+                })
+                .collect();
+            panic!(
+                "{what}: {rows} rows, {distinct} distinct, {sent} sent on {}\nfiles: {files:#?}\n\
+                 local: {}\nlog:\n{}",
+                node.addr,
+                admin(node, "GET", "/api/v1/cluster/local", "").1,
+                node.log()
+            );
+        }
         rows == sent
     });
 }

@@ -428,12 +428,23 @@ impl Worker {
             }
             if entries.is_empty() && total > 0 {
                 // Keep one file so the view has the table's columns; the query's own WHERE
-                // filters its rows.
+                // filters its rows (every file it could take lies outside the query's time
+                // range). Never one above a stream's cut: buffers answer those rows, so its
+                // rows would count twice.
+                let table_name = TableName {
+                    database: table.database.clone(),
+                    measurement: table.measurement.clone(),
+                };
+                let below_cut = |f: &&FileEntry| {
+                    file_cuts
+                        .get(&(f.origin_node, f.shard, table_name.clone()))
+                        .is_none_or(|cut| f.lsn_last <= *cut)
+                };
                 entries.extend(
                     version
                         .manifest
                         .files_for(&table.database, &table.measurement)
-                        .find(present),
+                        .find(|f| below_cut(f) && present(f)),
                 );
             }
             self.metrics.files_read.add(entries.len() as u64);
