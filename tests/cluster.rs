@@ -1446,9 +1446,10 @@ fn a_power_cut_under_majority_writes_keeps_every_acknowledged_row_once() {
     check_batches(&nodes, &acked, sent, "after the power cut");
 }
 
-// Chaos: for a bounded time a random node is killed (kill -9) every couple of seconds and
-// restarted a moment later, while a loader writes batches with ack=majority to random nodes and
-// never retries. At the end every acknowledged batch is on every node exactly once.
+// Chaos: for a bounded time a node is killed (kill -9) every couple of seconds, in turn the Raft
+// leader, a follower and a node a batch is in flight to, and restarted a moment later, while a
+// loader writes batches with ack=majority to random nodes and never retries. At the end every
+// acknowledged batch is on every node exactly once.
 #[test]
 fn random_kills_under_majority_writes_lose_and_double_nothing() {
     let (_dir, mut nodes) = three_writers();
@@ -1469,6 +1470,7 @@ fn random_kills_under_majority_writes_lose_and_double_nothing() {
     let started = Instant::now();
     let mut down: Option<(usize, Instant)> = None;
     let mut next_kill = Instant::now() + Duration::from_millis(1500);
+    let mut kills = 0u64;
     while started.elapsed() < Duration::from_secs(20) {
         if let Some((index, at)) = down {
             if at.elapsed() >= Duration::from_millis(800) {
@@ -1477,8 +1479,54 @@ fn random_kills_under_majority_writes_lose_and_double_nothing() {
                 next_kill = Instant::now() + Duration::from_millis(1500 + next(1500));
             }
         } else if Instant::now() >= next_kill {
-            let index = next(3) as usize;
-            nodes[index].kill9();
+            // Roles in turn: the Raft leader, a follower, then the node a batch is being sent
+            // to; and so on while the run lasts.
+            let leader = nodes.iter().find_map(|node| {
+                let auth = format!("Bearer {TOKEN}");
+                let response = harness::request(
+                    node.addr,
+                    "GET",
+                    "/api/v1/cluster",
+                    &[("authorization", auth.as_str())],
+                    b"",
+                )
+                .ok()?;
+                let value: serde_json::Value = serde_json::from_slice(&response.body).ok()?;
+                value["leader_id"].as_u64().map(|id| id as usize - 1)
+            });
+            let index = match kills % 3 {
+                0 => leader.unwrap_or(0),
+                1 => (leader.unwrap_or(0) + 1 + next(2) as usize) % 3,
+                _ => next(3) as usize,
+            };
+            kills += 1;
+            if kills % 3 == 0 {
+                // The node being written to: a batch is in flight to it as it dies.
+                let addr = nodes[index].addr;
+                let in_flight = batch;
+                batch += 1;
+                let sender = std::thread::spawn(move || {
+                    let body: String = (in_flight * 100..in_flight * 100 + 100)
+                        .map(|v| {
+                            format!("cpu,host=h{} v={v}i {}\n", in_flight % 7, 1_767_225_600 + v)
+                        })
+                        .collect();
+                    harness::request(
+                        addr,
+                        "POST",
+                        "/write?db=c&precision=s&ack=majority",
+                        &[],
+                        body.as_bytes(),
+                    )
+                    .is_ok_and(|response| response.status == 204)
+                });
+                nodes[index].kill9();
+                if sender.join().unwrap() {
+                    acked.insert(in_flight);
+                }
+            } else {
+                nodes[index].kill9();
+            }
             down = Some((index, Instant::now()));
         }
         let target = next(3) as usize;
@@ -1500,6 +1548,10 @@ fn random_kills_under_majority_writes_lose_and_double_nothing() {
         acked.len() > 20,
         "the load went on through the kills: {} acked",
         acked.len()
+    );
+    assert!(
+        kills >= 3,
+        "every role was killed at least once ({kills} kills)"
     );
     check_batches(&nodes, &acked, batch, "after the chaos run");
 }
