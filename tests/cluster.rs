@@ -1500,7 +1500,7 @@ fn random_kills_under_majority_writes_lose_and_double_nothing() {
                 _ => next(3) as usize,
             };
             kills += 1;
-            if kills % 3 == 0 {
+            if kills.is_multiple_of(3) {
                 // The node being written to: a batch is in flight to it as it dies.
                 let addr = nodes[index].addr;
                 let in_flight = batch;
