@@ -63,6 +63,17 @@ pub enum WriteError {
 /// A (database, measurement) pair as owned keys.
 type TableKey = (String, String);
 
+/// Whose rows one flush holds: a table of an origin shard's WAL over an LSN range, and the
+/// taker when a survivor writes a dead node's rows.
+struct FlushSource<'a> {
+    table: &'a TableKey,
+    origin: u64,
+    shard: u32,
+    lsn_first: u64,
+    lsn_last: u64,
+    taken_by: Option<u64>,
+}
+
 /// Column kinds of one table.
 type TableKinds = HashMap<String, ColumnKind>;
 
@@ -1392,23 +1403,58 @@ impl Shard {
             })
             .await
             .context("encode parquet")?;
+        let entries = self
+            .publish_files(
+                &encoded,
+                FlushSource {
+                    table,
+                    origin,
+                    shard: origin_shard,
+                    lsn_first: frozen.lsn_first,
+                    lsn_last: frozen.lsn_last,
+                    taken_by: Some(taker),
+                },
+            )
+            .await?;
+        self.register(entries).await
+    }
+
+    /// Publishes the encoded files of one flush durably and returns their manifest entries.
+    /// Idempotent: a file already at its path is reused if the manifest registers it with
+    /// exactly these bytes (a retry after the registration committed but before it was seen),
+    /// refused if it registers other content, and replaced if unregistered (left by a crash
+    /// before its registration: nothing reads it, and the WAL still holds its rows).
+    async fn publish_files(
+        &self,
+        encoded: &[storage::EncodedFile],
+        source: FlushSource<'_>,
+    ) -> anyhow::Result<Vec<FileEntry>> {
+        use anyhow::Context;
         let version = self.manifest.current();
-        let created_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let created_at_ms = now_ms();
         let mut entries = Vec::with_capacity(encoded.len());
-        for file in &encoded {
+        for file in encoded {
             let relative = file.relative_path.to_string_lossy().into_owned();
             let absolute = self.data_dir.join(&file.relative_path);
             let published = match publish::publish(&absolute, &file.bytes).await {
                 Ok(published) => published,
                 Err(PublishError::Exists { .. }) => {
                     if let Some(entry) = version.manifest.file(&relative) {
+                        let hash = blake3::hash(&file.bytes);
+                        if entry.size_bytes != file.bytes.len() as u64
+                            || entry.blake3_hex != hash.to_hex().as_str()
+                        {
+                            return Err(RegistrationRejected(format!(
+                                "{relative} is registered with other content (blake3 {}, \
+                                 this flush {})",
+                                entry.blake3_hex,
+                                hash.to_hex()
+                            ))
+                            .into());
+                        }
                         entries.push(entry.clone());
                         continue;
                     }
-                    // Left by a crash before its registration: the replica log still has the rows.
                     std::fs::remove_file(&absolute)
                         .with_context(|| format!("remove unregistered {}", absolute.display()))?;
                     publish::publish(&absolute, &file.bytes)
@@ -1426,18 +1472,18 @@ impl Shard {
                 rows: file.rows,
                 time_min_us: file.time_min_us,
                 time_max_us: file.time_max_us,
-                database: table.0.clone(),
-                measurement: table.1.clone(),
-                origin_node: origin,
-                shard: origin_shard,
-                lsn_first: frozen.lsn_first,
-                lsn_last: frozen.lsn_last,
+                database: source.table.0.clone(),
+                measurement: source.table.1.clone(),
+                origin_node: source.origin,
+                shard: source.shard,
+                lsn_first: source.lsn_first,
+                lsn_last: source.lsn_last,
                 created_at_ms,
                 columns_fingerprint: file.columns_fingerprint,
-                taken_by: Some(taker),
+                taken_by: source.taken_by,
             });
         }
-        self.register(entries).await
+        Ok(entries)
     }
 
     /// Encode, publish, journal, register. Idempotent: a retry after any failure converges.
@@ -1466,67 +1512,20 @@ impl Shard {
             .await
             .context("encode parquet")?;
 
-        let version = self.manifest.current();
-        let created_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
         self.refresh_wal_metrics();
-        let mut entries = Vec::with_capacity(encoded.len());
-        for file in &encoded {
-            let relative = file.relative_path.to_string_lossy().into_owned();
-            let absolute = self.data_dir.join(&file.relative_path);
-            let published = match publish::publish(&absolute, &file.bytes).await {
-                Ok(published) => published,
-                Err(PublishError::Exists { .. }) => {
-                    if let Some(entry) = version.manifest.file(&relative) {
-                        // A retry after the registration committed but before we saw it: the
-                        // registered file must hold exactly these bytes.
-                        let hash = blake3::hash(&file.bytes);
-                        if entry.size_bytes != file.bytes.len() as u64
-                            || entry.blake3_hex != hash.to_hex().as_str()
-                        {
-                            return Err(RegistrationRejected(format!(
-                                "{relative} is registered with other content (blake3 {}, \
-                                 this flush {})",
-                                entry.blake3_hex,
-                                hash.to_hex()
-                            ))
-                            .into());
-                        }
-                        entries.push(entry.clone());
-                        continue;
-                    }
-                    // Left by a crash between publish and registration: nothing reads a file
-                    // the manifest does not list, and the WAL still holds its rows.
-                    std::fs::remove_file(&absolute)
-                        .with_context(|| format!("remove unregistered {}", absolute.display()))?;
-                    publish::publish(&absolute, &file.bytes)
-                        .await
-                        .context("publish parquet")?
-                }
-                Err(error) => return Err(error).context("publish parquet"),
-            };
-            self.metrics.files_written.increment();
-            self.metrics.file_bytes_written.add(published.size_bytes);
-            entries.push(FileEntry {
-                path: relative,
-                size_bytes: published.size_bytes,
-                blake3_hex: published.blake3_hex(),
-                rows: file.rows,
-                time_min_us: file.time_min_us,
-                time_max_us: file.time_max_us,
-                database: key.0.clone(),
-                measurement: key.1.clone(),
-                origin_node: self.node_id,
-                shard: self.shard_id,
-                lsn_first: frozen.lsn_first,
-                lsn_last: frozen.lsn_last,
-                created_at_ms,
-                columns_fingerprint: file.columns_fingerprint,
-                taken_by: None,
-            });
-        }
+        let entries = self
+            .publish_files(
+                &encoded,
+                FlushSource {
+                    table: key,
+                    origin: self.node_id,
+                    shard: self.shard_id,
+                    lsn_first: frozen.lsn_first,
+                    lsn_last: frozen.lsn_last,
+                    taken_by: None,
+                },
+            )
+            .await?;
         let journal = self.pending_dir.join(format!(
             "{}-{}-{:020}-{:020}.json",
             sanitize(&key.0),
