@@ -6,12 +6,7 @@
 //! them, the active segment only grows at its end, and segments disappear oldest first when
 //! released. A group still being written is simply not returned yet.
 
-use std::{
-    fs::File,
-    io,
-    os::unix::fs::FileExt,
-    path::{Path, PathBuf},
-};
+use std::{fs::File, io, os::unix::fs::FileExt, path::Path};
 
 use bytes::Bytes;
 
@@ -19,10 +14,7 @@ use super::{
     error::WalError,
     group::{self, GroupFault, GroupHeader, GROUP_HEADER_BYTES},
     record::{self, FrameFault, FRAME_HEADER_BYTES},
-    segment::{
-        parse_segment_file_name, HeaderFault, SegmentHeader, SEGMENT_FORMAT_VERSION_V1,
-        SEGMENT_HEADER_BYTES,
-    },
+    segment::{HeaderFault, SegmentHeader, SEGMENT_FORMAT_VERSION_V1, SEGMENT_HEADER_BYTES},
     shipped::DurableGroup,
 };
 
@@ -110,7 +102,8 @@ enum SegmentEnd {
 
 /// One pass over the segment list; `None` when the first segment to read vanished.
 fn read_once(dir: &Path, request: &Request) -> Result<Option<GroupRead>, WalError> {
-    let segments = list_segments(dir)?;
+    // Other files (markers, leftovers) are recovery's to report; catch-up only reads segments.
+    let (segments, _) = super::recovery::list_segments(dir)?;
     let mut read = GroupRead {
         groups: Vec::new(),
         oldest_lsn: segments.first().map(|(first_lsn, _)| *first_lsn),
@@ -428,23 +421,6 @@ impl V1Group {
 /// A version 1 segment ends where a zero length field is followed only by zeros.
 fn frame_end_of_segment(data: &[u8], position: usize) -> bool {
     crate::frame::is_zero_tail(data, position)
-}
-
-/// Segment files in LSN order; other files are ignored.
-fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|error| WalError::io("list wal directory", dir, error))?;
-    let mut segments = Vec::new();
-    for entry in entries {
-        let path = entry
-            .map_err(|error| WalError::io("list wal directory", dir, error))?
-            .path();
-        if let Some(first_lsn) = parse_segment_file_name(&path) {
-            segments.push((first_lsn, path));
-        }
-    }
-    segments.sort_unstable();
-    Ok(segments)
 }
 
 fn corrupt(path: &Path, offset: u64, reason: String) -> WalError {

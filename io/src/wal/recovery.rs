@@ -83,7 +83,10 @@ pub(crate) async fn recover(
     let replay_from_lsn = replay_from_lsn.max(1);
     let directory = open_directory(&config.dir, config.fsync).await?;
     super::direct_io::prime_direct_io_probe(&config.dir).await?;
-    let paths = list_segments(&config.dir)?;
+    let (paths, others) = list_segments(&config.dir)?;
+    for path in others {
+        tracing::warn!(path = %path.display(), "ignoring unexpected file in wal directory");
+    }
 
     let mut report = RecoveryReport {
         records_replayed: 0,
@@ -388,24 +391,26 @@ async fn open_directory(dir: &Path, fsync: bool) -> Result<Directory, WalError> 
     Ok(directory)
 }
 
-/// Segment files in LSN order. Other files are left alone (and reported once).
-fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
+/// A WAL directory's segment files as (first LSN, path) in LSN order, and its other files.
+pub(crate) type SegmentListing = (Vec<(u64, PathBuf)>, Vec<PathBuf>);
+
+/// Segment files in LSN order, and the other files of the directory (left alone).
+pub(crate) fn list_segments(dir: &Path) -> Result<SegmentListing, WalError> {
     let entries =
         std::fs::read_dir(dir).map_err(|error| WalError::io("list wal directory", dir, error))?;
     let mut segments = Vec::new();
+    let mut others = Vec::new();
     for entry in entries {
         let path = entry
             .map_err(|error| WalError::io("list wal directory", dir, error))?
             .path();
         match parse_segment_file_name(&path) {
             Some(first_lsn) => segments.push((first_lsn, path)),
-            None => {
-                tracing::warn!(path = %path.display(), "ignoring unexpected file in wal directory")
-            }
+            None => others.push(path),
         }
     }
     segments.sort_unstable();
-    Ok(segments)
+    Ok((segments, others))
 }
 
 /// Reads a whole segment with direct I/O, in bounded chunks.
