@@ -211,44 +211,34 @@ pub fn render_wal_metrics(node: &NodeShared, out: &mut String) {
     let gauge = |out: &mut String, name: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
     };
-    gauge(
-        out,
-        "shale_wal_ship_lag_records",
-        "Records of this node's shard WAL a peer does not hold durably yet.",
-    );
-    for s in &status.shipping {
-        let _ = writeln!(
-            out,
-            "shale_wal_ship_lag_records{{peer=\"{}\",shard=\"{}\"}} {}",
-            s.peer, s.shard, s.lag_records
-        );
-    }
-    gauge(
-        out,
-        "shale_wal_ship_lag_bytes",
-        "Bytes of those records still in the ring (a lower bound for a peer behind it).",
-    );
-    for s in &status.shipping {
-        let _ = writeln!(
-            out,
-            "shale_wal_ship_lag_bytes{{peer=\"{}\",shard=\"{}\"}} {}",
-            s.peer, s.shard, s.lag_bytes
-        );
-    }
-    gauge(
-        out,
-        "shale_wal_ship_ack_age_seconds",
-        "Seconds since the peer last acknowledged this shard's WAL (absent before its first ack).",
-    );
-    for s in &status.shipping {
-        if let Some(age) = s.last_ack_age_ms {
-            let _ = writeln!(
-                out,
-                "shale_wal_ship_ack_age_seconds{{peer=\"{}\",shard=\"{}\"}} {}",
-                s.peer,
-                s.shard,
-                age as f64 / 1000.0
-            );
+    type Pick = fn(&shale_replication::wal_stream::ShippingStatus) -> Option<f64>;
+    let shipping: [(&str, &str, Pick); 3] = [
+        (
+            "shale_wal_ship_lag_records",
+            "Records of this node's shard WAL a peer does not hold durably yet.",
+            |s| Some(s.lag_records as f64),
+        ),
+        (
+            "shale_wal_ship_lag_bytes",
+            "Bytes of those records still in the ring (a lower bound for a peer behind it).",
+            |s| Some(s.lag_bytes as f64),
+        ),
+        (
+            "shale_wal_ship_ack_age_seconds",
+            "Seconds since the peer last acknowledged this shard's WAL (absent before its first ack).",
+            |s| s.last_ack_age_ms.map(|ms| ms as f64 / 1000.0),
+        ),
+    ];
+    for (name, help, pick) in shipping {
+        gauge(out, name, help);
+        for s in &status.shipping {
+            if let Some(value) = pick(s) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{peer=\"{}\",shard=\"{}\"}} {value}",
+                    s.peer, s.shard
+                );
+            }
         }
     }
     gauge(
