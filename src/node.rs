@@ -724,6 +724,7 @@ fn cluster_plane(
         serve: Default::default(),
         sink,
         presence,
+        holdings: Default::default(),
         wal: Some(wal),
     }))
 }

@@ -627,6 +627,7 @@ fn main() {
             watch: Arc::new(OneVersion(version.clone(), PinRegistry::default())),
             peers: Arc::new(|| vec![PeerInfo { node_id: SERVER }]),
             config: fetch_config,
+            holdings: Default::default(),
         });
         let before = udp_receive_buffer_drops();
         // Announced on stderr so a profiler can attach for this phase alone.

@@ -29,6 +29,7 @@ use crate::files::fetch::Connector;
 use crate::files::fetch::FetchError;
 use crate::files::fetch::StreamPair;
 use crate::files::fetch::StreamSource;
+use crate::files::holdings::Holdings;
 use crate::files::planner::PeerInfo;
 use crate::files::presence::PresenceIndex;
 use crate::files::replicator::FetchConfig;
@@ -75,6 +76,8 @@ pub struct ClusterSettings {
     /// Writes fetched files; started by the node before the control thread.
     pub sink: FileSink,
     pub presence: PresenceIndex,
+    /// What this node holds and what is damaged; shared with queries and the node's API.
+    pub holdings: Holdings,
     /// WAL streaming to and from every peer; `None` leaves WAL streams unserved.
     pub wal: Option<WalReplicationParts>,
 }
@@ -82,11 +85,17 @@ pub struct ClusterSettings {
 /// Shared views of the running plane, for the node's API and metrics.
 #[derive(Clone, Default)]
 pub struct ClusterView {
+    holdings: Holdings,
     replication: Arc<OnceLock<ReplicatorHandle>>,
     wal_stream: Arc<OnceLock<WalStreamHandle>>,
 }
 
 impl ClusterView {
+    /// What this node holds and what is damaged (see [`Holdings`]).
+    pub fn holdings(&self) -> &Holdings {
+        &self.holdings
+    }
+
     /// The file replicator's handle once it runs (lag, present version).
     pub fn replication(&self) -> Option<&ReplicatorHandle> {
         self.replication.get()
@@ -111,7 +120,10 @@ pub struct ClusterPlane {
 
 impl ClusterPlane {
     pub fn new(settings: ClusterSettings) -> (ClusterPlane, ClusterView) {
-        let view = ClusterView::default();
+        let view = ClusterView {
+            holdings: settings.holdings.clone(),
+            ..ClusterView::default()
+        };
         let plane = ClusterPlane {
             settings: Some(settings),
             transport: None,
@@ -213,6 +225,7 @@ impl ControlPlane for ClusterPlane {
             watch: Arc::new(PublishedWatch(published)),
             peers,
             config: settings.fetch,
+            holdings: settings.holdings.clone(),
         });
         let _ = self.view.replication.set(handle);
         tokio::spawn(async move {

@@ -13,6 +13,7 @@
 //! tokio's blocking pool, so the control thread never waits for the disk.
 
 pub mod fetch;
+pub mod holdings;
 pub mod planner;
 pub mod presence;
 pub mod protocol;

@@ -533,6 +533,7 @@ async fn replicator_skips_a_corrupt_source_and_publishes_the_present_version() {
         watch: versions.clone(),
         peers: Arc::new(|| vec![PeerInfo { node_id: 2 }, PeerInfo { node_id: 3 }]),
         config: FetchConfig::default(),
+        holdings: Default::default(),
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(replicator.run(async move {
@@ -587,6 +588,7 @@ async fn replicator_adopts_files_already_on_disk() {
         watch: versions,
         peers: Arc::new(Vec::new),
         config: FetchConfig::default(),
+        holdings: Default::default(),
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(replicator.run(async move {
@@ -643,6 +645,7 @@ fn start_replicator(
             delete_check_ms: 10,
             ..FetchConfig::default()
         },
+        holdings: Default::default(),
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(replicator.run(async move {

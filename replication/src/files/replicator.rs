@@ -48,6 +48,8 @@ use crate::files::fetch::BoxFuture;
 use crate::files::fetch::ExpectedFile;
 use crate::files::fetch::FetchError;
 use crate::files::fetch::FileSource;
+use crate::files::holdings::HeldFile;
+use crate::files::holdings::Holdings;
 use crate::files::parse_blake3_hex;
 
 use crate::files::partial_path;
@@ -208,6 +210,8 @@ pub struct ReplicatorParts {
     pub watch: Arc<dyn ManifestWatch>,
     pub peers: PeerList,
     pub config: FetchConfig,
+    /// The shared view of what is held, kept equal to the presence index.
+    pub holdings: Holdings,
 }
 
 /// The driver. Build it with [`Replicator::new`], then spawn [`Replicator::run`] on the
@@ -318,6 +322,9 @@ impl Replicator {
         // index order.
         let mut deletes: VecDeque<(u64, String)> = VecDeque::new();
 
+        for entry in self.parts.presence.iter() {
+            self.parts.holdings.set_held(&entry.path, held_file(entry));
+        }
         let result = 'run: {
             if let Err(error) = self.finish_interrupted_deletes().await {
                 break 'run Err(error);
@@ -497,6 +504,9 @@ impl Replicator {
             .presence
             .mark_deleting(&self.parts.sink, &recorded)
             .await?;
+        self.parts
+            .holdings
+            .unset_held(recorded.iter().map(String::as_str));
         let mut files = Vec::with_capacity(paths.len() * 2);
         for path in &paths {
             if crate::files::protocol::check_relative_path(path).is_err() {
@@ -587,18 +597,17 @@ impl Replicator {
         let verified_at_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
+        let entry = PresenceEntry {
+            path: path.clone(),
+            size_bytes: outcome.task.size_bytes,
+            blake3_hex: outcome.task.blake3_hex.clone(),
+            verified_at_ms,
+        };
         self.parts
             .presence
-            .insert(
-                &self.parts.sink,
-                PresenceEntry {
-                    path: path.clone(),
-                    size_bytes: outcome.task.size_bytes,
-                    blake3_hex: outcome.task.blake3_hex.clone(),
-                    verified_at_ms,
-                },
-            )
+            .insert(&self.parts.sink, entry.clone())
             .await?;
+        self.parts.holdings.set_held(&path, held_file(&entry));
         {
             // Counted once the file is recorded, so a reader of the metrics that sees the file
             // counted also finds it in the presence index.
@@ -709,5 +718,13 @@ impl Replicator {
             }
             outcome
         }
+    }
+}
+
+fn held_file(entry: &PresenceEntry) -> HeldFile {
+    HeldFile {
+        size_bytes: entry.size_bytes,
+        blake3_hex: Arc::from(entry.blake3_hex.as_str()),
+        verified_at_ms: entry.verified_at_ms,
     }
 }
