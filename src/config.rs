@@ -27,6 +27,22 @@ pub struct Config {
     pub query: QueryConfig,
     pub log: LogConfig,
     pub cluster: ClusterConfig,
+    pub antientropy: AntiEntropyConfig,
+}
+
+/// The `[antientropy]` section: the walker that proves every manifest file is held here byte
+/// for byte, and repairs what is not (cluster nodes only).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AntiEntropyConfig {
+    pub paused: bool,
+    pub cheap_pass_interval_ms: u64,
+    pub page_files: usize,
+    pub scrub_mb_per_s: u64,
+    pub scrub_cycle_target_hours: u64,
+    pub repair_concurrency: usize,
+    pub orphan_grace_ms: u64,
+    pub lost_recheck_ms: u64,
 }
 
 /// The `[query]` section: DuckDB workers and the limits of one query.
@@ -407,6 +423,16 @@ impl Config {
                      transfer may have to wait out the followers' leader lease"
                 );
             }
+        }
+        let antientropy = &self.antientropy;
+        if antientropy.page_files == 0 || antientropy.repair_concurrency == 0 {
+            bail!("antientropy.page_files and antientropy.repair_concurrency must be greater than 0");
+        }
+        if antientropy.scrub_mb_per_s == 0 || antientropy.scrub_cycle_target_hours == 0 {
+            bail!(
+                "antientropy.scrub_mb_per_s and scrub_cycle_target_hours must be greater than 0 \
+                 (pause the walker with antientropy.paused instead)"
+            );
         }
         if self.buffer.flush_rows_max == 0 || self.parquet.row_group_rows_max == 0 {
             bail!("buffer.flush_rows_max and parquet.row_group_rows_max must be greater than 0");
