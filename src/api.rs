@@ -194,7 +194,30 @@ impl Api {
                 Endpoint::Other,
                 self.measurements(parameter.as_deref().unwrap_or_default()),
             ),
+            Handler::AntiEntropy | Handler::AntiEntropyPause | Handler::AntiEntropyResume => {
+                (Endpoint::Other, self.antientropy(route.handler))
+            }
         }
+    }
+
+    /// `GET /api/v1/cluster/antientropy` (the walker's status) and `POST .../pause|resume`.
+    fn antientropy(&self, handler: Handler) -> Response<Body> {
+        let Some(walker) = self.node.cluster.as_ref().and_then(|view| view.walker()) else {
+            return error(
+                StatusCode::CONFLICT,
+                "the anti-entropy walker runs on cluster nodes only (cluster.enabled = false here)",
+            );
+        };
+        match handler {
+            Handler::AntiEntropyPause => walker.pause(),
+            Handler::AntiEntropyResume => walker.resume(),
+            _ => {}
+        }
+        let body = serde_json::json!({
+            "success": true,
+            "antientropy": serde_json::to_value(walker.status()).unwrap_or_default(),
+        });
+        json(StatusCode::OK, body.to_string())
     }
 
     async fn write(&self, request: Request<Incoming>, flavor: WriteFlavor) -> Response<Body> {
@@ -1272,6 +1295,11 @@ impl Api {
                     engine.files_absent.get() as f64,
                 ),
                 (
+                    "shale_query_files_unavailable_total",
+                    "Queries failed because a file they needed is damaged here (lost, or not repaired before their deadline).",
+                    engine.files_unavailable.get() as f64,
+                ),
+                (
                     "shale_query_buffer_pieces_total",
                     "Unflushed buffer pieces queries read.",
                     engine.buffer_pieces.get() as f64,
@@ -1280,6 +1308,7 @@ impl Api {
         );
         let mut text = text;
         crate::cluster_api::render_wal_metrics(&self.node, &mut text);
+        crate::cluster_api::render_antientropy_metrics(&self.node, &mut text);
         Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
@@ -1385,7 +1414,14 @@ fn query_error(e: QueryError) -> Response<Body> {
         }
         QueryError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
         QueryError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        QueryError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        QueryError::Internal(_) | QueryError::Replan => StatusCode::INTERNAL_SERVER_ERROR,
+        QueryError::Unavailable(_) => {
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            return response;
+        }
     };
     error(status, &e.to_string())
 }
@@ -1503,6 +1539,9 @@ enum Handler {
     ClusterHealth,
     DrainNode,
     ActivateNode,
+    AntiEntropy,
+    AntiEntropyPause,
+    AntiEntropyResume,
 }
 
 /// The write endpoints differ in where the database name comes from and in body format.
@@ -1524,7 +1563,7 @@ struct Route {
 
 /// Every endpoint of the node, in one place: matching, 405s and the `Allow` header all come
 /// from this table.
-static ROUTES: [Route; 27] = [
+static ROUTES: [Route; 30] = [
     Route {
         pattern: "/write",
         methods: &[Method::POST],
@@ -1649,6 +1688,21 @@ static ROUTES: [Route; 27] = [
         pattern: "/api/v1/cluster/nodes/{}/activate",
         methods: &[Method::POST],
         handler: Handler::ActivateNode,
+    },
+    Route {
+        pattern: "/api/v1/cluster/antientropy",
+        methods: &[Method::GET],
+        handler: Handler::AntiEntropy,
+    },
+    Route {
+        pattern: "/api/v1/cluster/antientropy/pause",
+        methods: &[Method::POST],
+        handler: Handler::AntiEntropyPause,
+    },
+    Route {
+        pattern: "/api/v1/cluster/antientropy/resume",
+        methods: &[Method::POST],
+        handler: Handler::AntiEntropyResume,
     },
     Route {
         pattern: "/api/v1/databases",

@@ -31,6 +31,11 @@ pub fn cluster(node: &NodeShared) -> Value {
         "manifest_files": version.manifest.files().len(),
         "nodes": nodes,
         "wal_replication": wal_replication(node),
+        "antientropy": node
+            .cluster
+            .as_ref()
+            .and_then(|view| view.walker())
+            .map(|walker| serde_json::to_value(walker.status()).unwrap_or(Value::Null)),
     })
 }
 
@@ -250,6 +255,139 @@ pub fn render_wal_metrics(node: &NodeShared, out: &mut String) {
         let _ = writeln!(
             out,
             "shale_replica_durable_lsn{{origin=\"{origin}\",shard=\"{shard}\"}} {lsn}"
+        );
+    }
+}
+
+/// The anti-entropy walker's series for `/metrics`.
+pub fn render_antientropy_metrics(node: &NodeShared, out: &mut String) {
+    use std::fmt::Write;
+    let Some(walker) = node.cluster.as_ref().and_then(|view| view.walker()) else {
+        return;
+    };
+    let status = walker.status();
+    type Pick = fn(&shale_replication::antientropy::WalkerStatus) -> u64;
+    let series: [(&str, &str, &str, Pick); 19] = [
+        (
+            "shale_antientropy_paused",
+            "gauge",
+            "1 while the walker is paused.",
+            |s| s.paused as u64,
+        ),
+        (
+            "shale_antientropy_cheap_passes_total",
+            "counter",
+            "Cheap passes completed.",
+            |s| s.cheap_passes_total,
+        ),
+        (
+            "shale_antientropy_files_walked_total",
+            "counter",
+            "Manifest files looked at by cheap passes and the deep scrub.",
+            |s| s.files_walked_total,
+        ),
+        (
+            "shale_antientropy_files_missing_total",
+            "counter",
+            "Held files found absent from disk.",
+            |s| s.files_missing_total,
+        ),
+        (
+            "shale_antientropy_files_wrong_size_total",
+            "counter",
+            "Held files found with another size than the manifest's.",
+            |s| s.files_wrong_size_total,
+        ),
+        (
+            "shale_antientropy_files_corrupt_total",
+            "counter",
+            "Held files whose bytes did not hash to the manifest's blake3.",
+            |s| s.files_corrupt_total,
+        ),
+        (
+            "shale_antientropy_files_quarantined_total",
+            "counter",
+            "Damaged copies moved to _system/quarantine.",
+            |s| s.files_quarantined_total,
+        ),
+        (
+            "shale_antientropy_files_repaired_total",
+            "counter",
+            "Damaged files fetched again and verified.",
+            |s| s.files_repaired_total,
+        ),
+        (
+            "shale_antientropy_files_lost_total",
+            "counter",
+            "Files found lost: no member holds a copy matching the manifest.",
+            |s| s.files_lost_total,
+        ),
+        (
+            "shale_antientropy_files_damaged",
+            "gauge",
+            "Files damaged here and not repaired yet.",
+            |s| s.files_damaged,
+        ),
+        (
+            "shale_antientropy_files_lost",
+            "gauge",
+            "Damaged files no member holds a good copy of.",
+            |s| s.files_lost,
+        ),
+        (
+            "shale_antientropy_repair_queue_depth",
+            "gauge",
+            "Damaged files waiting for a repair or being repaired.",
+            |s| s.repair_queue_depth,
+        ),
+        (
+            "shale_antientropy_bytes_verified_total",
+            "counter",
+            "Bytes re-hashed by the deep scrub and deep checks.",
+            |s| s.bytes_verified_total,
+        ),
+        (
+            "shale_antientropy_scrub_files_total",
+            "counter",
+            "Files re-hashed by the deep scrub.",
+            |s| s.scrub_files_total,
+        ),
+        (
+            "shale_antientropy_scrub_cycles_total",
+            "counter",
+            "Deep-scrub cycles completed.",
+            |s| s.scrub_cycles_total,
+        ),
+        (
+            "shale_antientropy_scrub_bytes_per_second",
+            "gauge",
+            "The deep scrub's read rate in its current cycle.",
+            |s| s.scrub_bytes_per_second,
+        ),
+        (
+            "shale_antientropy_oldest_unverified_age_seconds",
+            "gauge",
+            "Age of the oldest verification of a held file.",
+            |s| s.oldest_unverified_age_s,
+        ),
+        (
+            "shale_antientropy_orphans",
+            "gauge",
+            "Files on disk that no manifest version references.",
+            |s| s.orphans,
+        ),
+        (
+            "shale_antientropy_orphans_deleted_total",
+            "counter",
+            "Orphans deleted after their grace period.",
+            |s| s.orphans_deleted_total,
+        ),
+    ];
+    for (name, kind, help, pick) in series {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            pick(&status)
         );
     }
 }

@@ -39,7 +39,7 @@ pub struct AntiEntropyConfig {
     pub cheap_pass_interval_ms: u64,
     pub page_files: usize,
     pub scrub_mb_per_s: u64,
-    pub scrub_cycle_target_hours: u64,
+    pub scrub_cycle_target_s: u64,
     pub repair_concurrency: usize,
     pub orphan_grace_ms: u64,
     pub lost_recheck_ms: u64,
@@ -426,11 +426,13 @@ impl Config {
         }
         let antientropy = &self.antientropy;
         if antientropy.page_files == 0 || antientropy.repair_concurrency == 0 {
-            bail!("antientropy.page_files and antientropy.repair_concurrency must be greater than 0");
-        }
-        if antientropy.scrub_mb_per_s == 0 || antientropy.scrub_cycle_target_hours == 0 {
             bail!(
-                "antientropy.scrub_mb_per_s and scrub_cycle_target_hours must be greater than 0 \
+                "antientropy.page_files and antientropy.repair_concurrency must be greater than 0"
+            );
+        }
+        if antientropy.scrub_mb_per_s == 0 || antientropy.scrub_cycle_target_s == 0 {
+            bail!(
+                "antientropy.scrub_mb_per_s and scrub_cycle_target_s must be greater than 0 \
                  (pause the walker with antientropy.paused instead)"
             );
         }

@@ -271,9 +271,16 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     let (snapshot_senders, snapshot_receivers): (Vec<_>, Vec<_>) = (0..shard_count)
         .map(|_| flume::bounded::<SnapshotRequest>(64))
         .unzip();
-    let (query_engine, query) =
-        QueryEngine::start(config.query.clone(), data_dir, snapshot_senders)
-            .context("start the query engine")?;
+    let (query_engine, query) = QueryEngine::start(
+        config.query.clone(),
+        data_dir,
+        cluster_view
+            .as_ref()
+            .map(|view| view.holdings().clone())
+            .unwrap_or_default(),
+        snapshot_senders,
+    )
+    .context("start the query engine")?;
     let shared = Arc::new(NodeShared {
         config: config.clone(),
         metrics: NodeMetrics::new(shard_count),
@@ -725,8 +732,26 @@ fn cluster_plane(
         sink,
         presence,
         holdings: Default::default(),
+        walker: Some(walker_config(&config.antientropy)),
         wal: Some(wal),
     }))
+}
+
+/// The anti-entropy walker's settings from the `[antientropy]` section.
+fn walker_config(
+    config: &crate::config::AntiEntropyConfig,
+) -> shale_replication::antientropy::WalkerConfig {
+    shale_replication::antientropy::WalkerConfig {
+        paused: config.paused,
+        cheap_pass_interval: Duration::from_millis(config.cheap_pass_interval_ms),
+        page_files: config.page_files,
+        scrub_bytes_per_second: config.scrub_mb_per_s.saturating_mul(1_000_000),
+        scrub_cycle_target: Duration::from_secs(config.scrub_cycle_target_s),
+        repair_concurrency: config.repair_concurrency,
+        orphan_grace: Duration::from_millis(config.orphan_grace_ms),
+        lost_recheck: Duration::from_millis(config.lost_recheck_ms),
+        ..Default::default()
+    }
 }
 
 /// The manifest service's settings: this node as the membership records it, Raft timings.

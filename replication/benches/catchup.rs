@@ -628,6 +628,8 @@ fn main() {
             peers: Arc::new(|| vec![PeerInfo { node_id: SERVER }]),
             config: fetch_config,
             holdings: Default::default(),
+            repairs: None,
+            on_bad_source: None,
         });
         let before = udp_receive_buffer_drops();
         // Announced on stderr so a profiler can attach for this phase alone.

@@ -20,6 +20,11 @@ use serde::Deserialize;
 use serde::Serialize;
 use shale_io::sink::FileSink;
 
+use crate::antientropy::CheckAnswer;
+use crate::antientropy::CheckRequest;
+use crate::antientropy::PeerCheck;
+use crate::antientropy::WalkerHandle;
+use crate::antientropy::WalkerParts;
 use crate::control::BoxFuture;
 use crate::control::CommitReceipt;
 use crate::control::ControlPlane;
@@ -78,6 +83,8 @@ pub struct ClusterSettings {
     pub presence: PresenceIndex,
     /// What this node holds and what is damaged; shared with queries and the node's API.
     pub holdings: Holdings,
+    /// The anti-entropy walker's settings; `None` runs no walker.
+    pub walker: Option<crate::antientropy::WalkerConfig>,
     /// WAL streaming to and from every peer; `None` leaves WAL streams unserved.
     pub wal: Option<WalReplicationParts>,
 }
@@ -87,6 +94,7 @@ pub struct ClusterSettings {
 pub struct ClusterView {
     holdings: Holdings,
     replication: Arc<OnceLock<ReplicatorHandle>>,
+    walker: Arc<OnceLock<WalkerHandle>>,
     wal_stream: Arc<OnceLock<WalStreamHandle>>,
 }
 
@@ -99,6 +107,11 @@ impl ClusterView {
     /// The file replicator's handle once it runs (lag, present version).
     pub fn replication(&self) -> Option<&ReplicatorHandle> {
         self.replication.get()
+    }
+
+    /// The anti-entropy walker's handle once it runs (status, pause, resume).
+    pub fn walker(&self) -> Option<&WalkerHandle> {
+        self.walker.get()
     }
 
     /// WAL streaming's handle once it runs (positions and lag per peer, origin and shard).
@@ -182,7 +195,7 @@ impl ControlPlane for ClusterPlane {
             Ok(server) => transport.set_handler(
                 StreamKind::FileFetch,
                 Arc::new(FetchHandler {
-                    server: Arc::new(server),
+                    server: Arc::new(server.refusing_damaged(settings.holdings.clone())),
                 }),
             ),
             Err(error) => {
@@ -210,6 +223,16 @@ impl ControlPlane for ClusterPlane {
             let _ = self.view.wal_stream.set(handle);
         }
 
+        let (repairs, repair_jobs) = tokio::sync::mpsc::unbounded_channel();
+        let walker_cell = self.view.walker.clone();
+        let on_bad_source: crate::files::replicator::BadSourceHook =
+            Arc::new(move |node, path: &str, blake3_hex: &str| {
+                if let Some(walker) = walker_cell.get() {
+                    crate::antientropy::tell_bad_source(walker, node, path, blake3_hex);
+                }
+            });
+        let sink = settings.sink.clone();
+        let watch: Arc<dyn ManifestWatch> = Arc::new(PublishedWatch(published.clone()));
         let (replicator, handle) = Replicator::new(ReplicatorParts {
             local,
             data_dir: settings.data_dir.clone(),
@@ -222,10 +245,12 @@ impl ControlPlane for ClusterPlane {
                 },
                 1 << 20,
             )),
-            watch: Arc::new(PublishedWatch(published)),
-            peers,
+            watch: watch.clone(),
+            peers: peers.clone(),
             config: settings.fetch,
             holdings: settings.holdings.clone(),
+            repairs: Some(repair_jobs),
+            on_bad_source: Some(on_bad_source),
         });
         let _ = self.view.replication.set(handle);
         tokio::spawn(async move {
@@ -233,7 +258,94 @@ impl ControlPlane for ClusterPlane {
                 tracing::error!(%error, "file replication stopped");
             }
         });
+        if let Some(config) = settings.walker {
+            let walker = crate::antientropy::start(WalkerParts {
+                local,
+                data_dir: settings.data_dir.clone(),
+                holdings: settings.holdings.clone(),
+                watch,
+                scrub: Arc::new(sink),
+                repairs,
+                peers,
+                checker: Arc::new(QuicCheck {
+                    transport: transport.clone(),
+                    raft: raft.clone(),
+                }),
+                config,
+            });
+            transport.set_call_handler(
+                StreamKind::FileCheck,
+                Arc::new(CheckServer {
+                    walker: walker.clone(),
+                }),
+            );
+            let _ = self.view.walker.set(walker);
+        }
         Some(Arc::new(QuicForward { transport }))
+    }
+}
+
+/// Answers members' questions about this node's copy of a file.
+struct CheckServer {
+    walker: WalkerHandle,
+}
+
+impl CallHandler for CheckServer {
+    fn call(
+        &self,
+        peer: NodeId,
+        request: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>> {
+        let walker = self.walker.clone();
+        Box::pin(async move {
+            let request: CheckRequest = serde_json::from_slice(&request)
+                .map_err(|e| format!("file check from node {peer}: {e}"))?;
+            if let Err(why) = crate::files::protocol::check_relative_path(&request.path) {
+                return Err(format!("file check from node {peer}: {why}"));
+            }
+            let answer = walker.answer_check(request).await;
+            serde_json::to_vec(&answer).map_err(|e| format!("encode file check answer: {e}"))
+        })
+    }
+}
+
+/// Asks members about their copies over `FileCheck` calls.
+struct QuicCheck {
+    transport: Transport,
+    raft: Raft,
+}
+
+impl PeerCheck for QuicCheck {
+    fn check(
+        &self,
+        node: NodeId,
+        request: CheckRequest,
+    ) -> crate::files::fetch::BoxFuture<'_, Result<CheckAnswer, String>> {
+        Box::pin(async move {
+            let member = self
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_node(&node)
+                .cloned()
+                .ok_or_else(|| format!("node {node} is not a member"))?;
+            let addr = node_quic_addr(&member)?;
+            let bytes = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+            let answer = self
+                .transport
+                .call(
+                    node,
+                    addr,
+                    StreamKind::FileCheck,
+                    bytes,
+                    Duration::from_secs(60),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            serde_json::from_slice(&answer).map_err(|e| format!("decode file check answer: {e}"))
+        })
     }
 }
 

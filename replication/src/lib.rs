@@ -5,6 +5,7 @@
 //! control thread), [`ManifestClient`] (any thread, any async runtime) and the manifest data
 //! types in [`manifest`]; [`network`] is the seam the QUIC transport will plug into.
 
+pub mod antientropy;
 pub mod cluster;
 pub mod control;
 mod durable;

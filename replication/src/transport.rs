@@ -68,6 +68,8 @@ pub enum StreamKind {
     FileFetch = 5,
     /// One shard's WAL shipped to a peer (see `crate::wal_stream`).
     WalStream = 6,
+    /// A question about a peer's copy of one file (anti-entropy, see `crate::antientropy`).
+    FileCheck = 8,
 }
 
 impl StreamKind {
@@ -79,6 +81,7 @@ impl StreamKind {
             4 => StreamKind::RaftForward,
             5 => StreamKind::FileFetch,
             6 => StreamKind::WalStream,
+            8 => StreamKind::FileCheck,
             _ => return None,
         })
     }

@@ -534,6 +534,8 @@ async fn replicator_skips_a_corrupt_source_and_publishes_the_present_version() {
         peers: Arc::new(|| vec![PeerInfo { node_id: 2 }, PeerInfo { node_id: 3 }]),
         config: FetchConfig::default(),
         holdings: Default::default(),
+        repairs: None,
+        on_bad_source: None,
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(replicator.run(async move {
@@ -589,6 +591,8 @@ async fn replicator_adopts_files_already_on_disk() {
         peers: Arc::new(Vec::new),
         config: FetchConfig::default(),
         holdings: Default::default(),
+        repairs: None,
+        on_bad_source: None,
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(replicator.run(async move {
@@ -646,6 +650,8 @@ fn start_replicator(
             ..FetchConfig::default()
         },
         holdings: Default::default(),
+        repairs: None,
+        on_bad_source: None,
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(replicator.run(async move {

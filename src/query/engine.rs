@@ -20,6 +20,7 @@ use super::encode::{ArrowEncoder, JsonEncoder};
 use super::snapshot::{reconcile, BufferPiece, ShardSnapshot, SnapshotRequest, TableName};
 use crate::config::QueryConfig;
 use crate::sql_guard::{self, GuardLimits};
+use shale_replication::files::holdings::Holdings;
 use shale_replication::manifest::FileEntry;
 
 /// The answer format.
@@ -60,6 +61,13 @@ pub enum QueryError {
     TooLarge(String),
     #[error("{0}")]
     Internal(String),
+    /// A file the query needs is damaged on this node (being repaired, or lost everywhere).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A damaged file the query needed was repaired while it waited: plan the query again
+    /// (the snapshot was taken without it). Never reaches a client.
+    #[error("a file was repaired while the query waited; planning again")]
+    Replan,
 }
 
 struct Job {
@@ -92,6 +100,9 @@ pub struct EngineMetrics {
     pub files_pruned: crate::metrics::Counter,
     /// Files of the pinned version not on this node's disk yet (still being fetched).
     pub files_absent: crate::metrics::Counter,
+    /// Queries that failed because a file they needed was damaged here (lost, or not repaired
+    /// before their deadline).
+    pub files_unavailable: crate::metrics::Counter,
     pub buffer_pieces: crate::metrics::Counter,
 }
 
@@ -105,6 +116,7 @@ impl QueryEngine {
     pub fn start(
         config: QueryConfig,
         data_dir: &Path,
+        holdings: Holdings,
         shards: Vec<flume::Sender<SnapshotRequest>>,
     ) -> anyhow::Result<(QueryEngine, QueryClient)> {
         use anyhow::Context;
@@ -119,11 +131,13 @@ impl QueryEngine {
             let (receiver, shards, config) = (receiver.clone(), shards.clone(), config.clone());
             let metrics = metrics.clone();
             let data_dir = data_dir.to_path_buf();
+            let holdings = holdings.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("shale-query-{index}"))
                     .spawn(move || {
-                        Worker::new(connection, config, data_dir, shards, metrics).run(receiver)
+                        Worker::new(connection, config, data_dir, holdings, shards, metrics)
+                            .run(receiver)
                     })
                     .context("start query worker")?,
             );
@@ -214,6 +228,8 @@ struct Worker {
     connection: duckdb::Connection,
     config: QueryConfig,
     data_dir: PathBuf,
+    /// What this node holds and what is damaged (empty on a standalone node).
+    holdings: Holdings,
     shards: Arc<Vec<flume::Sender<SnapshotRequest>>>,
     watchdog: flume::Sender<WatchdogMessage>,
     timed_out: Arc<AtomicBool>,
@@ -237,6 +253,7 @@ impl Worker {
         connection: duckdb::Connection,
         config: QueryConfig,
         data_dir: PathBuf,
+        holdings: Holdings,
         shards: Arc<Vec<flume::Sender<SnapshotRequest>>>,
         metrics: Arc<EngineMetrics>,
     ) -> Worker {
@@ -273,6 +290,7 @@ impl Worker {
             connection,
             config,
             data_dir,
+            holdings,
             shards,
             watchdog,
             timed_out,
@@ -294,7 +312,11 @@ impl Worker {
             let _ = self.watchdog.send(WatchdogMessage::Start(deadline));
             let started = Instant::now();
             let mut created = Vec::new();
-            let result = self.execute(&job, &mut created, started, deadline);
+            let mut result = self.execute(&job, &mut created, started, deadline);
+            while matches!(result, Err(QueryError::Replan)) {
+                self.end_transaction(&mut created);
+                result = self.execute(&job, &mut created, started, deadline);
+            }
             let _ = self.watchdog.send(WatchdogMessage::Done);
             self.metrics.queries.increment();
             let event = match result {
@@ -331,16 +353,20 @@ impl Worker {
                     "client did not read the answer in time; abandoned"
                 );
             }
-            // Ends the query's transaction (begun in `execute`), dropping its views.
-            if let Err(error) = self.connection.execute_batch("ROLLBACK") {
-                tracing::debug!(%error, "end query transaction");
-            }
-            for object in created.iter().rev() {
-                // Temporary objects of this query only; failure to drop is harmless (the next
-                // query replaces them) but worth a log line.
-                if let Err(error) = self.connection.execute_batch(object) {
-                    tracing::debug!(%error, "drop temporary query object");
-                }
+            self.end_transaction(&mut created);
+        }
+    }
+
+    /// Ends the query's transaction (begun in `execute`), dropping its views.
+    fn end_transaction(&self, created: &mut Vec<String>) {
+        if let Err(error) = self.connection.execute_batch("ROLLBACK") {
+            tracing::debug!(%error, "end query transaction");
+        }
+        for object in created.drain(..).rev() {
+            // Temporary objects of this query only; failure to drop is harmless (the next
+            // query replaces them) but worth a log line.
+            if let Err(error) = self.connection.execute_batch(&object) {
+                tracing::debug!(%error, "drop temporary query object");
             }
         }
     }
@@ -406,6 +432,27 @@ impl Worker {
             // the ones not there yet instead of failing: it reads that origin's data as of
             // what has arrived (eventual consistency; `shale_query_files_absent_total`).
             let present = |f: &&FileEntry| self.data_dir.join(&f.path).exists();
+            // A file this node held and lost (damaged, set aside by anti-entropy, or gone from
+            // disk behind its back) is not "not fetched yet": its rows left the replica buffers
+            // when it arrived, so skipping it would be a silent partial answer. The query
+            // waits for its repair within its deadline (then plans again, since the snapshot
+            // was cut without it), and fails naming the file if it is lost or not back in time.
+            let suspect: Vec<&str> = entries
+                .iter()
+                .filter(|f| !present(f) || self.holdings.damaged(&f.path).is_some())
+                .map(|f| f.path.as_str())
+                .collect();
+            if !suspect.is_empty() {
+                let on_disk = |path: &str| self.data_dir.join(path).exists();
+                match self.holdings.wait_usable(&suspect, &on_disk, deadline) {
+                    Ok(false) => {}
+                    Ok(true) => return Err(QueryError::Replan),
+                    Err(unusable) => {
+                        self.metrics.files_unavailable.increment();
+                        return Err(QueryError::Unavailable(unusable.to_string()));
+                    }
+                }
+            }
             // Files of a stream above its cut hold rows this node answers from replicated
             // buffers (see `query::snapshot`): reading them too would count those rows twice.
             if !file_cuts.is_empty() {
@@ -1058,6 +1105,7 @@ mod tests {
             connection,
             config,
             data_dir,
+            Holdings::default(),
             Arc::new(Vec::new()),
             Arc::default(),
         )

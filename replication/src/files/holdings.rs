@@ -14,6 +14,8 @@
 //! the tokio control thread.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Condvar;
 use std::sync::Mutex;
@@ -21,6 +23,7 @@ use std::sync::MutexGuard;
 use std::time::Duration;
 use std::time::Instant;
 
+use serde::Deserialize;
 use serde::Serialize;
 
 /// A file recorded present in the presence index, as verified when recorded.
@@ -34,7 +37,7 @@ pub struct HeldFile {
 }
 
 /// What the walker (or a peer, or a query) found wrong with a local copy.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Finding {
     /// Recorded present, but no file is at its path.
@@ -104,8 +107,32 @@ struct State {
     suspects: Vec<String>,
 }
 
+/// Counters of what anti-entropy found and did, written by the walker and the replicator.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub missing_total: AtomicU64,
+    pub wrong_size_total: AtomicU64,
+    pub corrupt_total: AtomicU64,
+    pub quarantined_total: AtomicU64,
+    pub repaired_total: AtomicU64,
+    /// Files found lost (no member holds a good copy), counted once per finding.
+    pub lost_total: AtomicU64,
+}
+
+impl Counters {
+    pub fn found(&self, finding: &Finding) {
+        let counter = match finding {
+            Finding::Missing => &self.missing_total,
+            Finding::WrongSize { .. } => &self.wrong_size_total,
+            Finding::Corrupt { .. } => &self.corrupt_total,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
+    counters: Counters,
     state: Mutex<State>,
     changed: Condvar,
     /// Wakes the walker when a suspect is reported (tokio side).
@@ -119,6 +146,10 @@ pub struct Holdings(Arc<Inner>);
 impl Holdings {
     pub fn new() -> Holdings {
         Holdings::default()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.0.counters
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -188,6 +219,28 @@ impl Holdings {
         self.state().held.len()
     }
 
+    /// Bytes of every held file.
+    pub fn held_bytes(&self) -> u64 {
+        self.state().held.values().map(|file| file.size_bytes).sum()
+    }
+
+    /// The oldest verification time of a held file, milliseconds since the Unix epoch.
+    pub fn oldest_verified_ms(&self) -> Option<i64> {
+        self.state()
+            .held
+            .values()
+            .map(|file| file.verified_at_ms)
+            .min()
+    }
+
+    /// Records a fresh verification of a held file (in memory; the presence index keeps the
+    /// time of the fetch or adoption).
+    pub fn set_verified(&self, path: &str, at_ms: i64) {
+        if let Some(file) = self.state().held.get_mut(path) {
+            file.verified_at_ms = at_ms;
+        }
+    }
+
     pub fn damaged(&self, path: &str) -> Option<Damage> {
         self.state().damaged.get(path).cloned()
     }
@@ -221,14 +274,15 @@ impl Holdings {
     /// Blocks until each of `paths` is usable: not damaged, and (if it was damaged) held again.
     /// `on_disk` answers whether a path's final file exists; a path recorded held whose file is
     /// absent is reported to the walker and waited for like a damaged one. Gives up at
-    /// `deadline` with the first path still damaged, and at once for a lost one. For threads
-    /// that may block only.
+    /// `deadline` with the first path still damaged, and at once for a lost one. Answers
+    /// whether it found anything to wait for (a caller that planned with a damaged file absent
+    /// plans again). For threads that may block only.
     pub fn wait_usable(
         &self,
         paths: &[&str],
         on_disk: &dyn Fn(&str) -> bool,
         deadline: Instant,
-    ) -> Result<(), Unusable> {
+    ) -> Result<bool, Unusable> {
         let mut reported = false;
         let mut state = self.state();
         loop {
@@ -256,10 +310,10 @@ impl Holdings {
                     });
                 }
             }
-            reported = true;
             let Some(damage) = waiting else {
-                return Ok(());
+                return Ok(reported);
             };
+            reported = true;
             let now = Instant::now();
             if now >= deadline {
                 return Err(Unusable::Repairing(damage));
@@ -324,7 +378,7 @@ mod tests {
         holdings.set_held("db/a", held("aa"));
         let on_disk = |_: &str| true;
         let soon = Instant::now() + Duration::from_millis(50);
-        assert_eq!(holdings.wait_usable(&["db/a"], &on_disk, soon), Ok(()));
+        assert_eq!(holdings.wait_usable(&["db/a"], &on_disk, soon), Ok(false));
 
         holdings.set_damaged(damage("db/a"));
         let error = holdings
@@ -347,7 +401,7 @@ mod tests {
             })
         };
         let far = Instant::now() + Duration::from_secs(10);
-        assert_eq!(holdings.wait_usable(&["db/a"], &on_disk, far), Ok(()));
+        assert_eq!(holdings.wait_usable(&["db/a"], &on_disk, far), Ok(true));
         clearer.join().unwrap();
 
         holdings.set_damaged(damage("db/a"));

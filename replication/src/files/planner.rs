@@ -60,6 +60,15 @@ impl Presence for crate::files::presence::PresenceIndex {
     }
 }
 
+/// Presence of a node that holds nothing.
+struct NothingPresent;
+
+impl Presence for NothingPresent {
+    fn contains(&self, _path: &str, _blake3_hex: &str) -> bool {
+        false
+    }
+}
+
 /// Inputs of one planning round besides the planner's own state.
 #[derive(Clone, Copy, Debug)]
 pub struct PlanInput<'a> {
@@ -167,6 +176,13 @@ impl Planner {
             }
         }
         observed
+    }
+
+    /// Makes `path` missing again although it was present (its local copy was found damaged
+    /// and set aside): it is fetched like any missing file. The caller has removed it from the
+    /// presence index first.
+    pub fn mark_missing(&mut self, path: &Arc<str>, entry: &Arc<FileEntry>) {
+        self.add(path, entry, &NothingPresent);
     }
 
     fn add(&mut self, path: &Arc<str>, entry: &Arc<FileEntry>, presence: &dyn Presence) {

@@ -48,6 +48,8 @@ use crate::files::fetch::BoxFuture;
 use crate::files::fetch::ExpectedFile;
 use crate::files::fetch::FetchError;
 use crate::files::fetch::FileSource;
+use crate::files::holdings::Damage;
+use crate::files::holdings::Finding;
 use crate::files::holdings::HeldFile;
 use crate::files::holdings::Holdings;
 use crate::files::parse_blake3_hex;
@@ -212,7 +214,28 @@ pub struct ReplicatorParts {
     pub config: FetchConfig,
     /// The shared view of what is held, kept equal to the presence index.
     pub holdings: Holdings,
+    /// Damaged local copies to set aside and fetch again (from the anti-entropy walker).
+    pub repairs: Option<tokio::sync::mpsc::UnboundedReceiver<RepairJob>>,
+    /// Told when a source served bytes that contradict the manifest, so that the source checks
+    /// its own copy at once.
+    pub on_bad_source: Option<BadSourceHook>,
 }
+
+/// A local copy found damaged: the replicator records the damage, moves the copy (if any) to
+/// `_system/quarantine`, forgets it in the presence index and fetches the file again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepairJob {
+    pub path: String,
+    /// The manifest's blake3 when the damage was found; a job for other bytes is stale.
+    pub expected_blake3: String,
+    pub finding: Finding,
+}
+
+/// Called with (source node, path, manifest blake3) when a source served bad bytes.
+pub type BadSourceHook = Arc<dyn Fn(NodeId, &str, &str) + Send + Sync>;
+
+/// Directory below the data directory where damaged copies are moved.
+pub const QUARANTINE_DIR: &str = "_system/quarantine";
 
 /// The driver. Build it with [`Replicator::new`], then spawn [`Replicator::run`] on the
 /// control thread's runtime.
@@ -436,12 +459,86 @@ impl Replicator {
                             }
                         }
                     }
+                    Some(job) = next_repair(&mut self.parts.repairs) => {
+                        if let Err(error) = self.repair(job, &mut planner).await {
+                            break 'run Err(error);
+                        }
+                    }
                     () = sleep, if wake.is_some() => {}
                 }
             }
         };
         tasks.shutdown().await;
         result
+    }
+
+    /// Sets a damaged local copy aside and makes the file missing again, so the planner fetches
+    /// it from a peer through the same path as any missing file. The damage is recorded in
+    /// [`Holdings`] before the copy moves, so a query waits for the repair instead of silently
+    /// skipping the file. The copy is moved, never deleted: it may be the last one anywhere.
+    async fn repair(
+        &mut self,
+        job: RepairJob,
+        planner: &mut Planner,
+    ) -> Result<(), ReplicatorError> {
+        let version = self.parts.watch.current();
+        let Some((path, entry)) = version
+            .manifest
+            .files()
+            .get_key_value(job.path.as_str())
+            .map(|(path, entry)| (path.clone(), entry.clone()))
+        else {
+            // Deleted from the manifest meanwhile: nothing to repair.
+            self.parts.holdings.clear_damaged(&job.path);
+            return Ok(());
+        };
+        if entry.blake3_hex != job.expected_blake3 || planner.is_missing(&job.path) {
+            // Other bytes now, or being fetched already.
+            return Ok(());
+        }
+        let found_at_ms = now_ms();
+        let mut damage = Damage {
+            path: job.path.clone(),
+            finding: job.finding.clone(),
+            expected_blake3: entry.blake3_hex.clone(),
+            found_at_ms,
+            quarantined_as: None,
+            lost: false,
+        };
+        self.parts.holdings.set_damaged(damage.clone());
+        if job.finding != Finding::Missing {
+            let data_dir = self.parts.data_dir.clone();
+            let relative = job.path.clone();
+            let moved =
+                tokio::task::spawn_blocking(move || quarantine(&data_dir, &relative, found_at_ms))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            match moved {
+                Ok(Some(quarantined)) => {
+                    self.parts
+                        .holdings
+                        .counters()
+                        .quarantined_total
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(path = %job.path, finding = %job.finding, quarantined_as = %quarantined, "damaged file moved to quarantine; fetching it again");
+                    damage.quarantined_as = Some(quarantined);
+                }
+                Ok(None) => {}
+                // The copy stays in place: it is not served (the fetch server refuses damaged
+                // paths) and a verified fetch replaces it.
+                Err(error) => {
+                    tracing::error!(path = %job.path, %error, "could not move damaged file to quarantine; fetching it again over it")
+                }
+            }
+        }
+        self.parts
+            .presence
+            .remove(&self.parts.sink, &job.path)
+            .await?;
+        self.parts.holdings.unset_held([job.path.as_str()]);
+        self.parts.holdings.set_damaged(damage);
+        planner.mark_missing(&path, &entry);
+        Ok(())
     }
 
     /// Finishes removals a previous run started but may not have completed (a crash between
@@ -621,6 +718,22 @@ impl Replicator {
             }
         }
         planner.settle(&path, &outcome.task.blake3_hex, Settled::Present, now);
+        if let Some(damage) = self.parts.holdings.clear_damaged(&path) {
+            self.parts
+                .holdings
+                .counters()
+                .repaired_total
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let took_ms = now_ms().saturating_sub(damage.found_at_ms);
+            tracing::info!(path = %path, finding = %damage.finding, took_ms, "repaired damaged file");
+            if let Some(quarantined) = damage.quarantined_as {
+                // A verified copy is back, so the damaged one holds nothing the cluster lacks.
+                let target = self.parts.data_dir.join(&quarantined);
+                if let Err(error) = self.parts.sink.remove_durable(vec![target]).await {
+                    tracing::warn!(path = %quarantined, %error, "remove repaired file's quarantined copy");
+                }
+            }
+        }
         let mut struck = false;
         for candidate in candidates.iter_mut() {
             let same = candidate
@@ -645,6 +758,7 @@ impl Replicator {
         let source = self.parts.source.clone();
         let throttle = self.throttle.clone();
         let data_dir = self.parts.data_dir.clone();
+        let on_bad_source = self.parts.on_bad_source.clone();
         async move {
             let mut outcome = Outcome {
                 task,
@@ -706,6 +820,9 @@ impl Replicator {
                         if error.is_bad_source() {
                             tracing::warn!(path = %expected.path, node, %error, "source served bad bytes; skipped for this file");
                             outcome.bad_sources.push(node);
+                            if let Some(hook) = &on_bad_source {
+                                hook(node, &expected.path, &outcome.task.blake3_hex);
+                            }
                         } else if matches!(error, FetchError::Sink(_) | FetchError::BadPath { .. })
                         {
                             tracing::warn!(path = %expected.path, %error, "fetch failed locally");
@@ -719,6 +836,61 @@ impl Replicator {
             outcome
         }
     }
+}
+
+async fn next_repair(
+    repairs: &mut Option<tokio::sync::mpsc::UnboundedReceiver<RepairJob>>,
+) -> Option<RepairJob> {
+    match repairs {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Moves `<data dir>/<path>` to `<data dir>/_system/quarantine/<at_ms>/<path>` durably (both
+/// directories synced); answers the new relative path, or `None` when there was no file.
+fn quarantine(
+    data_dir: &std::path::Path,
+    path: &str,
+    at_ms: i64,
+) -> std::io::Result<Option<String>> {
+    crate::files::protocol::check_relative_path(path).map_err(std::io::Error::other)?;
+    let source = data_dir.join(path);
+    if std::fs::symlink_metadata(&source).is_err() {
+        return Ok(None);
+    }
+    let relative = format!("{QUARANTINE_DIR}/{at_ms}/{path}");
+    let target = data_dir.join(&relative);
+    let parent = target
+        .parent()
+        .ok_or_else(|| std::io::Error::other("no parent"))?;
+    std::fs::create_dir_all(parent)?;
+    match std::fs::rename(&source, &target) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    }
+    // The new name first: a crash after it leaves the file in quarantine, never nowhere.
+    std::fs::File::open(parent)?.sync_all()?;
+    if let Some(old_parent) = source.parent() {
+        std::fs::File::open(old_parent)?.sync_all()?;
+    }
+    // The directories created below the quarantine root.
+    let mut dir = parent.parent();
+    while let Some(d) = dir {
+        std::fs::File::open(d)?.sync_all()?;
+        if d == data_dir.join("_system") || d == data_dir {
+            break;
+        }
+        dir = d.parent();
+    }
+    Ok(Some(relative))
 }
 
 fn held_file(entry: &PresenceEntry) -> HeldFile {

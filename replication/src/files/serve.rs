@@ -109,6 +109,8 @@ pub struct FetchServer {
     data_dir: Arc<OwnedFd>,
     current: Arc<CurrentVersion>,
     config: ServeConfig,
+    /// Paths recorded damaged here are refused (their copy is quarantined or being replaced).
+    holdings: Option<crate::files::holdings::Holdings>,
 }
 
 impl std::fmt::Debug for FetchServer {
@@ -148,7 +150,14 @@ impl FetchServer {
             data_dir: Arc::new(data_dir),
             current: current.clone(),
             config,
+            holdings: None,
         })
+    }
+
+    /// Refuses the paths `holdings` records as damaged: a damaged copy is never served.
+    pub fn refusing_damaged(mut self, holdings: crate::files::holdings::Holdings) -> FetchServer {
+        self.holdings = Some(holdings);
+        self
     }
 
     /// Decides a request: the opened file and its manifest entry, or why not. Does blocking
@@ -164,6 +173,16 @@ impl FetchServer {
                 format!("not in manifest version {}", version.index),
             ));
         };
+        if self
+            .holdings
+            .as_ref()
+            .is_some_and(|holdings| holdings.damaged(&request.path).is_some())
+        {
+            return Err(refuse(
+                FetchStatus::Unavailable,
+                "the copy here is damaged and being repaired",
+            ));
+        }
         if request.offset > entry.size_bytes {
             return Err(refuse(FetchStatus::BadOffset, "offset past the end"));
         }
