@@ -2011,3 +2011,110 @@ fn a_node_stopped_while_100_files_were_registered_catches_up() {
     wait_all_hold_every_file(&nodes[2..], 100, "the restarted node holds the 100 files");
     assert_eq!(totals(&nodes[2]).0, 200);
 }
+
+// A repair on a full disk fails without harm: the node stays up, the damaged copy stays in
+// quarantine, the file stays recorded damaged (a query that needs it waits, then fails naming
+// it), and once space is freed the retried repair completes byte-identical. Needs root (a
+// loop-mounted filesystem as node 2's data directory); CI runs as root.
+#[test]
+fn a_repair_on_a_full_disk_waits_for_space_and_then_completes() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("a_repair_on_a_full_disk_... needs root (loop mounts); CI runs as root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 3);
+    let disk = harness::SmallDisk::mount_at(&dir.path().join("n2.img"), &dir.path().join("n2"), 64);
+    let nodes = start_three_writers_with(dir.path(), &certs, &members(3), |options| {
+        fast_walker(options);
+        options
+            .extra_env
+            .push(("SHALE_WAL_SEGMENT_BYTES_MAX".into(), "1048576".into()));
+        options
+            .extra_env
+            .push(("SHALE_QUERY_TIMEOUT_MS".into(), "3000".into()));
+    });
+    // One file of a few hundred kilobytes: values that do not compress.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let body: String = (0..40_000u64)
+        .map(|i| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            format!("big,host=a r={} {}\n", state >> 11, 1_767_225_600_000 + i)
+        })
+        .collect();
+    let response = nodes[0].post("/write?db=d&precision=ms", &[], body.as_bytes());
+    assert_eq!(response.status, 204, "{}", response.text());
+    nodes[0].wait_until("the file is registered", || {
+        nodes[0].manifest_files().len() == 1
+    });
+    let file = nodes[0].manifest_files()[0].clone();
+    let (path, size, blake3_hex) = (
+        file["path"].as_str().unwrap().to_string(),
+        file["size_bytes"].as_u64().unwrap(),
+        file["blake3_hex"].as_str().unwrap().to_string(),
+    );
+    assert!(
+        size > 256 << 10,
+        "the file is big enough to not fit: {size}"
+    );
+    wait_all_hold_every_file(&nodes, 1, "every node holds the file");
+
+    // Fill node 2's disk to within 64 KiB, then damage its copy.
+    let filler = disk.mount_point.join("filler");
+    let free = disk.free_bytes();
+    let fill = std::fs::File::create(&filler).unwrap();
+    fill.set_len(free - (64 << 10)).unwrap();
+    // set_len makes a sparse file; writing it makes the blocks real.
+    {
+        use std::io::Write;
+        let mut writer = std::io::BufWriter::with_capacity(1 << 20, &fill);
+        let block = vec![0xa5u8; 1 << 20];
+        let mut left = free - (64 << 10);
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            if writer.write_all(&block[..n]).is_err() {
+                break;
+            }
+            left -= n as u64;
+        }
+        let _ = writer.flush();
+    }
+    let _ = fill.sync_all();
+    drop(fill);
+    assert!(
+        disk.free_bytes() < size,
+        "free {} size {size}",
+        disk.free_bytes()
+    );
+    flip_byte(&nodes[1].data_dir.join(&path), 40);
+
+    nodes[1].wait_until("the repair fails for lack of space", || {
+        let status = walker_status(&nodes[1]);
+        status["files_damaged"] == 1
+            && status["files_quarantined_total"] == 1
+            && nodes[1].log().contains("No space left on device")
+    });
+    let status = walker_status(&nodes[1]);
+    assert_eq!(
+        status["files_lost"], 0,
+        "other members hold good copies: {status}"
+    );
+    assert!(!nodes[1].data_dir.join(&path).exists());
+    assert_eq!(nodes[1].must_get("/health").status, 200);
+    let body = serde_json::json!({ "sql": "SELECT count(*) FROM d.big" }).to_string();
+    let waited = nodes[1].post("/api/v1/query", &[], body.as_bytes());
+    assert_eq!(waited.status, 503, "{}", waited.text());
+    assert!(waited.text().contains(&path), "{}", waited.text());
+
+    std::fs::remove_file(&filler).unwrap();
+    nodes[1].wait_until("the repair completes once space is free", || {
+        holds_intact(&nodes[1], &path, &blake3_hex)
+    });
+    assert_eq!(nodes[1].must_count("SELECT count(*) FROM d.big"), 40_000);
+    assert_eq!(walker_status(&nodes[1])["files_repaired_total"], 1);
+    drop(nodes);
+    drop(disk);
+}

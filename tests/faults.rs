@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use harness::{duckdb_rows, parquet_list, Client, Node, NodeOptions};
+use harness::{duckdb_rows, parquet_list, Client, Node, NodeOptions, SmallDisk};
 
 /// The WAL segment files of every shard, oldest first per shard.
 fn wal_segments(data_dir: &Path) -> Vec<PathBuf> {
@@ -703,61 +703,6 @@ fn a_refused_registration_stops_only_its_table() {
     node.stop();
     node.restart();
     assert_eq!(node.manifest_rows("x"), 2);
-}
-
-/// A small ext4 filesystem in a file, loop-mounted for the life of the value (needs root).
-struct SmallDisk {
-    mount_point: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(dir: &Path, megabytes: u64) -> SmallDisk {
-        let image = dir.join("disk.img");
-        let mount_point = dir.join("disk");
-        std::fs::create_dir_all(&mount_point).unwrap();
-        let file = std::fs::File::create(&image).unwrap();
-        file.set_len(megabytes << 20).unwrap();
-        let run = |program: &str, args: &[&std::ffi::OsStr]| {
-            let output = std::process::Command::new(program)
-                .args(args)
-                .output()
-                .unwrap_or_else(|e| panic!("run {program}: {e}"));
-            assert!(
-                output.status.success(),
-                "{program} failed (this test needs root and loop devices): {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        };
-        run("mkfs.ext4", &["-q".as_ref(), image.as_os_str()]);
-        run(
-            "mount",
-            &[
-                "-o".as_ref(),
-                "loop".as_ref(),
-                image.as_os_str(),
-                mount_point.as_os_str(),
-            ],
-        );
-        SmallDisk { mount_point }
-    }
-
-    fn free_bytes(&self) -> u64 {
-        let path = std::ffi::CString::new(self.mount_point.to_str().unwrap()).unwrap();
-        // SAFETY: statvfs fills the zeroed struct for a valid NUL-terminated path.
-        unsafe {
-            let mut stat: libc::statvfs = std::mem::zeroed();
-            assert_eq!(libc::statvfs(path.as_ptr(), &mut stat), 0);
-            stat.f_bavail as u64 * stat.f_frsize as u64
-        }
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(&self.mount_point)
-            .status();
-    }
 }
 
 // A WAL write that fails (here: the disk is full) makes the node stop with a non-zero exit and

@@ -444,7 +444,11 @@ impl Worker {
                 .collect();
             if !suspect.is_empty() {
                 let on_disk = |path: &str| self.data_dir.join(path).exists();
-                match self.holdings.wait_usable(&suspect, &on_disk, deadline) {
+                // Stop waiting a little before the deadline, so the answer names the file
+                // rather than the watchdog's plain timeout.
+                let margin = Duration::from_millis((self.config.timeout_ms / 10).min(500));
+                let wait_until = deadline.checked_sub(margin).unwrap_or(deadline);
+                match self.holdings.wait_usable(&suspect, &on_disk, wait_until) {
                     Ok(false) => {}
                     Ok(true) => return Err(QueryError::Replan),
                     Err(unusable) => {

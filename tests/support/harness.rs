@@ -440,3 +440,72 @@ pub fn parquet_list(paths: &[PathBuf]) -> String {
         .collect();
     format!("[{}]", quoted.join(", "))
 }
+
+/// A small ext4 filesystem in a file, loop-mounted for the life of the value (needs root).
+pub struct SmallDisk {
+    pub mount_point: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a fresh filesystem of `megabytes` (image `dir/disk.img`) at `dir/disk`.
+    pub fn mount(dir: &Path, megabytes: u64) -> SmallDisk {
+        SmallDisk::mount_at(&dir.join("disk.img"), &dir.join("disk"), megabytes)
+    }
+
+    /// Mounts a fresh filesystem of `megabytes`, kept in the file `image`, at `mount_point`.
+    pub fn mount_at(image: &Path, mount_point: &Path, megabytes: u64) -> SmallDisk {
+        let mount_point = mount_point.to_path_buf();
+        std::fs::create_dir_all(&mount_point).unwrap();
+        let file = std::fs::File::create(image).unwrap();
+        file.set_len(megabytes << 20).unwrap();
+        let run = |program: &str, args: &[&std::ffi::OsStr]| {
+            let output = std::process::Command::new(program)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("run {program}: {e}"));
+            assert!(
+                output.status.success(),
+                "{program} failed (this test needs root and loop devices): {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        // No blocks reserved for root: the tests run as root and fill the disk to a known point.
+        run(
+            "mkfs.ext4",
+            &[
+                "-q".as_ref(),
+                "-m".as_ref(),
+                "0".as_ref(),
+                image.as_os_str(),
+            ],
+        );
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                image.as_os_str(),
+                mount_point.as_os_str(),
+            ],
+        );
+        SmallDisk { mount_point }
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        let path = std::ffi::CString::new(self.mount_point.to_str().unwrap()).unwrap();
+        // SAFETY: statvfs fills the zeroed struct for a valid NUL-terminated path.
+        unsafe {
+            let mut stat: libc::statvfs = std::mem::zeroed();
+            assert_eq!(libc::statvfs(path.as_ptr(), &mut stat), 0);
+            stat.f_bavail as u64 * stat.f_frsize as u64
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.mount_point)
+            .status();
+    }
+}
