@@ -197,6 +197,11 @@ impl Api {
             Handler::AntiEntropy | Handler::AntiEntropyPause | Handler::AntiEntropyResume => {
                 (Endpoint::Other, self.antientropy(route.handler))
             }
+            Handler::Verify => (
+                Endpoint::Other,
+                self.verify(&request, parameter.as_deref().unwrap_or_default())
+                    .await,
+            ),
         }
     }
 
@@ -1036,6 +1041,48 @@ impl Api {
         response
     }
 
+    /// `POST /api/v1/cluster/verify/{database}[?deep=true]`: compares every member's copies of
+    /// the database's files with the manifest and with each other (`shale_replication::verify`)
+    /// and answers the report, 200 whatever its verdict. The coordinator runs on the control
+    /// thread; this shard only awaits its answer.
+    async fn verify(&self, request: &Request<Incoming>, database: &str) -> Response<Body> {
+        use shale_replication::verify::service::VerifyError;
+        let query = query_pairs(request.uri().query());
+        let deep = match query.get("deep").map(String::as_str) {
+            None | Some("false") | Some("0") => false,
+            Some("true") | Some("1") | Some("") => true,
+            Some(other) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("deep must be true or false, not {other:?}"),
+                )
+            }
+        };
+        let Some(handle) = self.node.cluster.as_ref().and_then(|c| c.verify()) else {
+            // A standalone node keeps no presence index and has no peers to compare with.
+            return error(
+                StatusCode::CONFLICT,
+                "verify compares the copies of cluster peers; this node runs standalone \
+                 (set cluster.enabled)",
+            );
+        };
+        match handle.verify(database, deep).await {
+            Ok(report) => {
+                let mut body = serde_json::to_value(&report).unwrap_or_default();
+                if let serde_json::Value::Object(fields) = &mut body {
+                    fields.insert("success".into(), true.into());
+                }
+                json(StatusCode::OK, body.to_string())
+            }
+            Err(e @ VerifyError::UnknownDatabase(_)) => {
+                error(StatusCode::NOT_FOUND, &e.to_string())
+            }
+            Err(e @ VerifyError::Busy) | Err(e @ VerifyError::Stopped) => {
+                error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+            }
+        }
+    }
+
     /// `GET /api/v1/cluster/nodes/{id}`: one member as `/api/v1/cluster/nodes` lists it.
     fn cluster_node(&self, id: &str) -> Response<Body> {
         let Ok(id) = id.parse::<u64>() else {
@@ -1542,6 +1589,7 @@ enum Handler {
     AntiEntropy,
     AntiEntropyPause,
     AntiEntropyResume,
+    Verify,
 }
 
 /// The write endpoints differ in where the database name comes from and in body format.
@@ -1563,7 +1611,7 @@ struct Route {
 
 /// Every endpoint of the node, in one place: matching, 405s and the `Allow` header all come
 /// from this table.
-static ROUTES: [Route; 30] = [
+static ROUTES: [Route; 31] = [
     Route {
         pattern: "/write",
         methods: &[Method::POST],
@@ -1703,6 +1751,11 @@ static ROUTES: [Route; 30] = [
         pattern: "/api/v1/cluster/antientropy/resume",
         methods: &[Method::POST],
         handler: Handler::AntiEntropyResume,
+    },
+    Route {
+        pattern: "/api/v1/cluster/verify/{}",
+        methods: &[Method::POST],
+        handler: Handler::Verify,
     },
     Route {
         pattern: "/api/v1/databases",

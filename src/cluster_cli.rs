@@ -2,9 +2,19 @@
 //! node's cluster API over HTTP with the admin token; credential commands write the cluster CA
 //! and node certificates to files.
 
+use std::time::Duration;
+
 use anyhow::{bail, Context};
 
 use crate::http_client::{resolve, Client};
+
+/// Bound on connecting to a node.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on each read of an answer, for requests that answer promptly.
+const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on each read of a verify answer: a deep verify re-hashes every file on every node
+/// before it answers.
+const VERIFY_READ_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// Where and how to reach a node's cluster API.
 pub struct Target {
@@ -76,9 +86,21 @@ impl Target {
         extra_headers: &[(&str, &str)],
         body: &[u8],
     ) -> anyhow::Result<(u16, serde_json::Value)> {
+        self.exchange(method, path, extra_headers, body, DEFAULT_READ_TIMEOUT)
+    }
+
+    /// One request with `read_timeout` on each read of the answer.
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        extra_headers: &[(&str, &str)],
+        body: &[u8],
+        read_timeout: Duration,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
         let addr = resolve(&self.url).with_context(|| format!("resolve {}", self.url))?;
-        let mut client =
-            Client::connect(addr).with_context(|| format!("connect to {}", self.url))?;
+        let mut client = Client::connect_with_timeouts(addr, CONNECT_TIMEOUT, read_timeout)
+            .with_context(|| format!("connect to {}", self.url))?;
         let authorization = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let mut headers = vec![("content-type", "application/json")];
         if let Some(value) = authorization.as_deref() {
@@ -128,6 +150,103 @@ pub fn format_status(status: &serde_json::Value) -> String {
             node["http_addr"].as_str().unwrap_or("-"),
             node["matched_index"],
             node["lag_entries"],
+        );
+    }
+    out
+}
+
+/// `POST /api/v1/cluster/verify/{database}[?deep=true]` on the target: the report, whatever
+/// its verdict (a non-2xx answer is an error).
+pub fn verify(target: &Target, database: &str, deep: bool) -> anyhow::Result<serde_json::Value> {
+    let encoded =
+        percent_encoding::utf8_percent_encode(database, percent_encoding::NON_ALPHANUMERIC);
+    let path = format!("/api/v1/cluster/verify/{encoded}?deep={deep}");
+    let (status, value) = target.exchange("POST", &path, &[], b"", VERIFY_READ_TIMEOUT)?;
+    if !(200..300).contains(&status) {
+        bail!(
+            "POST {path}: {status} {}",
+            value["error"].as_str().unwrap_or("(no message)")
+        );
+    }
+    Ok(value)
+}
+
+/// Renders a verify report for a terminal: one line per node, then every mismatch and every
+/// file the nodes disagree on.
+pub fn format_verify(report: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "verify {}  at manifest index {}{}  status {}  {} ms  {} bytes exchanged",
+        report["database"].as_str().unwrap_or("-"),
+        report["manifest_index"],
+        if report["deep"] == true {
+            "  (deep)"
+        } else {
+            ""
+        },
+        report["status"].as_str().unwrap_or("-"),
+        report["elapsed_ms"],
+        report["bytes_exchanged"],
+    );
+    let _ = writeln!(
+        out,
+        "{:<6} {:<14} {:<13} {:>8} {:>7} {:>8} {:>14} {:>10}",
+        "id", "name", "status", "index", "behind", "files", "bytes", "mismatches"
+    );
+    let nodes = report["nodes"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    for node in nodes {
+        let _ = writeln!(
+            out,
+            "{:<6} {:<14} {:<13} {:>8} {:>7} {:>8} {:>14} {:>10}",
+            node["node_id"],
+            node["name"].as_str().unwrap_or("-"),
+            node["status"].as_str().unwrap_or("-"),
+            node["manifest_index"],
+            if node["behind"] == true { "yes" } else { "no" },
+            node["files_compared"],
+            node["bytes_compared"],
+            node["mismatches_total"],
+        );
+    }
+    for node in nodes {
+        if let Some(error) = node["error"].as_str() {
+            let _ = writeln!(out, "node {}: error: {error}", node["node_id"]);
+        }
+        for mismatch in node["mismatches"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "node {}: {}  expected {}  found {}",
+                node["node_id"],
+                mismatch["path"].as_str().unwrap_or("-"),
+                mismatch["expected_blake3"].as_str().unwrap_or("-"),
+                mismatch["found"].as_str().unwrap_or("-"),
+            );
+        }
+        let listed = node["mismatches"].as_array().map_or(0, Vec::len) as u64;
+        let total = node["mismatches_total"].as_u64().unwrap_or(0);
+        if total > listed {
+            let _ = writeln!(
+                out,
+                "node {}: {} more mismatches not listed",
+                node["node_id"],
+                total - listed
+            );
+        }
+    }
+    for disagreement in report["disagreements"].as_array().into_iter().flatten() {
+        let found: Vec<String> = disagreement["found"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|f| format!("{}={}", f["node_id"], f["found"].as_str().unwrap_or("-")))
+            .collect();
+        let _ = writeln!(
+            out,
+            "nodes disagree on {}: {}",
+            disagreement["path"].as_str().unwrap_or("-"),
+            found.join(" ")
         );
     }
     out

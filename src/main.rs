@@ -175,6 +175,19 @@ enum ClusterAction {
         target: ClusterTarget,
         id: u64,
     },
+    /// Compare every member's copies of a database's files with the manifest and with each
+    /// other; exits non-zero unless every node is CONSISTENT.
+    Verify {
+        #[command(flatten)]
+        target: ClusterTarget,
+        database: String,
+        /// Re-hash the bytes on disk instead of trusting the cached hashes.
+        #[arg(long)]
+        deep: bool,
+        /// Print the node's JSON answer as it is.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -390,6 +403,24 @@ fn cluster(action: ClusterAction) -> anyhow::Result<()> {
         ClusterAction::Activate { target, id } => {
             let path = format!("/api/v1/cluster/nodes/{id}/activate");
             print_answer(target.target().call("POST", &path, b"")?)?;
+        }
+        ClusterAction::Verify {
+            target,
+            database,
+            deep,
+            json,
+        } => {
+            let report = shale::cluster_cli::verify(&target.target(), &database, deep)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", shale::cluster_cli::format_verify(&report));
+            }
+            // Scripts (Ansible) take the exit status as the verdict.
+            let status = report["status"].as_str().unwrap_or("-");
+            if status != "CONSISTENT" {
+                anyhow::bail!("verify {database}: {status}");
+            }
         }
     }
     Ok(())

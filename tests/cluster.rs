@@ -2118,3 +2118,202 @@ fn a_repair_on_a_full_disk_waits_for_space_and_then_completes() {
     drop(nodes);
     drop(disk);
 }
+
+/// `POST /api/v1/cluster/verify/{database}[?deep=true]` on `node`: the status and the report.
+fn verify(node: &Node, database: &str, deep: bool) -> (u16, serde_json::Value) {
+    let path = format!("/api/v1/cluster/verify/{database}?deep={deep}");
+    admin(node, "POST", &path, "")
+}
+
+/// `shale cluster verify <database> --target <node>`: whether it exited 0, and its output.
+fn verify_cli(node: &Node, database: &str) -> (bool, String) {
+    let target = format!("http://{}", node.addr);
+    let args = [
+        "cluster", "verify", database, "--target", &target, "--token", TOKEN,
+    ];
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_shale"))
+        .args(args)
+        .output()
+        .expect("run shale");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// The `nodes` entry of node `id` in a verify report.
+fn verified_node(report: &serde_json::Value, id: u64) -> &serde_json::Value {
+    report["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["node_id"] == id))
+        .unwrap_or_else(|| panic!("node {id} not in the report: {report}"))
+}
+
+// Verification across peers (issue 10): on a healthy three-node cluster every node is
+// CONSISTENT with the manifest's file count and bytes; after one file is deleted on node 2 and
+// one byte of another is flipped on node 3 (same size), a plain verify names exactly the
+// deleted file as MISSING on node 2 (cached hashes cannot see the flip), a deep verify also
+// names the flipped file on node 3 with the blake3 of its bytes, and no other file is named.
+// The CLI exits 0 on the healthy cluster and non-zero on the damaged one; an unknown database
+// is a 404; a killed peer is an ERROR entry while the others still answer. The anti-entropy
+// walker is paused so that it leaves the damage in place.
+#[test]
+fn verify_names_exactly_the_damaged_files_on_each_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 3);
+    let mut nodes = start_three_writers_with(dir.path(), &certs, &members(3), |options| {
+        options
+            .extra_env
+            .push(("SHALE_ANTIENTROPY_PAUSED".into(), "true".into()));
+    });
+    // Four hours of cpu on node 1, two of mem on node 2: six files, one per hour partition.
+    let hours = |measurement: &str, count: u64| -> String {
+        (0..count)
+            .map(|h| format!("{measurement},host=a v={h}i {}\n", 1_767_225_600 + h * 3600))
+            .collect()
+    };
+    for (node, body) in [(&nodes[0], hours("cpu", 4)), (&nodes[1], hours("mem", 2))] {
+        let response = node.post("/write?db=v&precision=s", &[], body.as_bytes());
+        assert_eq!(response.status, 204, "{}", response.text());
+    }
+    nodes[0].wait_until("six files in the manifest", || {
+        nodes[0].manifest_files().len() == 6
+    });
+    wait_all_hold_every_file(&nodes, 6, "every file on every node");
+    let mut files = nodes[0].manifest_files();
+    files.sort_by(|a, b| a["path"].as_str().cmp(&b["path"].as_str()));
+    let total_bytes: u64 = files
+        .iter()
+        .map(|f| f["size_bytes"].as_u64().unwrap())
+        .sum();
+
+    // Each node records a file held just after it lands on disk: poll until all three have.
+    let mut healthy = serde_json::Value::Null;
+    nodes[0].wait_until("a consistent verify", || {
+        let (code, report) = verify(&nodes[0], "v", false);
+        assert_eq!(code, 200, "{report}");
+        healthy = report;
+        healthy["status"] == "CONSISTENT"
+    });
+    eprintln!(
+        "verify (consistent, 6 files, 3 nodes): {} ms, {} bytes exchanged",
+        healthy["elapsed_ms"], healthy["bytes_exchanged"]
+    );
+    for id in 1..=3 {
+        let node = verified_node(&healthy, id);
+        assert_eq!(node["status"], "CONSISTENT", "{healthy}");
+        assert_eq!(node["files_compared"], 6, "{healthy}");
+        assert_eq!(node["bytes_compared"], total_bytes, "{healthy}");
+        assert_eq!(node["behind"], false, "{healthy}");
+        assert_eq!(node["mismatches"], serde_json::json!([]), "{healthy}");
+    }
+    assert!(
+        healthy["bytes_exchanged"].as_u64().unwrap() > 0,
+        "{healthy}"
+    );
+    let (ok, output) = verify_cli(&nodes[1], "v");
+    assert!(ok, "{output}");
+    assert!(output.contains("CONSISTENT"), "{output}");
+
+    let (code, answer) = verify(&nodes[0], "nosuch", false);
+    assert_eq!(code, 404, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("nosuch"),
+        "{answer}"
+    );
+
+    // Damage: node 2 loses its first file, node 3 gets one byte of its fourth flipped.
+    let deleted = &files[0];
+    let flipped = &files[3];
+    std::fs::remove_file(nodes[1].data_dir.join(deleted["path"].as_str().unwrap())).unwrap();
+    let flipped_path = nodes[2].data_dir.join(flipped["path"].as_str().unwrap());
+    let mut bytes = std::fs::read(&flipped_path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&flipped_path, &bytes).unwrap();
+    let flipped_blake3 = blake3::hash(&bytes).to_hex().to_string();
+    let mismatch = |file: &serde_json::Value, found: &str| {
+        serde_json::json!([{
+            "path": file["path"],
+            "expected_blake3": file["blake3_hex"],
+            "found": found,
+        }])
+    };
+
+    let (code, plain) = verify(&nodes[0], "v", false);
+    assert_eq!(code, 200, "{plain}");
+    assert_eq!(plain["status"], "INCONSISTENT", "{plain}");
+    assert_eq!(verified_node(&plain, 1)["status"], "CONSISTENT", "{plain}");
+    let two = verified_node(&plain, 2);
+    assert_eq!(two["status"], "INCONSISTENT", "{plain}");
+    assert_eq!(two["mismatches"], mismatch(deleted, "MISSING"), "{plain}");
+    assert_eq!(two["files_compared"], 6, "{plain}");
+    assert_eq!(verified_node(&plain, 3)["status"], "CONSISTENT", "{plain}");
+
+    let (code, deep) = verify(&nodes[0], "v", true);
+    assert_eq!(code, 200, "{deep}");
+    eprintln!(
+        "verify deep (damaged, 6 files, 3 nodes): {} ms, {} bytes exchanged",
+        deep["elapsed_ms"], deep["bytes_exchanged"]
+    );
+    assert_eq!(deep["deep"], true, "{deep}");
+    assert_eq!(deep["status"], "INCONSISTENT", "{deep}");
+    assert_eq!(verified_node(&deep, 1)["status"], "CONSISTENT", "{deep}");
+    assert_eq!(
+        verified_node(&deep, 2)["mismatches"],
+        mismatch(deleted, "MISSING"),
+        "{deep}"
+    );
+    let three = verified_node(&deep, 3);
+    assert_eq!(three["status"], "INCONSISTENT", "{deep}");
+    assert_eq!(
+        three["mismatches"],
+        mismatch(flipped, &flipped_blake3),
+        "{deep}"
+    );
+    let disagreed: Vec<&str> = deep["disagreements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        disagreed,
+        [
+            deleted["path"].as_str().unwrap(),
+            flipped["path"].as_str().unwrap()
+        ],
+        "{deep}"
+    );
+
+    let (ok, output) = verify_cli(&nodes[0], "v");
+    assert!(!ok, "the CLI must fail on a damaged cluster: {output}");
+    assert!(
+        output.contains(deleted["path"].as_str().unwrap()),
+        "{output}"
+    );
+    assert!(output.contains("MISSING"), "{output}");
+
+    // A peer that cannot answer is an ERROR entry; the others are still verified.
+    nodes[2].kill9();
+    let (code, partial) = verify(&nodes[0], "v", false);
+    assert_eq!(code, 200, "{partial}");
+    let three = verified_node(&partial, 3);
+    assert_eq!(three["status"], "ERROR", "{partial}");
+    assert!(
+        three["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{partial}"
+    );
+    assert_eq!(
+        verified_node(&partial, 1)["status"],
+        "CONSISTENT",
+        "{partial}"
+    );
+    assert_eq!(
+        verified_node(&partial, 2)["mismatches"],
+        mismatch(deleted, "MISSING"),
+        "{partial}"
+    );
+}

@@ -146,13 +146,9 @@ impl ScrubRead for FileSink {
         bytes_per_second: u64,
     ) -> BoxFuture<'_, Result<Option<(u64, [u8; 32])>, String>> {
         Box::pin(async move {
-            let started = Instant::now();
-            let written = self.hash(&path).await.map_err(|e| e.to_string())?;
-            if let (Some(written), true) = (&written, bytes_per_second > 0) {
-                let due =
-                    Duration::from_secs_f64(written.size_bytes as f64 / bytes_per_second as f64);
-                tokio::time::sleep_until(started + due).await;
-            }
+            let written = FileSink::scrub(self, &path, bytes_per_second)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(written.map(|w| (w.size_bytes, w.blake3)))
         })
     }

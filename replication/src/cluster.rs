@@ -96,6 +96,7 @@ pub struct ClusterView {
     replication: Arc<OnceLock<ReplicatorHandle>>,
     walker: Arc<OnceLock<WalkerHandle>>,
     wal_stream: Arc<OnceLock<WalStreamHandle>>,
+    verify: Arc<OnceLock<crate::verify::service::VerifyHandle>>,
 }
 
 impl ClusterView {
@@ -117,6 +118,11 @@ impl ClusterView {
     /// WAL streaming's handle once it runs (positions and lag per peer, origin and shard).
     pub fn wal_stream(&self) -> Option<&WalStreamHandle> {
         self.wal_stream.get()
+    }
+
+    /// Verification across peers once the plane runs (see [`crate::verify`]).
+    pub fn verify(&self) -> Option<&crate::verify::service::VerifyHandle> {
+        self.verify.get()
     }
 }
 
@@ -222,6 +228,20 @@ impl ControlPlane for ClusterPlane {
             let handle = crate::wal_stream::start(&transport, parts, watch);
             let _ = self.view.wal_stream.set(handle);
         }
+
+        // A clone of the sink stays here for deep verification; the replicator takes the sink.
+        let verify = crate::verify::service::start(
+            &transport,
+            raft.clone(),
+            published.clone(),
+            crate::verify::service::VerifyParts {
+                holdings: settings.holdings.clone(),
+                sink: settings.sink.clone(),
+                data_dir: settings.data_dir.clone(),
+                config: Default::default(),
+            },
+        );
+        let _ = self.view.verify.set(verify);
 
         let (repairs, repair_jobs) = tokio::sync::mpsc::unbounded_channel();
         let walker_cell = self.view.walker.clone();

@@ -16,6 +16,7 @@ pub mod network;
 pub mod raft_types;
 pub mod state_machine;
 pub mod transport;
+pub mod verify;
 pub mod version;
 pub mod wal_stream;
 

@@ -68,6 +68,8 @@ pub enum StreamKind {
     FileFetch = 5,
     /// One shard's WAL shipped to a peer (see `crate::wal_stream`).
     WalStream = 6,
+    /// One page of a verification across peers (see `crate::verify`).
+    Verify = 7,
     /// A question about a peer's copy of one file (anti-entropy, see `crate::antientropy`).
     FileCheck = 8,
 }
@@ -81,6 +83,7 @@ impl StreamKind {
             4 => StreamKind::RaftForward,
             5 => StreamKind::FileFetch,
             6 => StreamKind::WalStream,
+            7 => StreamKind::Verify,
             8 => StreamKind::FileCheck,
             _ => return None,
         })
@@ -89,7 +92,9 @@ impl StreamKind {
     /// The connection a stream of this kind travels on.
     pub fn lane(self) -> Lane {
         match self {
-            StreamKind::FileFetch => Lane::Bulk,
+            // Verify answers are pages of up to megabytes: they must not hold back Raft
+            // heartbeats, nor the WAL acks that acknowledged writes wait for.
+            StreamKind::FileFetch | StreamKind::Verify => Lane::Bulk,
             StreamKind::WalStream => Lane::Wal,
             _ => Lane::Control,
         }
