@@ -2317,3 +2317,63 @@ fn verify_names_exactly_the_damaged_files_on_each_node() {
         "{partial}"
     );
 }
+
+// The deep scrub holds its bandwidth limit: on a one-node cluster with a 1 MB/s cap and a few
+// megabytes of files, the bytes it re-hashes over a few seconds stay within the cap (plus one
+// file, since a file is paced from its own start), and it does run (at least half the cap).
+#[test]
+fn the_deep_scrub_holds_its_bandwidth_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 1);
+    let member = &members(1)[0];
+    let mut options = member_options(&certs, member, true, None, 0, "writer");
+    options.extra_env.extend([
+        ("SHALE_ANTIENTROPY_SCRUB_MB_PER_S".into(), "1".into()),
+        ("SHALE_ANTIENTROPY_SCRUB_CYCLE_TARGET_S".into(), "1".into()),
+        (
+            "SHALE_ANTIENTROPY_CHEAP_PASS_INTERVAL_MS".into(),
+            "200".into(),
+        ),
+    ]);
+    let node = Node::start(&dir.path().join("n1"), options);
+    // Ten files of about 300 KB each: values that do not compress.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let body: String = (0..10u64)
+        .flat_map(|hour| (0..30_000u64).map(move |i| (hour, i)))
+        .map(|(hour, i)| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            let ms = 1_767_225_600_000 + hour * 3_600_000 + i;
+            format!("big,host=a r={} {ms}\n", state >> 11)
+        })
+        .collect();
+    let response = node.post("/write?db=d&precision=ms", &[], body.as_bytes());
+    assert_eq!(response.status, 204, "{}", response.text());
+    node.wait_until("ten files registered", || node.manifest_files().len() == 10);
+    let largest = node
+        .manifest_files()
+        .iter()
+        .map(|f| f["size_bytes"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    node.wait_until("the scrub reads the new files", || {
+        walker_status(&node)["bytes_verified_total"].as_u64() > Some(largest)
+    });
+    let verified = || {
+        walker_status(&node)["bytes_verified_total"]
+            .as_u64()
+            .unwrap() as f64
+    };
+    let (before, started) = (verified(), Instant::now());
+    std::thread::sleep(Duration::from_secs(4));
+    let (read, elapsed) = (verified() - before, started.elapsed().as_secs_f64());
+    let rate = read / elapsed;
+    eprintln!("deep scrub: {read} bytes in {elapsed:.2} s = {rate:.0} B/s against a 1 MB/s cap");
+    assert!(
+        read <= 1_000_000.0 * elapsed + largest as f64,
+        "{read} bytes in {elapsed:.2} s exceeds 1 MB/s plus one file of {largest}"
+    );
+    assert!(rate >= 500_000.0, "the scrub runs: {rate:.0} B/s");
+    assert_eq!(walker_status(&node)["scrub_bytes_per_second"], 1_000_000);
+}

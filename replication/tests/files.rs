@@ -20,6 +20,8 @@ use shale_replication::files::fetch::FetchError;
 use shale_replication::files::fetch::FileSource;
 use shale_replication::files::fetch::StreamPair;
 use shale_replication::files::fetch::StreamSource;
+use shale_replication::files::holdings::Finding;
+use shale_replication::files::holdings::Holdings;
 use shale_replication::files::partial_path;
 use shale_replication::files::planner::PeerInfo;
 use shale_replication::files::presence::PresenceEntry;
@@ -31,6 +33,7 @@ use shale_replication::files::protocol::FetchRequest;
 use shale_replication::files::protocol::FetchStatus;
 use shale_replication::files::replicator::FetchConfig;
 use shale_replication::files::replicator::ManifestWatch;
+use shale_replication::files::replicator::RepairJob;
 use shale_replication::files::replicator::Replicator;
 use shale_replication::files::replicator::ReplicatorParts;
 use shale_replication::files::serve::FetchServer;
@@ -897,6 +900,90 @@ async fn deleting_a_file_being_fetched_cancels_the_fetch() {
     })
     .await;
     running.stop().await;
+    sink.shutdown();
+}
+
+#[tokio::test]
+async fn a_file_deleted_from_the_manifest_during_its_repair_is_abandoned() {
+    // A damaged file is set aside and fetched again; if the manifest drops the file while the
+    // fetch runs, the repair must stop: no fetch left running, no damage left recorded (queries
+    // would wait for it forever), the quarantined copy removed (it holds no manifest file any
+    // more), and nothing put back at the path.
+    let dir = tempfile::tempdir().unwrap();
+    let local_dir = dir.path().join("n1");
+    let bytes = content(31, 5000);
+    let file = entry("db/m/damaged.parquet", &bytes, 2, 1);
+    write_file(&local_dir, &file.path, &bytes);
+    let first = version(1, vec![file.clone()]);
+    let sink = sink();
+    let versions = Versions::new(first.clone());
+    let holdings = Holdings::default();
+    let (repairs, repair_jobs) = tokio::sync::mpsc::unbounded_channel();
+    let (replicator, handle) = Replicator::new(ReplicatorParts {
+        local: 1,
+        data_dir: local_dir.clone(),
+        presence: PresenceIndex::open(&local_dir.join("_system/presence")).unwrap(),
+        sink: sink.clone(),
+        source: Arc::new(Stalling),
+        watch: versions.clone(),
+        peers: Arc::new(|| vec![PeerInfo { node_id: 2 }]),
+        config: FetchConfig {
+            delete_check_ms: 10,
+            ..FetchConfig::default()
+        },
+        holdings: holdings.clone(),
+        repairs: Some(repair_jobs),
+        on_bad_source: None,
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(replicator.run(async move {
+        let _ = stopped.await;
+    }));
+    wait_for_metrics(&handle, "the local copy adopted", |m| {
+        m.files_adopted_total == 1
+    })
+    .await;
+    assert!(holdings.held(&file.path).is_some());
+
+    let mut damaged = bytes.clone();
+    damaged[100] ^= 1;
+    std::fs::write(local_dir.join(&file.path), &damaged).unwrap();
+    repairs
+        .send(RepairJob {
+            path: file.path.clone(),
+            expected_blake3: file.blake3_hex.clone(),
+            finding: Finding::Corrupt {
+                found_blake3: blake3::hash(&damaged).to_hex().to_string(),
+            },
+        })
+        .unwrap();
+    wait_for_metrics(&handle, "the repair's fetch to start", |m| {
+        m.files_in_flight == 1
+    })
+    .await;
+    let damage = holdings.damaged(&file.path).expect("recorded damaged");
+    let quarantined = local_dir.join(damage.quarantined_as.expect("moved to quarantine"));
+    assert_eq!(std::fs::read(&quarantined).unwrap(), damaged);
+    assert!(!local_dir.join(&file.path).exists());
+    assert!(holdings.held(&file.path).is_none());
+
+    versions.publish(next_version(
+        &first,
+        2,
+        ManifestCommand::Delete {
+            paths: vec![file.path.clone()],
+        },
+    ));
+    drop(first);
+    wait_for_metrics(&handle, "the repair abandoned", |m| {
+        m.fetches_cancelled_total == 1 && m.files_in_flight == 0 && m.files_missing == 0
+    })
+    .await;
+    assert!(holdings.damaged(&file.path).is_none());
+    assert!(!quarantined.exists());
+    assert!(!local_dir.join(&file.path).exists());
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
     sink.shutdown();
 }
 

@@ -375,8 +375,21 @@ impl Replicator {
                             tracing::debug!(path = %path, "fetch cancelled: file removed from the manifest");
                         }
                     }
+                    let mut set_aside = Vec::new();
                     for path in observed.removed {
+                        // A damaged file the manifest dropped needs no repair; its quarantined
+                        // copy holds no file of the manifest any more.
+                        if let Some(damage) = self.parts.holdings.clear_damaged(&path) {
+                            tracing::info!(path = %path, "damaged file removed from the manifest; repair abandoned");
+                            set_aside
+                                .extend(damage.quarantined_as.map(|q| self.parts.data_dir.join(q)));
+                        }
                         deletes.push_back((version.index, path.to_string()));
+                    }
+                    if !set_aside.is_empty() {
+                        if let Err(error) = self.parts.sink.remove_durable(set_aside).await {
+                            tracing::warn!(%error, "remove quarantined copies of removed files");
+                        }
                     }
                     self.observe(&mut candidates, version.clone(), planner.missing());
                     previous = Some(version.clone());
