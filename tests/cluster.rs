@@ -2377,3 +2377,129 @@ fn the_deep_scrub_holds_its_bandwidth_limit() {
     assert!(rate >= 500_000.0, "the scrub runs: {rate:.0} B/s");
     assert_eq!(walker_status(&node)["scrub_bytes_per_second"], 1_000_000);
 }
+
+// A node that receives bytes not matching the manifest tells the source, which deep-checks its
+// own copy at once (here its walker is paused, so only that message can make it look), and a
+// file with no good copy among the members that answer is not called lost while a member is
+// unreachable: "lost" is decided by asking every member. Once the third node is back, both
+// damaged copies are repaired from it.
+#[test]
+fn a_source_that_served_bad_bytes_is_told_and_checks_its_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 3);
+    let mut nodes = start_three_writers_with(dir.path(), &certs, &members(3), fast_walker);
+    write_hours(&nodes[0], "a", 1, 50);
+    let (path, _, blake3_hex) = wait_cpu_files(&nodes[0], 1)[0].clone();
+    wait_all_hold_every_file(&nodes, 1, "every node holds the file");
+    let (code, _) = admin(&nodes[1], "POST", "/api/v1/cluster/antientropy/pause", "");
+    assert_eq!(code, 200);
+    assert_eq!(walker_status(&nodes[1])["paused"], true);
+    nodes[2].stop();
+    flip_byte(&nodes[1].data_dir.join(&path), 40);
+    flip_byte(&nodes[0].data_dir.join(&path), 40);
+
+    // Node 1's scrub finds its copy corrupt. Node 2 hears of it either as the source that
+    // served node 1's repair bad bytes or as a member asked about its copy (whichever comes
+    // first): both make it deep-check its copy at once, and it sets the copy aside although
+    // its walker is paused.
+    nodes[1].wait_until("node 2 found its copy corrupt when told", || {
+        let status = walker_status(&nodes[1]);
+        status["files_corrupt_total"] == 1 && status["files_quarantined_total"] == 1
+    });
+    assert!(walker_status(&nodes[1])["checks_answered_total"].as_u64() >= Some(1));
+    // Node 3 is down: no member that answered holds a good copy, but that is not "lost".
+    nodes[0].wait_until("node 1 asked the members", || {
+        nodes[0]
+            .log()
+            .contains("no good copy among the members that answered")
+    });
+    assert_eq!(walker_status(&nodes[0])["files_lost"], 0);
+    assert_eq!(walker_status(&nodes[1])["files_lost"], 0);
+
+    nodes[2].restart();
+    for node in &nodes[..2] {
+        node.wait_until("repaired from node 3", || {
+            holds_intact(node, &path, &blake3_hex)
+        });
+    }
+    let (code, _) = admin(&nodes[1], "POST", "/api/v1/cluster/antientropy/resume", "");
+    assert_eq!(code, 200);
+    assert_eq!(walker_status(&nodes[1])["paused"], false);
+    for node in &nodes {
+        assert_eq!(totals(node).0, 50);
+    }
+}
+
+/// Sets a file's modification time `seconds` into the past.
+fn age_file(path: &Path, seconds: i64) {
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let past = libc::timespec {
+        tv_sec: (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            - seconds) as libc::time_t,
+        tv_nsec: 0,
+    };
+    let times = [past, past];
+    // SAFETY: a valid NUL-terminated path and two initialised timespecs.
+    let done = unsafe { libc::utimensat(libc::AT_FDCWD, c_path.as_ptr(), times.as_ptr(), 0) };
+    assert_eq!(done, 0, "utimensat {}", path.display());
+}
+
+// A file on disk that no manifest version references is reported at once and deleted only
+// after the grace period; files under _system, partial fetches, files a pending flush journal
+// names and young files are never orphans.
+#[test]
+fn orphans_are_reported_then_deleted_after_their_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), 1);
+    let member = &members(1)[0];
+    let mut options = member_options(&certs, member, true, None, 0, "writer");
+    fast_walker(&mut options);
+    options
+        .extra_env
+        .push(("SHALE_ANTIENTROPY_ORPHAN_GRACE_MS".into(), "3000".into()));
+    let node = Node::start(&dir.path().join("n1"), options);
+    write_hours(&node, "a", 1, 10);
+    wait_cpu_files(&node, 1);
+    let data = &node.data_dir;
+    let place = |relative: &str, old: bool| {
+        let path = data.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"not a manifest file").unwrap();
+        if old {
+            age_file(&path, 3600);
+        }
+        path
+    };
+    let stray = place("c/cpu/2026/01/01/07/stray.parquet", true);
+    let young = place("c/cpu/2026/01/01/07/young.parquet", false);
+    let partial = place("c/cpu/2026/01/01/07/fetching.parquet.partial", true);
+    let system = place("_system/some-state", true);
+    let journaled = place("c/cpu/2026/01/01/07/journaled.parquet", true);
+    let journal = data.join("_system/pending/shard-0/c-cpu-test.json");
+    std::fs::create_dir_all(journal.parent().unwrap()).unwrap();
+    std::fs::write(
+        &journal,
+        serde_json::json!([{ "path": "c/cpu/2026/01/01/07/journaled.parquet" }]).to_string(),
+    )
+    .unwrap();
+
+    node.wait_until("the stray file is reported", || {
+        let status = walker_status(&node);
+        status["orphans"] == 1 && status["orphan_paths"][0] == "c/cpu/2026/01/01/07/stray.parquet"
+    });
+    assert!(stray.exists(), "not deleted before its grace period");
+    node.wait_until("the stray file is deleted after its grace period", || {
+        !stray.exists()
+    });
+    let status = walker_status(&node);
+    assert_eq!(status["orphans_deleted_total"], 1, "{status}");
+    for kept in [&young, &partial, &system, &journaled] {
+        assert!(kept.exists(), "{} kept", kept.display());
+    }
+    assert_eq!(node.must_count("SELECT count(*) FROM c.cpu"), 10);
+    // The journal names no real flush: remove it so no restart tries to register it.
+    std::fs::remove_file(&journal).unwrap();
+}

@@ -209,6 +209,7 @@ impl WalkerHandle {
         let holdings = &self.shared.parts.holdings;
         let counters = holdings.counters();
         status.paused = self.shared.paused.load(Ordering::Relaxed);
+        status.checks_answered_total = self.shared.checks_answered.load(Ordering::Relaxed);
         status.files_quarantined_total = counters.quarantined_total.load(Ordering::Relaxed);
         status.files_repaired_total = counters.repaired_total.load(Ordering::Relaxed);
         status.files_lost_total = counters.lost_total.load(Ordering::Relaxed);
@@ -649,7 +650,10 @@ fn list_orphan_candidates(data_dir: &Path, grace: Duration) -> std::io::Result<V
             let Some(relative) = relative.to_str() else {
                 continue;
             };
-            if relative == "_system" || relative.starts_with("_system/") {
+            // The node's own state, and what fsck recovers on a data directory that is a
+            // file system's root (an operator's to look at, never ours to delete).
+            if relative == "_system" || relative.starts_with("_system/") || relative == "lost+found"
+            {
                 continue;
             }
             if kind.is_dir() {
@@ -700,6 +704,11 @@ fn journaled_paths(data_dir: &Path) -> std::io::Result<BTreeSet<String>> {
             let entry = entry?;
             if entry.file_type()?.is_dir() {
                 stack.push(entry.path());
+                continue;
+            }
+            // A journal being published is a temporary (`.<name>.tmp`) until its rename; the
+            // files it names are young then.
+            if entry.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
             let bytes = std::fs::read(entry.path())?;

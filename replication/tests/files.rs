@@ -527,6 +527,8 @@ async fn replicator_skips_a_corrupt_source_and_publishes_the_present_version() {
     }
     let sink = sink();
     let versions = Versions::new(first);
+    // The source that served bad bytes is told, so it can check its own copy at once.
+    let told: Arc<Mutex<Vec<(NodeId, String, String)>>> = Arc::default();
     let (replicator, handle) = Replicator::new(ReplicatorParts {
         local: 1,
         data_dir: local_dir.clone(),
@@ -538,7 +540,14 @@ async fn replicator_skips_a_corrupt_source_and_publishes_the_present_version() {
         config: FetchConfig::default(),
         holdings: Default::default(),
         repairs: None,
-        on_bad_source: None,
+        on_bad_source: Some(Arc::new({
+            let told = told.clone();
+            move |node, path: &str, blake3_hex: &str| {
+                told.lock()
+                    .unwrap()
+                    .push((node, path.to_owned(), blake3_hex.to_owned()));
+            }
+        })),
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(replicator.run(async move {
@@ -557,6 +566,10 @@ async fn replicator_skips_a_corrupt_source_and_publishes_the_present_version() {
     assert_eq!(metrics.present_index, Some(2));
     assert_eq!(metrics.files_fetched_total, 2);
     assert_eq!(metrics.bad_source_total, 1);
+    assert_eq!(
+        *told.lock().unwrap(),
+        [(2, file_a.path.clone(), file_a.blake3_hex.clone())]
+    );
     assert_eq!(std::fs::read(local_dir.join(&file_a.path)).unwrap(), good_a);
     assert_eq!(std::fs::read(local_dir.join(&file_b.path)).unwrap(), good_b);
 
