@@ -129,6 +129,9 @@ pub trait PeerCheck: Send + Sync {
     ) -> BoxFuture<'_, Result<CheckAnswer, String>>;
 }
 
+/// What a scrub read found: the file's size and blake3, or `None` when there is no file.
+pub type Scrubbed = Result<Option<(u64, [u8; 32])>, String>;
+
 /// Reads a file's size and blake3 at a bandwidth limit (bytes per second, 0 unlimited): the
 /// deep scrub's read. `None` when the file does not exist.
 pub trait ScrubRead: Send + Sync {
@@ -136,7 +139,7 @@ pub trait ScrubRead: Send + Sync {
         &self,
         path: PathBuf,
         bytes_per_second: u64,
-    ) -> BoxFuture<'_, Result<Option<(u64, [u8; 32])>, String>>;
+    ) -> BoxFuture<'_, Scrubbed>;
 }
 
 impl ScrubRead for FileSink {
@@ -144,7 +147,7 @@ impl ScrubRead for FileSink {
         &self,
         path: PathBuf,
         bytes_per_second: u64,
-    ) -> BoxFuture<'_, Result<Option<(u64, [u8; 32])>, String>> {
+    ) -> BoxFuture<'_, Scrubbed> {
         Box::pin(async move {
             let written = FileSink::scrub(self, &path, bytes_per_second)
                 .await
