@@ -135,19 +135,11 @@ pub type Scrubbed = Result<Option<(u64, [u8; 32])>, String>;
 /// Reads a file's size and blake3 at a bandwidth limit (bytes per second, 0 unlimited): the
 /// deep scrub's read. `None` when the file does not exist.
 pub trait ScrubRead: Send + Sync {
-    fn scrub(
-        &self,
-        path: PathBuf,
-        bytes_per_second: u64,
-    ) -> BoxFuture<'_, Scrubbed>;
+    fn scrub(&self, path: PathBuf, bytes_per_second: u64) -> BoxFuture<'_, Scrubbed>;
 }
 
 impl ScrubRead for FileSink {
-    fn scrub(
-        &self,
-        path: PathBuf,
-        bytes_per_second: u64,
-    ) -> BoxFuture<'_, Scrubbed> {
+    fn scrub(&self, path: PathBuf, bytes_per_second: u64) -> BoxFuture<'_, Scrubbed> {
         Box::pin(async move {
             let written = FileSink::scrub(self, &path, bytes_per_second)
                 .await
@@ -352,6 +344,16 @@ impl Shared {
         {
             return false;
         }
+        // Recorded at once, so a second finding of the same damage (the scrub and a peer's
+        // check can meet) is not counted twice, and queries wait from this moment on.
+        self.parts.holdings.set_damaged(Damage {
+            path: path.to_owned(),
+            finding: finding.clone(),
+            expected_blake3: blake3_hex.to_owned(),
+            found_at_ms: now_ms(),
+            quarantined_as: None,
+            lost: false,
+        });
         self.parts.holdings.counters().found(&finding);
         tracing::warn!(path = %path, finding = %finding, "anti-entropy found a damaged file");
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());

@@ -1000,6 +1000,114 @@ async fn a_file_deleted_from_the_manifest_during_its_repair_is_abandoned() {
     sink.shutdown();
 }
 
+#[tokio::test]
+async fn a_damaged_file_is_still_damaged_after_a_restart() {
+    // Damage is recorded durably: a node restarted before the repair finished must still treat
+    // the file as held and lost (queries wait for it), not as a file never fetched (queries
+    // would skip it, and the replica buffers no longer hold its rows). The restarted node then
+    // repairs it and forgets the damage.
+    let dir = tempfile::tempdir().unwrap();
+    let local_dir = dir.path().join("n1");
+    let bytes = content(32, 5000);
+    let file = entry("db/m/damaged.parquet", &bytes, 2, 1);
+    write_file(&local_dir, &file.path, &bytes);
+    let first = version(1, vec![file.clone()]);
+    let sink = sink();
+    let versions = Versions::new(first.clone());
+    let start = |source: Arc<dyn FileSource>, holdings: Holdings| {
+        let (repairs, repair_jobs) = tokio::sync::mpsc::unbounded_channel();
+        let (replicator, handle) = Replicator::new(ReplicatorParts {
+            local: 1,
+            data_dir: local_dir.clone(),
+            presence: PresenceIndex::open(&local_dir.join("_system/presence")).unwrap(),
+            sink: sink.clone(),
+            source,
+            watch: versions.clone(),
+            peers: Arc::new(|| vec![PeerInfo { node_id: 2 }]),
+            config: FetchConfig::default(),
+            holdings,
+            repairs: Some(repair_jobs),
+            on_bad_source: None,
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(replicator.run(async move {
+            let _ = stopped.await;
+        }));
+        (repairs, handle, stop, task)
+    };
+    let (repairs, handle, stop, task) = start(Arc::new(Stalling), Holdings::default());
+    wait_for_metrics(&handle, "the local copy adopted", |m| {
+        m.files_adopted_total == 1
+    })
+    .await;
+    std::fs::remove_file(local_dir.join(&file.path)).unwrap();
+    repairs
+        .send(RepairJob {
+            path: file.path.clone(),
+            expected_blake3: file.blake3_hex.clone(),
+            finding: Finding::Missing,
+        })
+        .unwrap();
+    wait_for_metrics(&handle, "the repair's fetch to start", |m| {
+        m.files_in_flight == 1
+    })
+    .await;
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    let presence = PresenceIndex::open(&local_dir.join("_system/presence")).unwrap();
+    assert_eq!(
+        presence
+            .damaged()
+            .map(|d| d.path.as_str())
+            .collect::<Vec<_>>(),
+        [file.path.as_str()]
+    );
+    assert!(presence.get(&file.path).is_none());
+    drop(presence);
+
+    // Restarted with the sources stalling still: the damage is back in the shared view.
+    let restarted = Holdings::default();
+    let (_repairs, handle, stop, task) = start(Arc::new(Stalling), restarted.clone());
+    wait_for_metrics(&handle, "the repair's fetch to start again", |m| {
+        m.files_in_flight == 1
+    })
+    .await;
+    assert_eq!(
+        restarted.damaged(&file.path).map(|d| d.finding),
+        Some(Finding::Missing)
+    );
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+
+    // Restarted once a peer serves the file: repaired, and the damage forgotten for good.
+    let node_dir = dir.path().join("n2");
+    write_file(&node_dir, &file.path, &bytes);
+    let pipes = Pipes::default();
+    pipes
+        .servers
+        .lock()
+        .unwrap()
+        .insert(2, server(&node_dir, first.clone()));
+    let repaired = Holdings::default();
+    let (_repairs, handle, stop, task) = start(
+        Arc::new(StreamSource::new(pipes.clone(), 64 << 10)),
+        repaired.clone(),
+    );
+    wait_for_metrics(&handle, "the repair after the restart", |m| {
+        m.files_fetched_total == 1
+    })
+    .await;
+    assert!(repaired.damaged(&file.path).is_none());
+    assert!(repaired.held(&file.path).is_some());
+    assert_eq!(std::fs::read(local_dir.join(&file.path)).unwrap(), bytes);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    let presence = PresenceIndex::open(&local_dir.join("_system/presence")).unwrap();
+    assert_eq!(presence.damaged().count(), 0);
+    assert!(presence.get(&file.path).is_some());
+    sink.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_throughput_and_blake3_speed() {
     // Measures (never asserts) the catch-up path's speed: a 1 GiB file over the FileFetch

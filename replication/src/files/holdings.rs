@@ -59,7 +59,7 @@ impl std::fmt::Display for Finding {
 }
 
 /// A manifest file whose local copy is damaged and not repaired yet.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Damage {
     pub path: String,
     pub finding: Finding,
@@ -70,6 +70,7 @@ pub struct Damage {
     /// Where the damaged copy was moved, relative to the data directory, if there was one.
     pub quarantined_as: Option<String>,
     /// Every member was asked and none holds a copy matching the manifest.
+    #[serde(default)]
     pub lost: bool,
 }
 
@@ -176,6 +177,16 @@ impl Holdings {
     pub fn set_damaged(&self, damage: Damage) {
         self.state().damaged.insert(damage.path.clone(), damage);
         self.0.changed.notify_all();
+    }
+
+    /// Records where a damaged file's copy was moved; answers whether it was damaged.
+    pub fn set_quarantined(&self, path: &str, quarantined_as: Option<String>) -> bool {
+        let mut state = self.state();
+        let Some(damage) = state.damaged.get_mut(path) else {
+            return false;
+        };
+        damage.quarantined_as = quarantined_as;
+        true
     }
 
     /// Marks a damaged file lost or not lost; answers whether it was damaged.

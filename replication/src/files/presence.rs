@@ -31,6 +31,8 @@ use shale_io::frame::TailRule;
 use shale_io::sink::FileSink;
 use shale_io::sink::SinkError;
 
+use crate::files::holdings::Damage;
+
 /// Name of the log inside the presence directory.
 pub const PRESENCE_LOG_NAME: &str = "presence-log";
 
@@ -68,6 +70,9 @@ enum PresenceRecord {
     Deleting {
         path: String,
     },
+    /// The local copy was found damaged and set aside: not present, and to be repaired. Kept
+    /// across restarts so queries keep waiting for the repair instead of skipping the file.
+    Damaged(Damage),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +102,8 @@ pub struct PresenceIndex {
     entries: BTreeMap<String, PresenceEntry>,
     /// Paths whose removal from disk was started but is not known to be finished.
     deleting: BTreeSet<String>,
+    /// Paths found damaged and not repaired yet.
+    damaged: BTreeMap<String, Damage>,
     /// Bytes in the log file, and the frame bytes of each live entry's latest insert.
     log_bytes: u64,
     live_bytes: BTreeMap<String, u64>,
@@ -134,6 +141,7 @@ impl PresenceIndex {
             log_path: log_path.clone(),
             entries: BTreeMap::new(),
             deleting: BTreeSet::new(),
+            damaged: BTreeMap::new(),
             log_bytes: 0,
             live_bytes: BTreeMap::new(),
             live_bytes_total: 0,
@@ -180,6 +188,11 @@ impl PresenceIndex {
         self.deleting.iter().map(String::as_str)
     }
 
+    /// Files found damaged and not repaired yet (or not yet forgotten).
+    pub fn damaged(&self) -> impl Iterator<Item = &Damage> + '_ {
+        self.damaged.values()
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -201,6 +214,18 @@ impl PresenceIndex {
         self.log_bytes += frame_bytes;
         self.note(PresenceRecord::Insert(entry), frame_bytes);
         self.compact_if_worth_it(sink).await
+    }
+
+    /// Durably records a damaged local copy: it stops counting as present, and a restart lists
+    /// it in [`PresenceIndex::damaged`] until an insert (the repair) or a forget replaces it.
+    /// Not cancellation-safe (like [`PresenceIndex::insert`]).
+    pub async fn mark_damaged(
+        &mut self,
+        sink: &FileSink,
+        damage: Damage,
+    ) -> Result<(), PresenceError> {
+        self.append_all(sink, std::iter::once(PresenceRecord::Damaged(damage)))
+            .await
     }
 
     /// Forgets `path` durably; answers whether it was present.
@@ -242,7 +267,11 @@ impl PresenceIndex {
     pub async fn forget(&mut self, sink: &FileSink, paths: &[String]) -> Result<(), PresenceError> {
         let known: Vec<String> = paths
             .iter()
-            .filter(|path| self.entries.contains_key(*path) || self.deleting.contains(*path))
+            .filter(|path| {
+                self.entries.contains_key(*path)
+                    || self.deleting.contains(*path)
+                    || self.damaged.contains_key(*path)
+            })
             .cloned()
             .collect();
         self.append_all(
@@ -284,19 +313,30 @@ impl PresenceIndex {
                 self.live_bytes_total += frame_bytes;
                 self.live_bytes_total -= old.unwrap_or(0);
                 self.deleting.remove(&entry.path);
+                self.damaged.remove(&entry.path);
                 self.entries.insert(entry.path.clone(), entry);
             }
             PresenceRecord::Remove { path } => {
                 self.live_bytes_total -= self.live_bytes.remove(&path).unwrap_or(0);
                 self.entries.remove(&path);
                 self.deleting.remove(&path);
+                self.damaged.remove(&path);
             }
             PresenceRecord::Deleting { path } => {
                 let old = self.live_bytes.insert(path.clone(), frame_bytes);
                 self.live_bytes_total += frame_bytes;
                 self.live_bytes_total -= old.unwrap_or(0);
                 self.entries.remove(&path);
+                self.damaged.remove(&path);
                 self.deleting.insert(path);
+            }
+            PresenceRecord::Damaged(damage) => {
+                let old = self.live_bytes.insert(damage.path.clone(), frame_bytes);
+                self.live_bytes_total += frame_bytes;
+                self.live_bytes_total -= old.unwrap_or(0);
+                self.entries.remove(&damage.path);
+                self.deleting.remove(&damage.path);
+                self.damaged.insert(damage.path.clone(), damage);
             }
         }
     }
@@ -316,6 +356,11 @@ impl PresenceIndex {
         for path in &self.deleting {
             let frame = encode_frame(&PresenceRecord::Deleting { path: path.clone() })?;
             live_bytes.insert(path.clone(), frame.len() as u64);
+            image.extend_from_slice(&frame);
+        }
+        for damage in self.damaged.values() {
+            let frame = encode_frame(&PresenceRecord::Damaged(damage.clone()))?;
+            live_bytes.insert(damage.path.clone(), frame.len() as u64);
             image.extend_from_slice(&frame);
         }
         let image_bytes = image.len() as u64;

@@ -348,6 +348,11 @@ impl Replicator {
         for entry in self.parts.presence.iter() {
             self.parts.holdings.set_held(&entry.path, held_file(entry));
         }
+        // Damage found before a restart and not repaired yet: queries keep waiting for it, and
+        // the planner fetches it like any missing file.
+        for damage in self.parts.presence.damaged() {
+            self.parts.holdings.set_damaged(damage.clone());
+        }
         let result = 'run: {
             if let Err(error) = self.finish_interrupted_deletes().await {
                 break 'run Err(error);
@@ -368,6 +373,17 @@ impl Replicator {
                                 deletes.push_back((version.index, entry.path.clone()));
                             }
                         }
+                        // Damaged files the manifest dropped while the node was down.
+                        let dropped: Vec<Damage> = self
+                            .parts
+                            .presence
+                            .damaged()
+                            .filter(|damage| version.manifest.file(&damage.path).is_none())
+                            .cloned()
+                            .collect();
+                        if let Err(error) = self.forget_damage(dropped).await {
+                            break 'run Err(error);
+                        }
                     }
                     for path in &observed.cancelled {
                         if running.cancel(path) {
@@ -375,21 +391,13 @@ impl Replicator {
                             tracing::debug!(path = %path, "fetch cancelled: file removed from the manifest");
                         }
                     }
-                    let mut set_aside = Vec::new();
+                    let mut dropped = Vec::new();
                     for path in observed.removed {
-                        // A damaged file the manifest dropped needs no repair; its quarantined
-                        // copy holds no file of the manifest any more.
-                        if let Some(damage) = self.parts.holdings.clear_damaged(&path) {
-                            tracing::info!(path = %path, "damaged file removed from the manifest; repair abandoned");
-                            set_aside
-                                .extend(damage.quarantined_as.map(|q| self.parts.data_dir.join(q)));
-                        }
+                        dropped.extend(self.parts.holdings.damaged(&path));
                         deletes.push_back((version.index, path.to_string()));
                     }
-                    if !set_aside.is_empty() {
-                        if let Err(error) = self.parts.sink.remove_durable(set_aside).await {
-                            tracing::warn!(%error, "remove quarantined copies of removed files");
-                        }
+                    if let Err(error) = self.forget_damage(dropped).await {
+                        break 'run Err(error);
                     }
                     self.observe(&mut candidates, version.clone(), planner.missing());
                     previous = Some(version.clone());
@@ -505,18 +513,26 @@ impl Replicator {
             self.parts.holdings.clear_damaged(&job.path);
             return Ok(());
         };
-        if entry.blake3_hex != job.expected_blake3 || planner.is_missing(&job.path) {
-            // Other bytes now, or being fetched already.
+        if entry.blake3_hex != job.expected_blake3 {
+            // Registered again with other bytes: the finding was about a file that is gone.
+            self.parts.holdings.clear_damaged(&job.path);
+            return Ok(());
+        }
+        if planner.is_missing(&job.path) {
+            // Being fetched already; its arrival clears the damage.
             return Ok(());
         }
         let found_at_ms = now_ms();
+        // The walker recorded the finding already, and may have found the file lost since:
+        // keep what it decided.
+        let known = self.parts.holdings.damaged(&job.path);
         let mut damage = Damage {
             path: job.path.clone(),
             finding: job.finding.clone(),
             expected_blake3: entry.blake3_hex.clone(),
-            found_at_ms,
+            found_at_ms: known.as_ref().map_or(found_at_ms, |d| d.found_at_ms),
             quarantined_as: None,
-            lost: false,
+            lost: known.is_some_and(|d| d.lost),
         };
         self.parts.holdings.set_damaged(damage.clone());
         if job.finding != Finding::Missing {
@@ -544,13 +560,42 @@ impl Replicator {
                 }
             }
         }
+        // Durable, so a restart before the repair still knows the file was here and lost.
         self.parts
             .presence
-            .remove(&self.parts.sink, &job.path)
+            .mark_damaged(&self.parts.sink, damage.clone())
             .await?;
         self.parts.holdings.unset_held([job.path.as_str()]);
-        self.parts.holdings.set_damaged(damage);
+        // Only where the copy went: the walker may have decided "lost" meanwhile.
+        if !self
+            .parts
+            .holdings
+            .set_quarantined(&job.path, damage.quarantined_as)
+        {
+            return Ok(());
+        }
         planner.mark_missing(&path, &entry);
+        Ok(())
+    }
+
+    /// Forgets damaged files the manifest no longer lists: they need no repair, and their
+    /// quarantined copies hold no file of the manifest any more.
+    async fn forget_damage(&mut self, dropped: Vec<Damage>) -> Result<(), ReplicatorError> {
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        let mut copies = Vec::new();
+        let mut paths = Vec::new();
+        for damage in dropped {
+            tracing::info!(path = %damage.path, "damaged file removed from the manifest; repair abandoned");
+            self.parts.holdings.clear_damaged(&damage.path);
+            copies.extend(damage.quarantined_as.map(|q| self.parts.data_dir.join(q)));
+            paths.push(damage.path);
+        }
+        if let Err(error) = self.parts.sink.remove_durable(copies).await {
+            tracing::warn!(%error, "remove quarantined copies of removed files");
+        }
+        self.parts.presence.forget(&self.parts.sink, &paths).await?;
         Ok(())
     }
 
