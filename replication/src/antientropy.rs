@@ -58,7 +58,6 @@ use crate::files::holdings::Holdings;
 use crate::files::replicator::ManifestWatch;
 use crate::files::replicator::PeerList;
 use crate::files::replicator::RepairJob;
-use crate::files::replicator::QUARANTINE_DIR;
 use crate::files::NodeId;
 use crate::files::PARTIAL_SUFFIX;
 use crate::manifest::FileEntry;
@@ -832,9 +831,11 @@ async fn repairer(shared: Arc<Shared>) {
             })
             .collect();
         for damage in due {
-            asked_at.insert(damage.path.clone(), now);
+            // The first question makes every member re-hash its copy (and set it aside if it
+            // is damaged too); later ones only ask, since a copy found damaged is gone by then.
+            let deep = asked_at.insert(damage.path.clone(), now).is_none();
             let shared = shared.clone();
-            tokio::spawn(async move { decide_lost(&shared, damage).await });
+            tokio::spawn(async move { decide_lost(&shared, damage, deep).await });
         }
         tokio::select! {
             () = shared.queued.notified() => {}
@@ -843,14 +844,14 @@ async fn repairer(shared: Arc<Shared>) {
     }
 }
 
-/// Asks every other member about its copy of a damaged file: lost only when every member
-/// answered and none holds a good copy.
-async fn decide_lost(shared: &Arc<Shared>, damage: Damage) {
+/// Asks every other member about its copy of a damaged file (`deep`: re-hashing it): lost
+/// only when every member answered and none holds a good copy.
+async fn decide_lost(shared: &Arc<Shared>, damage: Damage, deep: bool) {
     let peers = (shared.parts.peers)();
     let request = CheckRequest {
         path: damage.path.clone(),
         blake3_hex: damage.expected_blake3.clone(),
-        deep: true,
+        deep,
     };
     let mut asks = tokio::task::JoinSet::new();
     for peer in peers {
@@ -920,6 +921,3 @@ fn now_ms() -> i64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
-
-/// Where a damaged copy is moved, below the data directory (re-exported for the node's docs).
-pub const QUARANTINE: &str = QUARANTINE_DIR;
