@@ -869,50 +869,91 @@ async fn decide_lost(shared: &Arc<Shared>, damage: Damage, deep: bool) {
             )
         });
     }
-    let mut good = Vec::new();
-    let mut unknown = Vec::new();
-    let mut without = Vec::new();
+    let mut answers = Vec::new();
     while let Some(joined) = asks.join_next().await {
-        let Ok((node, answer)) = joined else { continue };
-        match answer {
-            Ok(CheckAnswer::Good) => good.push(node),
-            Ok(CheckAnswer::Missing | CheckAnswer::Damaged { .. }) => without.push(node),
-            Ok(CheckAnswer::NotInManifest) => {
-                // That member's manifest differs (behind or ahead); it cannot settle the question.
-                unknown.push(node);
-            }
-            Ok(CheckAnswer::Failed { .. }) | Err(_) => unknown.push(node),
+        if let Ok(answer) = joined {
+            answers.push(answer);
         }
     }
     let holdings = &shared.parts.holdings;
     let Some(current) = holdings.damaged(&damage.path) else {
         return;
     };
-    if !good.is_empty() {
-        if current.lost {
-            holdings.set_lost(&damage.path, false);
-            tracing::warn!(path = %damage.path, good = ?good, "file no longer lost: a member holds a good copy");
+    match verdict(&answers) {
+        Verdict::Held { good } => {
+            if current.lost {
+                holdings.set_lost(&damage.path, false);
+                tracing::warn!(path = %damage.path, good = ?good, "file no longer lost: a member holds a good copy");
+            }
         }
-        return;
+        Verdict::Lost { asked } => {
+            if !current.lost {
+                holdings.set_lost(&damage.path, true);
+                holdings
+                    .counters()
+                    .lost_total
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    path = %damage.path,
+                    expected_blake3 = %damage.expected_blake3,
+                    finding = %damage.finding,
+                    members_asked = asked,
+                    quarantined_as = ?damage.quarantined_as,
+                    "file lost: no member holds a copy matching the manifest; the damaged copy is kept in quarantine"
+                );
+            }
+        }
+        Verdict::Unknown {
+            unanswered,
+            without,
+        } => {
+            tracing::warn!(path = %damage.path, unanswered = ?unanswered, without = ?without, "damaged file has no good copy among the members that answered");
+        }
     }
-    if unknown.is_empty() {
-        if !current.lost {
-            holdings.set_lost(&damage.path, true);
-            holdings
-                .counters()
-                .lost_total
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                path = %damage.path,
-                expected_blake3 = %damage.expected_blake3,
-                finding = %damage.finding,
-                members_asked = without.len(),
-                quarantined_as = ?damage.quarantined_as,
-                "file lost: no member holds a copy matching the manifest; the damaged copy is kept in quarantine"
-            );
+}
+
+/// What the members' answers about a damaged file say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// These members hold a good copy: the repair can fetch it.
+    Held { good: Vec<NodeId> },
+    /// Every member answered and none holds a good copy (`asked` members; none is lost when
+    /// the node is alone, since nobody else could hold it).
+    Lost { asked: usize },
+    /// No member that answered holds a good copy, but some did not answer (or answered from
+    /// another manifest version): not lost, not repairable yet.
+    Unknown {
+        unanswered: Vec<NodeId>,
+        without: Vec<NodeId>,
+    },
+}
+
+/// The sans-IO core of the lost decision: "lost" only from a complete set of answers.
+pub fn verdict(answers: &[(NodeId, Result<CheckAnswer, String>)]) -> Verdict {
+    let mut good = Vec::new();
+    let mut unanswered = Vec::new();
+    let mut without = Vec::new();
+    for (node, answer) in answers {
+        match answer {
+            Ok(CheckAnswer::Good) => good.push(*node),
+            Ok(CheckAnswer::Missing | CheckAnswer::Damaged { .. }) => without.push(*node),
+            // A member whose manifest differs (behind or ahead) cannot settle the question.
+            Ok(CheckAnswer::NotInManifest | CheckAnswer::Failed { .. }) | Err(_) => {
+                unanswered.push(*node)
+            }
+        }
+    }
+    if !good.is_empty() {
+        Verdict::Held { good }
+    } else if unanswered.is_empty() {
+        Verdict::Lost {
+            asked: without.len(),
         }
     } else {
-        tracing::warn!(path = %damage.path, unreachable = ?unknown, without = ?without, "damaged file has no good copy among the members that answered");
+        Verdict::Unknown {
+            unanswered,
+            without,
+        }
     }
 }
 
@@ -920,4 +961,104 @@ fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(size_bytes: u64, bytes: &[u8]) -> FileEntry {
+        FileEntry {
+            path: "db/m/2026/01/01/00/f.parquet".into(),
+            size_bytes,
+            blake3_hex: blake3::hash(bytes).to_hex().to_string(),
+            rows: 1,
+            time_min_us: 0,
+            time_max_us: 0,
+            database: "db".into(),
+            measurement: "m".into(),
+            origin_node: 1,
+            shard: 0,
+            lsn_first: 1,
+            lsn_last: 1,
+            created_at_ms: 0,
+            columns_fingerprint: 0,
+            taken_by: None,
+        }
+    }
+
+    // A read is judged against the manifest: absent, another size, another hash, or good.
+    #[test]
+    fn judging_a_read_against_the_manifest() {
+        let bytes = b"parquet bytes";
+        let file = entry(bytes.len() as u64, bytes);
+        let hash = *blake3::hash(bytes).as_bytes();
+        assert_eq!(judge(&file, Some((bytes.len() as u64, hash))), None);
+        assert_eq!(judge(&file, None), Some(Finding::Missing));
+        assert_eq!(
+            judge(&file, Some((3, hash))),
+            Some(Finding::WrongSize { found_bytes: 3 })
+        );
+        let other = *blake3::hash(b"parquet bytez").as_bytes();
+        assert_eq!(
+            judge(&file, Some((bytes.len() as u64, other))),
+            Some(Finding::Corrupt {
+                found_blake3: crate::files::blake3_hex(&other)
+            })
+        );
+    }
+
+    // "Lost" needs every member's answer: one good copy anywhere means repairable, and a
+    // member that did not answer (or answered from another manifest) keeps it undecided.
+    #[test]
+    fn a_file_is_lost_only_when_every_member_answered_without_a_good_copy() {
+        let damaged = || {
+            Ok(CheckAnswer::Damaged {
+                finding: Finding::Missing,
+            })
+        };
+        assert_eq!(
+            verdict(&[(2, damaged()), (3, Ok(CheckAnswer::Good))]),
+            Verdict::Held { good: vec![3] }
+        );
+        assert_eq!(
+            verdict(&[(2, damaged()), (3, Ok(CheckAnswer::Missing))]),
+            Verdict::Lost { asked: 2 }
+        );
+        assert_eq!(
+            verdict(&[(2, damaged()), (3, Err("timed out".into()))]),
+            Verdict::Unknown {
+                unanswered: vec![3],
+                without: vec![2]
+            }
+        );
+        assert_eq!(
+            verdict(&[(2, Ok(CheckAnswer::NotInManifest)), (3, damaged())]),
+            Verdict::Unknown {
+                unanswered: vec![2],
+                without: vec![3]
+            }
+        );
+        assert_eq!(verdict(&[]), Verdict::Lost { asked: 0 });
+    }
+
+    // The check wire format is JSON with a status tag: a stored sample still decodes.
+    #[test]
+    fn check_messages_decode_from_stored_samples() {
+        let request: CheckRequest = serde_json::from_str(
+            r#"{"path":"db/m/2026/01/01/00/f.parquet","blake3_hex":"ab","deep":true}"#,
+        )
+        .unwrap();
+        assert!(request.deep);
+        let answer: CheckAnswer = serde_json::from_str(
+            r#"{"status":"damaged","finding":{"kind":"wrong_size","found_bytes":7}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            answer,
+            CheckAnswer::Damaged {
+                finding: Finding::WrongSize { found_bytes: 7 }
+            }
+        );
+    }
 }

@@ -418,3 +418,49 @@ fn encode_frame(record: &PresenceRecord) -> Result<Vec<u8>, PresenceError> {
         .map_err(|error| PresenceError::Encode(error.to_string()))?;
     Ok(frame)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A presence log holding `payloads` (JSON records) as version-1 frames.
+    fn log_of(dir: &Path, payloads: &[&str]) {
+        let mut bytes = Vec::new();
+        for payload in payloads {
+            let start = frame::begin(&mut bytes);
+            bytes.push(PRESENCE_FORMAT_VERSION);
+            bytes.extend_from_slice(payload.as_bytes());
+            frame::finish(&mut bytes, start, FRAME_LIMITS).unwrap();
+        }
+        std::fs::write(dir.join(PRESENCE_LOG_NAME), bytes).unwrap();
+    }
+
+    // Stored samples of every record kind still decode: an insert, a damaged record that a
+    // later insert (the repair) replaces, and a damaged record still open, written as the
+    // node writes them today.
+    #[test]
+    fn stored_records_decode_and_damage_is_replaced_by_the_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        log_of(
+            dir.path(),
+            &[
+                r#"{"Insert":{"path":"db/m/a","size_bytes":10,"blake3_hex":"aa","verified_at_ms":1}}"#,
+                r#"{"Damaged":{"path":"db/m/a","finding":{"kind":"corrupt","found_blake3":"bb"},"expected_blake3":"aa","found_at_ms":2,"quarantined_as":"_system/quarantine/2/db/m/a","lost":false}}"#,
+                r#"{"Insert":{"path":"db/m/a","size_bytes":10,"blake3_hex":"aa","verified_at_ms":3}}"#,
+                r#"{"Insert":{"path":"db/m/b","size_bytes":20,"blake3_hex":"cc","verified_at_ms":1}}"#,
+                r#"{"Damaged":{"path":"db/m/b","finding":{"kind":"missing"},"expected_blake3":"cc","found_at_ms":4,"quarantined_as":null}}"#,
+                r#"{"Deleting":{"path":"db/m/c"}}"#,
+            ],
+        );
+        let index = PresenceIndex::open(dir.path()).unwrap();
+        assert!(index.contains("db/m/a", "aa"));
+        assert_eq!(index.get("db/m/a").unwrap().verified_at_ms, 3);
+        assert!(!index.contains("db/m/b", "cc"));
+        let damaged: Vec<&Damage> = index.damaged().collect();
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(damaged[0].path, "db/m/b");
+        assert_eq!(damaged[0].finding, crate::files::holdings::Finding::Missing);
+        assert!(!damaged[0].lost);
+        assert_eq!(index.deleting().collect::<Vec<_>>(), ["db/m/c"]);
+    }
+}
