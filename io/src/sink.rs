@@ -413,9 +413,23 @@ impl SinkWriter {
     }
 }
 
+/// How often the sink thread wakes with nothing to do. Why: a job sent from another thread
+/// reaches a sleeping glommio executor as a wake through its eventfd, and under load, after
+/// paced scrubs, such a wake was seen to go unnoticed: the thread slept in `io_uring_enter`
+/// with jobs queued for minutes, until anything else woke it (a later job, a debugger). A
+/// timer that fires regardless bounds such a loss to this interval, as the shards' heartbeat
+/// tasks do for the shards. Its cost is a few dozen wake-ups a second.
+const WAKE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 async fn run(queue: flume::Receiver<Job>) {
     let active = std::rc::Rc::new(std::cell::Cell::new(0usize));
     let finished = crate::runtime::LocalNotify::new();
+    // Dropped (cancelled) when this function returns.
+    let _wake_ticker = glommio::spawn_local(async {
+        loop {
+            glommio::timer::sleep(WAKE_INTERVAL).await;
+        }
+    });
     while let Ok(job) = queue.recv_async().await {
         active.set(active.get() + 1);
         let (active, finished) = (active.clone(), finished.clone());
