@@ -341,7 +341,7 @@ impl Node {
             .map(|t| vec![("authorization", t)])
             .unwrap_or_default();
         let response = request(self.addr, "GET", "/api/v1/cluster/files", &headers, b"")
-            .unwrap_or_else(|e| panic!("GET /api/v1/cluster/files: {e}"));
+            .unwrap_or_else(|e| panic!("GET /api/v1/cluster/files: {e}; log:\n{}", self.log()));
         assert_eq!(response.status, 200, "{}", response.text());
         let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
         body["files"].as_array().cloned().unwrap_or_default()
