@@ -631,13 +631,14 @@ async fn find_orphans(
     Ok(())
 }
 
-/// Regular files under the data directory, outside `_system`, that are not partial fetches,
-/// publish temporaries, journaled, or younger than `grace`; relative paths.
-fn list_orphan_candidates(data_dir: &Path, grace: Duration) -> std::io::Result<Vec<String>> {
-    let journaled = journaled_paths(data_dir)?;
-    let mut found = Vec::new();
-    let mut stack = vec![data_dir.to_path_buf()];
-    let now = SystemTime::now();
+/// Visits every regular file below `root` (a missing directory has none), descending into the
+/// directories `descend` accepts; `visit` gets each file's entry.
+fn for_each_file(
+    root: &Path,
+    descend: &dyn Fn(&Path) -> bool,
+    visit: &mut dyn FnMut(&std::fs::DirEntry) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -646,34 +647,43 @@ fn list_orphan_candidates(data_dir: &Path, grace: Duration) -> std::io::Result<V
         };
         for entry in entries {
             let entry = entry?;
-            let path = entry.path();
             let kind = entry.file_type()?;
-            let Ok(relative) = path.strip_prefix(data_dir) else {
-                continue;
-            };
-            let Some(relative) = relative.to_str() else {
-                continue;
-            };
-            // The node's own state, and what fsck recovers on a data directory that is a
-            // file system's root (an operator's to look at, never ours to delete).
-            if relative == "_system" || relative.starts_with("_system/") || relative == "lost+found"
-            {
-                continue;
-            }
             if kind.is_dir() {
-                stack.push(path);
-                continue;
+                if descend(&entry.path()) {
+                    stack.push(entry.path());
+                }
+            } else if kind.is_file() {
+                visit(&entry)?;
             }
-            if !kind.is_file() {
-                continue;
-            }
+        }
+    }
+    Ok(())
+}
+
+/// Regular files under the data directory, outside `_system`, that are not partial fetches,
+/// publish temporaries, journaled, or younger than `grace`; relative paths.
+fn list_orphan_candidates(data_dir: &Path, grace: Duration) -> std::io::Result<Vec<String>> {
+    let journaled = journaled_paths(data_dir)?;
+    // The node's own state, and what fsck recovers on a data directory that is a file
+    // system's root (an operator's to look at, never ours to delete).
+    let skipped = [data_dir.join("_system"), data_dir.join("lost+found")];
+    let mut found = Vec::new();
+    let now = SystemTime::now();
+    for_each_file(
+        data_dir,
+        &|dir| !skipped.iter().any(|skip| skip == dir),
+        &mut |entry| {
+            let path = entry.path();
+            let Some(relative) = path.strip_prefix(data_dir).ok().and_then(Path::to_str) else {
+                return Ok(());
+            };
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name.ends_with(PARTIAL_SUFFIX)
                 || (name.starts_with('.') && name.ends_with(shale_io::publish::TEMPORARY_SUFFIX))
                 || journaled.contains(relative)
             {
-                continue;
+                return Ok(());
             }
             let young = entry
                 .metadata()
@@ -683,8 +693,9 @@ fn list_orphan_candidates(data_dir: &Path, grace: Duration) -> std::io::Result<V
             if !young {
                 found.push(relative.to_owned());
             }
-        }
-    }
+            Ok(())
+        },
+    )?;
     Ok(found)
 }
 
@@ -697,34 +708,26 @@ fn journaled_paths(data_dir: &Path) -> std::io::Result<BTreeSet<String>> {
         path: String,
     }
     let mut paths = BTreeSet::new();
-    let mut stack = vec![data_dir.join("_system").join("pending")];
-    while let Some(dir) = stack.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(error) => return Err(error),
-        };
-        for entry in entries {
-            let entry = entry?;
-            if entry.file_type()?.is_dir() {
-                stack.push(entry.path());
-                continue;
-            }
+    for_each_file(
+        &data_dir.join("_system").join("pending"),
+        &|_| true,
+        &mut |entry| {
             // A journal being published is a temporary (`.<name>.tmp`) until its rename; the
             // files it names are young then.
             if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
+                return Ok(());
             }
             let bytes = std::fs::read(entry.path())?;
             if bytes.is_empty() {
-                continue;
+                return Ok(());
             }
             let named: Vec<Named> = serde_json::from_slice(&bytes).map_err(|e| {
                 std::io::Error::other(format!("pending journal {}: {e}", entry.path().display()))
             })?;
             paths.extend(named.into_iter().map(|n| n.path));
-        }
-    }
+            Ok(())
+        },
+    )?;
     Ok(paths)
 }
 
